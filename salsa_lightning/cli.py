@@ -1,0 +1,56 @@
+"""The ``salsa`` command.
+
+- ``salsa fit|validate --config configs/<stage>.yaml``: LightningCLI in subclass mode, the YAML
+  names the LightningModule and LightningDataModule classes.
+- ``salsa soup ...``: weight-average checkpoints into a model soup.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from salsa_lightning.errors import SalsaError
+
+
+class SalsaCLI(LightningCLI):
+    """LightningCLI with the project's defaults: errors in inputs end the run with a message."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+
+
+def _subcommands() -> dict[str, Callable[[list[str]], int]]:
+    from salsa_lightning.soup import soup_main
+
+    return {"soup": soup_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``salsa`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args and args[0] in _subcommands():
+            return _subcommands()[args[0]](args[1:]) or 0
+        SalsaCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+    except SalsaError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Stage 1: supervised fine-tuning of a causal language model on response tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchmetrics import MeanMetric
+from transformers import AutoModelForCausalLM
+
+from salsa_lightning.data import IGNORE_INDEX
+from salsa_lightning.stage import FineTuneModule
+
+
+def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token loss and accuracy on labelled positions.
+
+    Args:
+        logits: [B, T, V] model outputs.
+        labels: [B, T] target ids, ``IGNORE_INDEX`` where no loss is taken.
+
+    Returns:
+        ``(mean loss, accuracy, number of labelled tokens)``, scalars.
+    """
+    logits, targets = logits[:, :-1], labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    n = mask.sum()
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+    accuracy = ((logits.argmax(-1) == targets) & mask).sum() / n.clamp(min=1)
+    return loss, accuracy, n
+
+
+class SFTModule(FineTuneModule):
+    """Supervised fine-tuning: next-token cross-entropy on the response tokens.
+
+    Takes every argument of ``FineTuneModule``. Logs ``train/loss`` and, on validation,
+    ``val/loss``, ``val/perplexity`` and ``val/token_accuracy`` (token-weighted over the
+    whole validation set).
+    """
+
+    auto_class = AutoModelForCausalLM
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.val_loss = MeanMetric()
+        self.val_accuracy = MeanMetric()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss, accuracy, n = token_stats(out.logits, batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/token_accuracy", accuracy)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss, accuracy, n = token_stats(out.logits, batch["labels"])
+        self.val_loss.update(loss, weight=n)
+        self.val_accuracy.update(accuracy, weight=n)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log_dict(
+            {
+                "val/loss": loss,
+                "val/perplexity": loss.exp(),
+                "val/token_accuracy": self.val_accuracy.compute(),
+            },
+            prog_bar=True,
+        )
+        self.val_loss.reset()
+        self.val_accuracy.reset()

@@ -1,0 +1,471 @@
+"""Tests for salsa_lightning.functional: hand-worked values and naive reference loops."""
+
+import math
+
+import pytest
+import torch
+
+from salsa_lightning import functional as Fn
+
+# --------------------------------------------------------------------------- helpers
+
+
+def ragged_mask(lengths, T):
+    return torch.tensor([[1.0] * n + [0.0] * (T - n) for n in lengths])
+
+
+def naive_gae(rewards, values, mask, gamma, lam):
+    """Per-row Python loop over the real tokens only; value after the last one is 0."""
+    B, T = rewards.shape
+    adv = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        L = int(mask[b].sum())
+        running = 0.0
+        for t in reversed(range(L)):
+            next_value = float(values[b, t + 1]) if t + 1 < L else 0.0
+            delta = float(rewards[b, t]) + gamma * next_value - float(values[b, t])
+            running = delta + gamma * lam * running
+            adv[b, t] = running
+    ret = (adv + values.double()) * mask.double()
+    return adv, ret
+
+
+# --------------------------------------------------------------------------- masked statistics
+
+X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+M = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+
+def test_masked_sum_and_mean_by_hand():
+    # masked values 1, 2, 4: sum 7, mean 7/3; per row: sums [3, 4], means [1.5, 4]
+    assert Fn.masked_sum(X, M).item() == pytest.approx(7.0)
+    assert Fn.masked_mean(X, M).item() == pytest.approx(7 / 3)
+    torch.testing.assert_close(Fn.masked_sum(X, M, dim=1), torch.tensor([3.0, 4.0]))
+    torch.testing.assert_close(Fn.masked_mean(X, M, dim=1), torch.tensor([1.5, 4.0]))
+    torch.testing.assert_close(Fn.masked_mean(X, M, dim=0), torch.tensor([2.5, 2.0, 0.0]))
+
+
+def test_masked_var_by_hand():
+    # values 1, 2, 4, mean 7/3; deviations -4/3, -1/3, 5/3; squares sum 42/9 = 14/3
+    # biased 14/3 / 3 = 14/9; unbiased 14/3 / 2 = 7/3
+    assert Fn.masked_var(X, M, unbiased=False).item() == pytest.approx(14 / 9)
+    assert Fn.masked_var(X, M).item() == pytest.approx(7 / 3)
+
+
+def test_masked_stats_ignore_padding():
+    changed = X.clone()
+    changed[M == 0] = torch.tensor([1e9, float("inf"), float("nan")])
+    for fn in (Fn.masked_sum, Fn.masked_mean):
+        torch.testing.assert_close(fn(changed, M), fn(X, M))
+        torch.testing.assert_close(fn(changed, M, dim=1), fn(X, M, dim=1))
+    torch.testing.assert_close(Fn.masked_var(changed, M), Fn.masked_var(X, M))
+    torch.testing.assert_close(Fn.masked_whiten(changed, M), Fn.masked_whiten(X, M))
+
+
+def test_masked_stats_accept_bool_mask_and_empty_mask():
+    torch.testing.assert_close(Fn.masked_mean(X, M.bool()), Fn.masked_mean(X, M))
+    empty = torch.zeros_like(M)
+    assert Fn.masked_mean(X, empty).item() == 0.0
+    assert Fn.masked_var(X, M * torch.tensor([[1.0, 0, 0], [0, 0, 0]])).item() == 0.0
+
+
+def test_masked_whiten():
+    torch.manual_seed(0)
+    x = torch.randn(4, 7) * 3 + 2
+    mask = ragged_mask([7, 5, 1, 3], 7)
+    w = Fn.masked_whiten(x, mask)
+    assert Fn.masked_mean(w, mask).item() == pytest.approx(0.0, abs=1e-5)
+    assert Fn.masked_var(w, mask).item() == pytest.approx(1.0, abs=1e-4)
+    assert (w[mask == 0] == 0).all()
+
+    w_noshift = Fn.masked_whiten(x, mask, shift_mean=False)
+    mean = Fn.masked_mean(x, mask)
+    assert Fn.masked_mean(w_noshift, mask).item() == pytest.approx(mean.item(), abs=1e-5)
+    assert Fn.masked_var(w_noshift, mask).item() == pytest.approx(1.0, abs=1e-4)
+    assert (w_noshift[mask == 0] == 0).all()
+
+
+# --------------------------------------------------------------------------- logits
+
+
+def naive_logprobs(logits, tokens, temperature=1.0):
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk_size", [1, 2, 8])
+def test_logprobs_match_log_softmax(dtype, temperature, chunk_size):
+    torch.manual_seed(0)
+    B, T, V = 5, 4, 11  # B = 5 is not a multiple of 2: the last chunk is short
+    logits = (torch.randn(B, T, V) * 4).to(dtype)
+    tokens = torch.randint(0, V, (B, T))
+    out = Fn.logprobs_from_logits(logits, tokens, temperature=temperature, chunk_size=chunk_size)
+    assert out.dtype == torch.float32
+    assert out.shape == (B, T)
+    torch.testing.assert_close(out, naive_logprobs(logits, tokens, temperature))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.9])
+def test_logprobs_gradient_matches_naive(dtype, temperature):
+    torch.manual_seed(0)
+    logits = torch.randn(5, 4, 6).to(dtype).requires_grad_()
+    tokens = torch.randint(0, 6, (5, 4))
+    weights = torch.randn(5, 4)
+    out = Fn.logprobs_from_logits(logits, tokens, temperature, chunk_size=2)
+    (out * weights).sum().backward()
+    grad = logits.grad.clone()
+    assert grad.dtype == dtype
+    logits.grad = None
+    (naive_logprobs(logits, tokens, temperature) * weights).sum().backward()
+    torch.testing.assert_close(grad, logits.grad)
+
+
+def test_logprobs_without_grad_and_repeated_tokens():
+    # the same token at every position of a row: scatter_add must add, not overwrite
+    logits = torch.randn(3, 4, 5, requires_grad=True)
+    tokens = torch.full((3, 4), 2)
+    Fn.logprobs_from_logits(logits, tokens, chunk_size=2).sum().backward()
+    grad = logits.grad.clone()
+    logits.grad = None
+    naive_logprobs(logits, tokens).sum().backward()
+    torch.testing.assert_close(grad, logits.grad)
+    with torch.no_grad():
+        out = Fn.logprobs_from_logits(logits, tokens)
+    assert not out.requires_grad
+
+
+def test_logprobs_rejects_bad_arguments():
+    logits = torch.randn(1, 2, 3)
+    tokens = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="temperature"):
+        Fn.logprobs_from_logits(logits, tokens, temperature=0.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        Fn.logprobs_from_logits(logits, tokens, chunk_size=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy_matches_naive(dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(5, 3, 9) * 3).to(dtype)
+    p = torch.softmax(logits.float(), -1)
+    naive = -(p * torch.log_softmax(logits.float(), -1)).sum(-1)
+    out = Fn.entropy_from_logits(logits, chunk_size=2)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, naive)
+    # uniform over V tokens: entropy log(V)
+    assert Fn.entropy_from_logits(torch.zeros(1, 1, 9)).item() == pytest.approx(math.log(9))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy_gradient_matches_naive(dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(5, 2, 7) * 2).to(dtype).requires_grad_()
+    weights = torch.randn(5, 2)
+    (Fn.entropy_from_logits(logits, chunk_size=2) * weights).sum().backward()
+    grad = logits.grad.clone()
+    assert grad.dtype == dtype
+    logits.grad = None
+    z = logits.float()
+    naive = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    (naive * weights).sum().backward()
+    torch.testing.assert_close(grad, logits.grad)
+
+
+# --------------------------------------------------------------------------- KL
+
+
+def test_kl_estimators_by_hand():
+    logprobs = torch.tensor([[0.0, -1.0]])
+    ref = torch.tensor([[-1.0, 0.0]])
+    # r = ref - logprobs = [-1, 1]
+    # k1 = -r = [1, -1]; k2 = r^2/2 = [0.5, 0.5]; k3 = e^r - 1 - r = [e^-1, e - 2]
+    torch.testing.assert_close(Fn.kl_estimate(logprobs, ref, "k1"), torch.tensor([[1.0, -1.0]]))
+    torch.testing.assert_close(Fn.kl_estimate(logprobs, ref, "k2"), torch.tensor([[0.5, 0.5]]))
+    torch.testing.assert_close(
+        Fn.kl_estimate(logprobs, ref, "k3"), torch.tensor([[math.exp(-1), math.e - 2]])
+    )
+    assert torch.equal(Fn.kl_estimate(logprobs, ref), Fn.kl_estimate(logprobs, ref, "k1"))
+
+
+def test_kl_k3_nonnegative_and_zero_at_equality():
+    torch.manual_seed(0)
+    a, b = torch.randn(8, 16) * 5, torch.randn(8, 16) * 5
+    assert (Fn.kl_estimate(a, b, "k3") >= 0).all()
+    for est in Fn.KL_ESTIMATORS:
+        assert (Fn.kl_estimate(a, a, est) == 0).all()
+
+
+def test_kl_unknown_estimator():
+    with pytest.raises(ValueError, match="k1, k2, k3"):
+        Fn.kl_estimate(torch.zeros(1, 1), torch.zeros(1, 1), "k4")
+
+
+def test_weighted_kl():
+    torch.manual_seed(0)
+    lp, r1, r2 = torch.randn(3, 2, 5)
+    for est in Fn.KL_ESTIMATORS:
+        torch.testing.assert_close(
+            Fn.weighted_kl_estimate(lp, [r1], [1.0], est), Fn.kl_estimate(lp, r1, est)
+        )
+        expected = 0.3 * Fn.kl_estimate(lp, r1, est) + 0.7 * Fn.kl_estimate(lp, r2, est)
+        torch.testing.assert_close(Fn.weighted_kl_estimate(lp, [r1, r2], [0.3, 0.7], est), expected)
+    with pytest.raises(ValueError, match="one weight per reference"):
+        Fn.weighted_kl_estimate(lp, [r1, r2], [1.0])
+    with pytest.raises(ValueError):
+        Fn.weighted_kl_estimate(lp, [], [])
+
+
+def test_token_rewards_by_hand():
+    scores = torch.tensor([2.0, -1.0, 5.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [1.0, 1.0, 1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    # kl_coef 0.5: row 0: [-0.05, -0.1, -0.15 + 2]; row 1: [-0.2 - 1, 0, 0]; row 2 (empty): 0
+    expected = torch.tensor([[-0.05, -0.1, 1.85], [-1.2, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(Fn.token_rewards(scores, kl, 0.5, mask), expected)
+    torch.testing.assert_close(Fn.token_rewards(scores, kl, 0.5, mask.bool()), expected)
+
+
+# --------------------------------------------------------------------------- GAE
+
+
+def test_gae_three_steps_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 7.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5, 9.0]])  # last column is padding
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    # gamma 1, lam 0.5; value after the last real token is 0
+    # t=2: delta = 1 + 0 - 0.5 = 0.5;      A2 = 0.5
+    # t=1: delta = 0 + 0.5 - 0.5 = 0;      A1 = 0 + 0.5 * 0.5 = 0.25
+    # t=0: delta = 0;                      A0 = 0.5 * 0.25 = 0.125
+    # returns = A + V = [0.625, 0.75, 1.0]
+    adv, ret = Fn.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    torch.testing.assert_close(adv, torch.tensor([[0.125, 0.25, 0.5, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.625, 0.75, 1.0, 0.0]]))
+
+
+@pytest.mark.parametrize(("gamma", "lam"), [(1.0, 0.95), (0.9, 0.8)])
+def test_gae_matches_naive_loop(gamma, lam):
+    torch.manual_seed(0)
+    T = 9
+    mask = ragged_mask([9, 4, 1, 0, 6], T)
+    rewards = torch.randn(5, T)
+    values = torch.randn(5, T)  # garbage in padded positions must not matter
+    adv, ret = Fn.gae(rewards, values, mask, gamma, lam)
+    n_adv, n_ret = naive_gae(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(adv, n_adv.float())
+    torch.testing.assert_close(ret, n_ret.float())
+    assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
+
+
+# --------------------------------------------------------------------------- PPO losses
+
+
+def test_policy_loss_on_policy():
+    torch.manual_seed(0)
+    lp = torch.randn(3, 5)
+    adv = torch.randn(3, 5)
+    mask = ragged_mask([5, 3, 2], 5)
+    loss, clipfrac, approxkl = Fn.ppo_policy_loss(lp, lp.clone(), adv, mask)
+    torch.testing.assert_close(loss, -Fn.masked_mean(adv, mask))
+    assert clipfrac.item() == 0.0
+    assert approxkl.item() == 0.0
+
+
+def test_policy_loss_clipping_by_hand():
+    # ratios [1.5, 0.5, 1.1, 1.5] (old logprobs 0), advantages [1, -1, 2, -1], eps 0.2
+    # tok0: -1*1.5 = -1.5 vs -1*1.2 = -1.2 -> -1.2 (clipped)
+    # tok1:  1*0.5 =  0.5 vs  1*0.8 =  0.8 ->  0.8 (clipped)
+    # tok2: -2*1.1 = -2.2 vs -2*1.1 = -2.2 -> -2.2 (inside the range)
+    # tok3:  1*1.5 =  1.5 vs  1*1.2 =  1.2 ->  1.5 (unclipped is the pessimistic one)
+    # loss = (-1.2 + 0.8 - 2.2 + 1.5) / 4 = -0.275; clipfrac = 2/4
+    # a 5th, padded token with a wild ratio must be ignored
+    ratios = torch.tensor([[1.5, 0.5, 1.1, 1.5, 50.0]])
+    lp = ratios.log().requires_grad_()
+    old = torch.zeros(1, 5)
+    adv = torch.tensor([[1.0, -1.0, 2.0, -1.0, 3.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    loss, clipfrac, approxkl = Fn.ppo_policy_loss(lp, old, adv, mask, clip_range=0.2)
+    assert loss.item() == pytest.approx(-0.275, abs=1e-6)
+    assert clipfrac.item() == pytest.approx(0.5)
+    logs = [math.log(r) for r in (1.5, 0.5, 1.1, 1.5)]
+    assert approxkl.item() == pytest.approx(0.5 * sum(x * x for x in logs) / 4, rel=1e-6)
+    assert not clipfrac.requires_grad and not approxkl.requires_grad
+
+    loss.backward()
+    # d/dlogp (-A * ratio) / 4 = -A * ratio / 4: tok2 -2.2/4, tok3 1.5/4; clipped tokens get 0
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.0, 0.0, -0.55, 0.375, 0.0]]))
+
+
+def test_policy_loss_huge_log_ratio_is_finite():
+    lp = torch.tensor([[1000.0, -1000.0, 30.0]], requires_grad=True)
+    old = torch.zeros(1, 3)
+    adv = torch.tensor([[-1.0, 1.0, -2.0]])
+    mask = torch.ones(1, 3)
+    loss, clipfrac, approxkl = Fn.ppo_policy_loss(lp, old, adv, mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(clipfrac) and torch.isfinite(approxkl)
+    assert torch.isfinite(lp.grad).all()
+    # log-ratios clamped to +-20: approxkl = 0.5 * 400
+    assert approxkl.item() == pytest.approx(200.0)
+
+
+def test_value_loss_by_hand():
+    # old 0, eps 0.2
+    # tok0: v 0.5 -> clipped 0.2; (0.5-1)^2 = 0.25 vs (0.2-1)^2 = 0.64 -> 0.64 (clipped)
+    # tok1: v 0.1 -> clipped 0.1; (0.1+1)^2 = 1.21 both -> 1.21
+    # loss = 0.5 * (0.64 + 1.21) / 2 = 0.4625; clipfrac = 1/2; padded tok2 ignored
+    values = torch.tensor([[0.5, 0.1, 100.0]], requires_grad=True)
+    old = torch.zeros(1, 3)
+    returns = torch.tensor([[1.0, -1.0, -100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, clipfrac = Fn.ppo_value_loss(values, old, returns, mask, clip_range=0.2)
+    assert loss.item() == pytest.approx(0.4625)
+    assert clipfrac.item() == pytest.approx(0.5)
+    loss.backward()
+    # tok0 clipped: no gradient; tok1: 0.5 * 2 * (0.1 + 1) / 2 = 0.55
+    torch.testing.assert_close(values.grad, torch.tensor([[0.0, 0.55, 0.0]]))
+
+
+def test_explained_variance():
+    torch.manual_seed(0)
+    returns = torch.randn(3, 4)
+    mask = ragged_mask([4, 2, 3], 4)
+    assert Fn.explained_variance(returns.clone(), returns, mask).item() == pytest.approx(1.0)
+    # constant returns: var 0 -> 0, never nan
+    const = torch.full((3, 4), 2.0)
+    assert Fn.explained_variance(torch.randn(3, 4), const, mask).item() == 0.0
+    # predicting the mean explains nothing
+    mean = Fn.masked_mean(returns, mask)
+    ev = Fn.explained_variance(torch.full((3, 4), mean.item()), returns, mask)
+    assert ev.item() == pytest.approx(0.0, abs=1e-6)
+    # returns [1, 2, 3], values [1, 2, 2]: residual [0, 0, 1] var 2/9; var(returns) 2/3
+    # 1 - (2/9) / (2/3) = 2/3
+    ev = Fn.explained_variance(
+        torch.tensor([[1.0, 2.0, 2.0, 50.0]]),
+        torch.tensor([[1.0, 2.0, 3.0, -50.0]]),
+        torch.tensor([[1.0, 1.0, 1.0, 0.0]]),
+    )
+    assert ev.item() == pytest.approx(2 / 3)
+
+
+# --------------------------------------------------------------------------- reward model
+
+
+def test_bradley_terry_loss():
+    scores = torch.tensor([0.3, -1.0, 2.0])
+    assert Fn.bradley_terry_loss(scores, scores.clone()).item() == pytest.approx(math.log(2))
+    chosen, rejected = torch.tensor([2.0]), torch.tensor([1.0])
+    # diff 1, margin 0.5 -> -log sigmoid(0.5) = log(1 + e^-0.5)
+    expected = math.log1p(math.exp(-0.5))
+    assert Fn.bradley_terry_loss(chosen, rejected, 0.5).item() == pytest.approx(expected)
+    assert Fn.bradley_terry_loss(chosen, rejected, torch.tensor([0.5])).item() == pytest.approx(
+        expected
+    )
+    # margin 1 -> diff 0 -> log 2; no margin -> log(1 + e^-1)
+    assert Fn.bradley_terry_loss(chosen, rejected, 1.0).item() == pytest.approx(math.log(2))
+    assert Fn.bradley_terry_loss(chosen, rejected).item() == pytest.approx(math.log1p(math.exp(-1)))
+
+
+def test_reward_centering_loss():
+    # sums [0, 3] -> squares [0, 9] -> mean 4.5
+    loss = Fn.reward_centering_loss(torch.tensor([1.0, 2.0]), torch.tensor([-1.0, 1.0]))
+    assert loss.item() == pytest.approx(4.5)
+
+
+# --------------------------------------------------------------------------- generated tokens
+
+EOS, PAD = 2, 0
+TOKENS = torch.tensor(
+    [
+        [5, 6, 2, 7, 2],  # EOS at 2, a second EOS later
+        [2, 5, 5, 5, 5],  # EOS at position 0
+        [5, 6, 7, 8, 9],  # no EOS
+        [5, 5, 5, 5, 2],  # EOS at the very end
+    ]
+)
+
+
+def test_response_mask_by_hand():
+    expected = torch.tensor(
+        [
+            [1.0, 1.0, 1.0, 0.0, 0.0],
+            [1.0, 0.0, 0.0, 0.0, 0.0],
+            [1.0, 1.0, 1.0, 1.0, 1.0],
+            [1.0, 1.0, 1.0, 1.0, 1.0],
+        ]
+    )
+    mask = Fn.response_mask(TOKENS, EOS)
+    assert mask.dtype == torch.float32
+    assert torch.equal(mask, expected)
+
+
+def test_truncate_after_eos_by_hand():
+    tokens, mask = Fn.truncate_after_eos(TOKENS, EOS, PAD)
+    expected = torch.tensor(
+        [
+            [5, 6, 2, 0, 0],
+            [2, 0, 0, 0, 0],
+            [5, 6, 7, 8, 9],
+            [5, 5, 5, 5, 2],
+        ]
+    )
+    assert torch.equal(tokens, expected)
+    assert tokens.dtype == TOKENS.dtype
+    assert torch.equal(mask, Fn.response_mask(TOKENS, EOS))
+
+
+# --------------------------------------------------------------------------- KL controller
+
+
+def test_adaptive_kl_controller():
+    # error clipped to +-0.2: 0.1 * (1 +- 0.2 * 256 / 10000) = 0.1 * (1 +- 0.00512)
+    up = Fn.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    up.update(12.0, n_steps=256)  # 12/6 - 1 = 1 -> clipped to 0.2
+    assert up.value == pytest.approx(0.1 * 1.00512)
+
+    down = Fn.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    down.update(0.0, n_steps=256)  # 0/6 - 1 = -1 -> clipped to -0.2
+    assert down.value == pytest.approx(0.1 * 0.99488)
+
+    small = Fn.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    small.update(torch.tensor(6.6), n_steps=256)  # 6.6/6 - 1 = 0.1, inside the clip
+    assert small.value == pytest.approx(0.1 * (1 + 0.1 * 256 / 10000))
+
+    fixed = Fn.AdaptiveKLController(0.1)
+    fixed.update(100.0, n_steps=256)
+    assert fixed.value == 0.1
+
+    restored = Fn.AdaptiveKLController(0.5, target=6.0)
+    restored.load_state_dict(up.state_dict())
+    assert restored.value == up.value
+    restored.update(12.0, 256)
+    up.update(12.0, 256)
+    assert restored.value == up.value
+
+    with pytest.raises(ValueError):
+        Fn.AdaptiveKLController(0.1, target=0.0)
+    with pytest.raises(ValueError):
+        Fn.AdaptiveKLController(0.1, target=1.0, horizon=0)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_bootstrap_mean_ci():
+    values = torch.arange(100, dtype=torch.float32)
+    mean, low, high = Fn.bootstrap_mean_ci(values, n_resamples=500, seed=3)
+    assert mean == pytest.approx(49.5)
+    assert low < mean < high
+    assert (mean, low, high) == Fn.bootstrap_mean_ci(values, n_resamples=500, seed=3)
+    assert Fn.bootstrap_mean_ci(values, n_resamples=500, seed=4) != (mean, low, high)
+    _, low99, high99 = Fn.bootstrap_mean_ci(values, n_resamples=500, confidence=0.99, seed=3)
+    assert low99 <= low and high99 >= high
+    assert Fn.bootstrap_mean_ci(torch.tensor([2.0]), n_resamples=10) == (2.0, 2.0, 2.0)
+
+
+def test_win_rate_with_ties():
+    wins = Fn.win_rate(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.0, 2.0, 4.0, 4.0]))
+    torch.testing.assert_close(wins, torch.tensor([1.0, 0.5, 0.0, 0.5]))
+    assert wins.mean().item() == pytest.approx(0.5)

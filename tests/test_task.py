@@ -1,0 +1,192 @@
+import json
+import random
+
+import pytest
+import torch
+
+from salsa_lightning.errors import SalsaError
+from salsa_lightning.task import (
+    FAMILIES,
+    TEMPLATES,
+    Example,
+    GoldReward,
+    TaskConfig,
+    _parse,
+    corpus,
+    corrupt,
+    gold_reward,
+    sample_example,
+    write_task_files,
+)
+
+SMALL = dict(
+    n_sft=200, n_sft_val=40, n_pairs=400, n_pairs_val=40, n_prompts=40, n_prompts_val=20,
+    n_prompts_ood=40,
+)  # fmt: skip
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines()]
+
+
+def test_exact_answer_scores_one_for_every_template():
+    rng = random.Random(0)
+    seen = set()
+    for family in FAMILIES:
+        for ood in (False, True):
+            for _ in range(60):
+                ex = sample_example(rng, family, ood)
+                fam, template, is_ood, answer = _parse(ex.prompt)
+                assert (fam, is_ood, answer) == (family, ood, ex.answer)
+                assert template in TEMPLATES[family][int(ood)]
+                assert gold_reward(ex.prompt, ex.answer) == 1.0
+                assert gold_reward(ex.prompt, f"  {ex.answer}\n") == 1.0
+                assert len(ex.prompt) < 40 and len(ex.answer) < 12
+                seen.add(template)
+    assert seen == {t for pair in TEMPLATES.values() for ts in pair for t in ts}
+
+
+def test_corruptions_score_less_and_beat_junk():
+    rng = random.Random(1)
+    for family in FAMILIES:
+        for _ in range(100):
+            ex = sample_example(rng, family, ood=rng.random() < 0.5)
+            assert corrupt(rng, ex, 0) == ex.answer
+            for strength in (1, 2, 3):
+                score = gold_reward(ex.prompt, corrupt(rng, ex, strength))
+                assert 0.0 <= score < 1.0
+            one_edit = gold_reward(ex.prompt, corrupt(rng, ex, 1))
+            assert one_edit > gold_reward(ex.prompt, "zz qq xx ww")
+            assert gold_reward(ex.prompt, ex.answer + " x") < 1.0
+
+
+@pytest.mark.parametrize(
+    "prompt, response, expected",
+    [
+        ("Add: 12 + 7", "19", 1.0),
+        ("Add: 12 + 7", "20", 0.5),  # 1 / (1 + 1)
+        ("What is 12 plus 7?", "16", 0.25),  # 1 / (1 + 3)
+        ("Add: 12 + 7", "19 apples", 0.5),  # exact value, halved for junk
+        ("Add: 12 + 7", "020", 0.25),  # off by one, halved for the leading zero
+        ("Add: 12 + 7", "nineteen", 0.0),
+        ("Count a in: a b a c", "2", 1.0),
+        ("How many a in: a b a c", "0", 1 / 3),
+        ("Reverse: b d a c", "c a d b", 1.0),
+        ("Reverse: b d a c", "c a b d", 0.5),  # a swap is 2 edits of 4
+        ("Reverse: b d a c", "c a d", 0.75),  # one drop
+        ("Write backwards: b d a c", "c a d b e", 0.8),  # one extra token of 5
+        ("Sort: 3 1 2", "1 2 3", 1.0),
+        ("Put in order: 3 1 2", "1 2 4", 2 / 3),
+        ("Sort: 3 1 2", "", 0.0),
+        ("<|user|>\nSort: 3 1 2\n<|assistant|>\n", "1 2 3", 1.0),
+    ],
+)
+def test_hand_computed_rewards(prompt, response, expected):
+    assert gold_reward(prompt, response) == pytest.approx(expected)
+
+
+def test_unparsable_prompt_raises_naming_it():
+    with pytest.raises(ValueError, match="Tell me a joke"):
+        gold_reward("Tell me a joke", "no")
+
+
+def test_gold_reward_callable_returns_float32_batch():
+    out = GoldReward()(["Add: 1 + 1", "Sort: 2 1 3", "Count b in: b b"], ["2", "1 3 2", "x"])
+    assert out.dtype == torch.float32 and out.shape == (3,)
+    assert out.tolist() == pytest.approx([1.0, 1 / 3, 0.0])
+
+
+def test_example_is_frozen():
+    ex = Example("Add: 1 + 1", "2", "add", False)
+    with pytest.raises(AttributeError):
+        ex.answer = "3"
+
+
+def test_write_task_files_columns_counts_and_determinism(tmp_path):
+    config = TaskConfig(seed=3, **SMALL)
+    paths = write_task_files(tmp_path / "a", config)
+    again = write_task_files(tmp_path / "b", config)
+    other = write_task_files(tmp_path / "c", TaskConfig(seed=4, **SMALL))
+    for name, path in paths.items():
+        assert path.read_bytes() == again[name].read_bytes()
+        if name != "task":
+            assert path.read_bytes() != other[name].read_bytes()
+
+    meta = json.loads(paths["task"].read_text("utf-8"))
+    assert meta["seed"] == 3 and meta["n_sft"] == 200 and "version" in meta
+
+    sft = _read(paths["sft_train"])
+    assert len(sft) == 200 and len(_read(paths["sft_val"])) == 40
+    for row in sft:
+        assert set(row) == {"messages", "family"}
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+    imperfect = [gold_reward(r["messages"][0]["content"], r["messages"][1]["content"]) < 1.0 for r in sft]  # fmt: skip
+    assert 0.15 < sum(imperfect) / len(sft) < 0.45
+
+    train_pairs, val_pairs = _read(paths["pairs_train"]), _read(paths["pairs_val"])
+    assert len(train_pairs) == 400 and len(val_pairs) == 40
+    for row in train_pairs + val_pairs:
+        assert set(row) == {"prompt", "chosen", "rejected", "family"}
+        assert row["chosen"] != row["rejected"]
+    for row in val_pairs:
+        assert gold_reward(row["prompt"], row["chosen"]) > gold_reward(row["prompt"], row["rejected"])  # fmt: skip
+    flipped = sum(gold_reward(r["prompt"], r["chosen"]) < gold_reward(r["prompt"], r["rejected"]) for r in train_pairs)  # fmt: skip
+    assert 0.03 < flipped / len(train_pairs) < 0.2
+
+    counts = {"prompts_train": 40, "prompts_val": 20, "prompts_ood": 40}
+    for name, n in counts.items():
+        rows = _read(paths[name])
+        assert len(rows) == n
+        for row in rows:
+            assert set(row) == {"prompt", "family", "answer"}
+            family, _, ood, answer = _parse(row["prompt"])
+            assert ood == (name == "prompts_ood")
+            assert (family, answer) == (row["family"], row["answer"])
+    for name in ("sft_train", "sft_val"):
+        assert not any(_parse(r["messages"][0]["content"])[2] for r in _read(paths[name]))
+    for name in ("pairs_train", "pairs_val"):
+        assert not any(_parse(r["prompt"])[2] for r in _read(paths[name]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # no temp dirs left
+
+
+def test_existing_dir_reused_or_rejected(tmp_path):
+    config = TaskConfig(seed=1, **SMALL)
+    paths = write_task_files(tmp_path / "task", config)
+    mtimes = {name: p.stat().st_mtime_ns for name, p in paths.items()}
+    assert write_task_files(tmp_path / "task", TaskConfig(seed=1, **SMALL)) == paths
+    assert {name: p.stat().st_mtime_ns for name, p in paths.items()} == mtimes
+
+    with pytest.raises(SalsaError, match="delete it or choose another"):
+        write_task_files(tmp_path / "task", TaskConfig(seed=2, **SMALL))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.txt").write_text("x")
+    with pytest.raises(SalsaError, match="junk"):
+        write_task_files(tmp_path / "junk", config)
+
+
+def test_rename_race_returns_winner(tmp_path, monkeypatch):
+    config = TaskConfig(seed=5, **SMALL)
+    target = tmp_path / "task"
+    import salsa_lightning.task as task
+
+    real_rows = task._rows
+    raced = []
+
+    def rows_then_other_process_wins(name, cfg):
+        if name == "prompts_ood" and not raced:
+            raced.append(True)
+            write_task_files(target, cfg)  # the "other process" finishes first
+        return real_rows(name, cfg)
+
+    monkeypatch.setattr(task, "_rows", rows_then_other_process_wins)
+    paths = write_task_files(target, config)
+    assert json.loads(paths["task"].read_text("utf-8"))["seed"] == 5
+    assert raced and [p.name for p in tmp_path.iterdir()] == ["task"]
+
+
+def test_corpus_covers_all_templates_and_symbols():
+    texts = corpus(TaskConfig(seed=0))
+    joined = " ".join(texts)
+    for word in ("Reverse", "Write backwards", "Put in order", "plus", "Number of"):
+        assert word in joined
+    assert set("abcdefgh0123456789") <= set(joined)
