@@ -382,6 +382,7 @@ class _Plan:
     tokenizer_dir: Path
 
     def weight_roots(self) -> list[Path]:
+        """Every directory the soup reads weights from (an output must not replace one)."""
         return [s.root for s in self.sources] + ([self.base.root] if self.base else [])
 
 
@@ -932,15 +933,19 @@ def load_soup(
     config = AutoConfig.from_pretrained(str(plan_cfg_dir))
     if dtype is None:
         dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    model = (model_class or AutoModelForCausalLM).from_config(config, dtype=dtype)
+    cls = model_class or AutoModelForCausalLM
+    # Auto classes have from_config; concrete model classes only the private _from_config.
+    build = getattr(cls, "from_config", None) or cls._from_config
+    model = build(config, dtype=dtype)
     result = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
-        bad = (missing or result.unexpected_keys)[0]
+        problems = [f"the soup lacks its weight '{k}'" for k in missing[:1]]
+        problems += [f"it has no place for soup tensor '{k}'" for k in result.unexpected_keys[:1]]
         raise SalsaError(
-            f"{first}: soup tensor '{bad}' is {'missing' if missing else 'unexpected'} for "
-            f"{type(model).__name__}; pass the model_class the checkpoints were saved with"
+            f"{first}: cannot load the soup into {type(model).__name__}: "
+            f"{' and '.join(problems)}; pass the model_class the checkpoints were saved with"
         )
     model.tie_weights()
     return model.eval()

@@ -11,7 +11,13 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 import salsa_lightning
 from salsa_lightning.errors import SalsaError
@@ -218,6 +224,24 @@ def test_load_soup_single_checkpoint_is_exact(ckpts):
         assert not model.training and model.dtype == state_dict(ckpts[name])["lm_head.weight"].dtype
         ref = state_dict(ckpts[name])
         assert all(torch.equal(model.state_dict()[k], ref[k]) for k in ref)
+
+
+def test_load_soup_other_model_classes(tmp_path):
+    """Reward models soup too (AutoModelForSequenceClassification), as do concrete classes."""
+    dirs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        cfg = tiny_config(num_labels=1, pad_token_id=0)
+        AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / f"rm{seed}")
+        dirs.append(tmp_path / f"rm{seed}")
+    model = load_soup(dirs, [0.5, 0.5], AutoModelForSequenceClassification)
+    sds = [AutoModelForSequenceClassification.from_pretrained(d).state_dict() for d in dirs]
+    assert_matches(model.state_dict(), expected_average(sds, [0.5, 0.5]))
+    assert type(load_soup(dirs[:1], [1.0], LlamaForSequenceClassification)).__name__ == (
+        "LlamaForSequenceClassification"
+    )
+    with pytest.raises(SalsaError, match="lacks its weight 'lm_head.weight'.*'score.weight'"):
+        load_soup(dirs, None, AutoModelForCausalLM)
 
 
 def test_soup_reference(ckpts):

@@ -1,0 +1,739 @@
+"""Stage 4: SALSA-PPO, PPO whose KL reference is a frozen model soup.
+
+One ``training_step`` is one PPO iteration, in the order of the algorithm box:
+
+1. ``generate``: sample responses to a batch of prompts with the KV cache;
+2. ``score``: one no-grad pass each for the policy's log-probs, the reference's log-probs, the
+   critic's values and the reward;
+3. ``advantages``: per-token KL-penalised rewards, GAE, whitening;
+4. ``update``: K epochs of clipped policy and value losses over minibatches.
+
+With one checkpoint in ``reference`` it is classic PPO (SALSA-1). ``reference_mode:
+multiple_kl`` is the paper's baseline: a KL penalty to each SFT model, weighted, no averaging.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from salsa_lightning import functional as F
+from salsa_lightning.data import encode_chat, pad
+from salsa_lightning.errors import SalsaError
+from salsa_lightning.models import (
+    Frozen,
+    LoraSettings,
+    add_lora,
+    check_export_dir,
+    check_model_source,
+    export_pretrained,
+    load_tokenizer,
+    torch_dtype,
+)
+from salsa_lightning.reward import REWARD_STATS
+from salsa_lightning.soup import SoupReference, load_soup
+
+RewardFunction = Callable[[list[str], list[str]], Tensor]
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass
+class GenerationSettings:
+    """How rollouts are sampled.
+
+    Attributes:
+        max_new_tokens: Longest response.
+        temperature: Sampling temperature (log-probs are computed at the same temperature).
+        top_p: Nucleus sampling threshold (1.0: off).
+        missing_eos_penalty: Subtracted from the score of a response that never emits EOS.
+        stop_at_eos: Stop decoding once every response has emitted EOS (off in benchmarks, so
+            every system generates the same number of tokens).
+    """
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    missing_eos_penalty: float = 1.0
+    stop_at_eos: bool = True
+
+
+@dataclass
+class KLSettings:
+    """The KL penalty to the reference.
+
+    Attributes:
+        coef: Initial KL coefficient beta.
+        estimator: ``k1``, ``k2`` or ``k3`` per-token estimator.
+        in_reward: True: ``-beta * KL`` per token in the reward (TRL, InstructGPT); False: a
+            ``beta * KL`` loss term (k3 at the current policy) next to the policy loss.
+        target: Adaptive control (Ziegler et al.): the KL the coefficient steers to; None: fixed.
+        horizon: Adaptive control horizon in samples.
+    """
+
+    coef: float = 0.05
+    estimator: str = "k1"
+    in_reward: bool = True
+    target: float | None = None
+    horizon: int = 10000
+
+
+@dataclass
+class PPOSettings:
+    """The PPO update (defaults: the field's usual values, see the README).
+
+    Attributes:
+        epochs: PPO epochs over each rollout.
+        minibatch_size: Rollout rows per optimizer step.
+        micro_batch_size: Rows per forward/backward (gradient accumulation up to the minibatch).
+        clip_range: Policy ratio clip epsilon.
+        value_clip_range: Value clip epsilon around the rollout's values.
+        vf_coef: Weight of the value loss.
+        entropy_coef: Weight of the entropy bonus (0: off).
+        gamma: GAE discount.
+        lam: GAE lambda.
+        whiten_advantages: Whiten advantages over the rollout's response tokens.
+        max_grad_norm: Gradient clipping norm (None: off).
+        max_log_ratio: Clamp of the log-ratio before ``exp``.
+    """
+
+    epochs: int = 4
+    minibatch_size: int = 8
+    micro_batch_size: int = 8
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    max_grad_norm: float | None = 1.0
+    max_log_ratio: float = 20.0
+
+
+# ----------------------------------------------------------------------------- rollout
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses and what PPO computes about them.
+
+    B prompts; P prompt length (left-padded); R response length (pad after the first EOS).
+    """
+
+    query: Tensor  # [B, P] prompt ids, left-padded
+    query_mask: Tensor  # [B, P] 1 on prompt tokens
+    response: Tensor  # [B, R] sampled ids, pad after the first EOS
+    mask: Tensor  # [B, R] float, 1 up to and including EOS
+    prompts: list[str]  # B prompt texts (what reward functions read)
+    texts: list[str] = field(default_factory=list)  # B decoded responses
+    logprobs: Tensor | None = None  # [B, R] policy log-probs when sampled
+    ref_logprobs: list[Tensor] = field(default_factory=list)  # one [B, R] per reference model
+    values: Tensor | None = None  # [B, R] critic values
+    scores: Tensor | None = None  # [B] normalised, clipped reward (penalties included)
+    raw_scores: Tensor | None = None  # [B] reward as the reward model / function gave it
+    kl: Tensor | None = None  # [B, R] per-token KL estimate to the reference
+    rewards: Tensor | None = None  # [B, R] per-token rewards
+    advantages: Tensor | None = None  # [B, R]
+    returns: Tensor | None = None  # [B, R]
+
+    @property
+    def sequence(self) -> Tensor:
+        """[B, P + R] prompt and response ids."""
+        return torch.cat([self.query, self.response], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """[B, P + R] 1 on prompt and response tokens."""
+        return torch.cat([self.query_mask, self.mask.to(self.query_mask.dtype)], dim=1)
+
+    def select(self, index: Tensor) -> Rollout:
+        """The rows ``index`` of every tensor field (lists of texts are not needed by updates)."""
+        picked = {}
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor):
+                picked[name] = value[index]
+            elif name == "ref_logprobs":
+                picked[name] = [t[index] for t in value]
+            else:
+                picked[name] = value
+        return Rollout(**picked)
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding, as generation used them: [B, T] -> [B, T]."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# ----------------------------------------------------------------------------- module
+
+
+class SALSAModule(L.LightningModule):
+    """SALSA-PPO with a frozen soup reference.
+
+    Args:
+        reference: The KL reference as a soup recipe: ``{checkpoints: [...], weights: [...]}``.
+            One checkpoint makes it classic PPO.
+        reference_mode: ``soup`` (KL to the weight average) or ``multiple_kl`` (weighted mean
+            of the KLs to each checkpoint, the paper's baseline).
+        policy: Checkpoint the policy starts from; None starts it from the soup (initial KL 0).
+        reward_model: Reward model directory (an export of ``configs/reward.yaml``).
+        reward_fn: A Python reward function instead of, or scoring besides, the reward model:
+            ``class_path`` of a callable ``(prompts, responses) -> Tensor[B]``.
+        critic: Directory the critic (value model) starts from; default the reward model.
+        value_head: Use a value head on the policy instead of a separate critic.
+        lora: LoRA for the policy (and critic). With the policy starting from the soup, the
+            reference is the policy with its adapter disabled: no second copy in memory.
+        generation: Sampling settings.
+        kl: KL penalty settings.
+        ppo: PPO update settings.
+        normalize_rewards: Normalise reward-model scores with the mean/std in its
+            ``reward_stats.json``.
+        reward_clip: Clip normalised scores to [-reward_clip, reward_clip] (None: off).
+        max_skips: Stop after this many consecutive updates skipped for a non-finite reward or
+            loss.
+        dtype: Weights dtype of every model (``float32``, ``bfloat16``, ``float16``).
+        gradient_checkpointing: Recompute activations of the trainable models in backward.
+        optimizer: Optimizer factory for the policy and critic.
+        export_dir: When set, fit ends by writing the policy as a Hugging Face directory.
+        overwrite: Replace an existing ``export_dir``.
+        eval_kl_to_each: In validation, also measure the KL to each reference checkpoint
+            (loads each one; turn off for large models).
+    """
+
+    def __init__(
+        self,
+        reference: SoupReference,
+        reference_mode: str = "soup",
+        policy: str | None = None,
+        reward_model: str | None = "artifacts/reward",
+        reward_fn: RewardFunction | None = None,
+        critic: str | None = None,
+        value_head: bool = False,
+        lora: LoraSettings | None = None,
+        generation: GenerationSettings | None = None,
+        kl: KLSettings | None = None,
+        ppo: PPOSettings | None = None,
+        normalize_rewards: bool = True,
+        reward_clip: float | None = 5.0,
+        max_skips: int = 3,
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-5),  # noqa: B008
+        export_dir: str | None = None,
+        overwrite: bool = False,
+        eval_kl_to_each: bool = True,
+    ) -> None:
+        super().__init__()
+        if reference_mode not in ("soup", "multiple_kl"):
+            raise SalsaError(f"reference_mode must be 'soup' or 'multiple_kl', got {reference_mode!r}.")
+        if reward_model is None and reward_fn is None:
+            raise SalsaError("set model.reward_model (a reward model directory) or model.reward_fn.")
+        self.save_hyperparameters(ignore=["optimizer", "reward_fn"])
+        self.automatic_optimization = False
+        self.reference = reference
+        self.reward_fn = reward_fn
+        self.generation = generation or GenerationSettings()
+        self.kl_settings = kl or KLSettings()
+        self.ppo = ppo or PPOSettings()
+        F.kl_estimate(torch.zeros(1), torch.zeros(1), self.kl_settings.estimator)  # validates
+        self.kl_ctl = F.AdaptiveKLController(
+            self.kl_settings.coef, self.kl_settings.target, self.kl_settings.horizon
+        )
+        self.optimizer_factory = optimizer
+        self.policy: nn.Module | None = None
+        self.critic: nn.Module | None = None
+        self.ref_models: nn.ModuleList | None = None
+        self.reward: nn.Module | None = None
+        self.value_head_layer: nn.Module | None = None
+        self.reward_stats: dict[str, float] | None = None
+        self.reward_tokenizer: Any = None
+        self.skips = 0
+        self.strict_loading = False  # frozen weights are rebuilt from their recipe, not loaded
+
+    # ------------------------------------------------------------------ building
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.trainer.datamodule.tokenizer
+
+    @property
+    def shares_reference(self) -> bool:
+        """LoRA on the soup: the reference is the policy with its adapter disabled."""
+        return self.hparams.lora is not None and self.hparams.policy is None and self.hparams.reference_mode == "soup"
+
+    def setup(self, stage: str) -> None:
+        # Every check that can fail runs before any model is built or trained.
+        self.reference.validate()
+        hp = self.hparams
+        for path, what in ((hp.policy, "model.policy"), (hp.reward_model, "model.reward_model"), (hp.critic, "model.critic")):
+            if path is not None:
+                check_model_source(path, what)
+        policy_config = AutoConfig.from_pretrained(hp.policy or self._first_model_dir())
+        ref_config = AutoConfig.from_pretrained(self._first_model_dir())
+        if (policy_config.model_type, policy_config.vocab_size) != (ref_config.model_type, ref_config.vocab_size):
+            raise SalsaError(
+                f"model.reference ({self.reference.checkpoints[0]}: {ref_config.model_type}, vocabulary "
+                f"{ref_config.vocab_size}) does not match the policy ({hp.policy}: "
+                f"{policy_config.model_type}, vocabulary {policy_config.vocab_size})."
+            )
+        if hp.reward_model is not None:
+            self._check_reward_model(hp.reward_model)
+        data = self.trainer.datamodule
+        context = getattr(policy_config, "max_position_embeddings", None)
+        needed = data.hparams.max_length + self.generation.max_new_tokens
+        if context is not None and needed > context:
+            raise SalsaError(
+                f"data.max_length ({data.hparams.max_length}) + generation.max_new_tokens "
+                f"({self.generation.max_new_tokens}) = {needed} exceeds the policy's context window "
+                f"({context}); lower one of them (longer prompts are dropped by data.max_length)."
+            )
+        if stage == "fit":
+            check_export_dir(hp.export_dir, hp.overwrite)
+
+    def _first_model_dir(self) -> str:
+        first = Path(self.reference.checkpoints[0])
+        if (first / "adapter_config.json").exists():
+            base = json.loads((first / "adapter_config.json").read_text())["base_model_name_or_path"]
+            return base
+        return str(first)
+
+    @staticmethod
+    def _check_reward_model(path: str) -> None:
+        config = AutoConfig.from_pretrained(path)
+        archs = config.architectures or []
+        if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
+            raise SalsaError(
+                f"model.reward_model {path!r} has no one-label score head (architectures {archs}, "
+                f"num_labels {config.num_labels}); train one with `salsa fit --config configs/reward.yaml`."
+            )
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        dtype = torch_dtype(hp.dtype)
+        self.policy = self._build_policy(dtype)
+        if not self.shares_reference:
+            if hp.reference_mode == "soup":
+                refs = [self.reference.build(dtype=dtype)]
+            else:
+                refs = self.reference.build_each(dtype=dtype)
+            self.ref_models = nn.ModuleList(Frozen(m) for m in refs)
+        if hp.reward_model is not None:
+            reward = AutoModelForSequenceClassification.from_pretrained(hp.reward_model, dtype=dtype)
+            self.reward = Frozen(reward)
+            self.reward_stats = self._read_reward_stats(hp.reward_model)
+            self.reward_tokenizer = self._reward_tokenizer(hp.reward_model)
+        critic_source = hp.critic or hp.reward_model
+        if hp.value_head or critic_source is None:
+            hidden = self.policy.config.hidden_size
+            self.value_head_layer = nn.Linear(hidden, 1, dtype=dtype or torch.float32)
+            nn.init.zeros_(self.value_head_layer.weight)
+            nn.init.zeros_(self.value_head_layer.bias)
+        else:
+            critic = AutoModelForSequenceClassification.from_pretrained(critic_source, dtype=dtype)
+            if hp.lora is not None:
+                critic = add_lora(critic, hp.lora, "SEQ_CLS")
+            self.critic = self._trainable(critic)
+
+    def _build_policy(self, dtype: torch.dtype | None) -> nn.Module:
+        hp = self.hparams
+        if hp.policy is None:
+            policy = load_soup(self.reference.checkpoints, self.reference.resolved_weights(), dtype=dtype)
+        else:
+            policy = AutoModelForCausalLM.from_pretrained(hp.policy, dtype=dtype)
+        policy.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        if hp.lora is not None:
+            policy = add_lora(policy, hp.lora, "CAUSAL_LM")
+        return self._trainable(policy)
+
+    def _trainable(self, model: nn.Module) -> nn.Module:
+        if self.hparams.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model.train()
+
+    @staticmethod
+    def _read_reward_stats(path: str) -> dict[str, float] | None:
+        stats = Path(path) / REWARD_STATS
+        return json.loads(stats.read_text()) if stats.exists() else None
+
+    def _reward_tokenizer(self, path: str) -> Any:
+        """None when the reward model shares the policy's vocabulary, else its own tokenizer."""
+        tokenizer = load_tokenizer(path)
+        return None if tokenizer.get_vocab() == self.tokenizer.get_vocab() else tokenizer
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+
+    # ------------------------------------------------------------------ forward passes
+
+    def policy_forward(self, sequence: Tensor, attention_mask: Tensor, n: int, with_hidden: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Logits for the last ``n`` tokens of ``sequence`` ([B, n, V]) and, with a value head,
+        the hidden states that predict them ([B, n, H])."""
+        out = self.policy(
+            input_ids=sequence,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            logits_to_keep=n + 1,
+            output_hidden_states=with_hidden,
+            use_cache=False,
+        )
+        hidden = out.hidden_states[-1][:, -n - 1 : -1] if with_hidden else None
+        return out.logits[:, :-1], hidden
+
+    def reference_logprobs(self, rollout: Rollout) -> list[Tensor]:
+        """[B, R] log-probs of the responses under each reference model."""
+        seq, mask, n = rollout.sequence, rollout.attention_mask, rollout.response.shape[1]
+        temperature = self.generation.temperature
+        if self.shares_reference:
+            with self.policy.disable_adapter():
+                logits, _ = self.policy_forward(seq, mask, n)
+            return [F.logprobs_from_logits(logits, rollout.response, temperature)]
+        out = []
+        for ref in self.ref_models:
+            logits = ref(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=n + 1, use_cache=False).logits[:, :-1]
+            out.append(F.logprobs_from_logits(logits, rollout.response, temperature))
+        return out
+
+    def values(self, rollout: Rollout, hidden: Tensor | None = None) -> Tensor:
+        """[B, R] critic values of the states before each response token."""
+        if self.value_head_layer is not None:
+            return self.value_head_layer(hidden).squeeze(-1).float()
+        seq, mask, n = rollout.sequence, rollout.attention_mask, rollout.response.shape[1]
+        inner = self.critic.get_base_model() if hasattr(self.critic, "get_base_model") else self.critic
+        backbone = getattr(inner, inner.base_model_prefix)
+        states = backbone(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        return inner.score(states[:, -n - 1 : -1]).squeeze(-1).float()
+
+    # ------------------------------------------------------------------ the four steps
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any], temperature: float | None = None) -> Rollout:
+        """Sample one response per prompt with the KV cache; truncate after EOS."""
+        g = self.generation
+        tok = self.tokenizer
+        query, query_mask = batch["input_ids"], batch["attention_mask"]
+        out = self.policy.generate(
+            input_ids=query,
+            attention_mask=query_mask,
+            do_sample=True,
+            temperature=temperature or g.temperature,
+            top_p=g.top_p,
+            top_k=0,
+            max_new_tokens=g.max_new_tokens,
+            min_new_tokens=0 if g.stop_at_eos else g.max_new_tokens,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            use_cache=True,
+            synced_gpus=self.trainer.world_size > 1,
+        )
+        response, mask = F.truncate_after_eos(out[:, query.shape[1] :], tok.eos_token_id, tok.pad_token_id)
+        texts = tok.batch_decode(response, skip_special_tokens=True)
+        return Rollout(query, query_mask, response, mask, list(batch["prompt"]), texts)
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout) -> None:
+        """Old log-probs, reference log-probs, values and rewards of a rollout, no grad."""
+        n = rollout.response.shape[1]
+        logits, hidden = self.policy_forward(rollout.sequence, rollout.attention_mask, n, self.value_head_layer is not None)
+        rollout.logprobs = F.logprobs_from_logits(logits, rollout.response, self.generation.temperature)
+        del logits
+        rollout.values = self.values(rollout, hidden) * rollout.mask
+        rollout.ref_logprobs = self.reference_logprobs(rollout)
+        rollout.raw_scores = self.raw_scores(rollout)
+        rollout.scores = self.shape_scores(rollout)
+
+    def raw_scores(self, rollout: Rollout) -> Tensor:
+        """[B] reward-model scores (re-tokenised when its vocabulary differs), else the reward function's."""
+        if self.reward is None:
+            return self.reward_fn(rollout.prompts, rollout.texts).to(self.device).float()
+        if self.reward_tokenizer is None:
+            ids, mask = rollout.sequence, rollout.attention_mask
+        else:
+            tok = self.reward_tokenizer
+            rows = [sum(encode_chat(tok, [{"role": "user", "content": p}], r), []) for p, r in zip(rollout.prompts, rollout.texts)]
+            ids = pad(rows, tok.pad_token_id).to(self.device)
+            mask = (torch.arange(ids.shape[1], device=self.device) < torch.tensor([len(r) for r in rows], device=self.device)[:, None]).long()
+        return self.reward(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
+
+    def shape_scores(self, rollout: Rollout) -> Tensor:
+        """Normalise with the reward model's stats, penalise a missing EOS, clip."""
+        scores = rollout.raw_scores
+        stats = self.reward_stats
+        if self.reward is not None and self.hparams.normalize_rewards and stats:
+            scores = (scores - stats["mean"]) / max(stats["std"], 1e-6)
+        eos = self.tokenizer.eos_token_id
+        has_eos = (rollout.response == eos).any(dim=1)
+        scores = scores - self.generation.missing_eos_penalty * (~has_eos).float()
+        if self.hparams.reward_clip is not None:
+            scores = scores.clamp(-self.hparams.reward_clip, self.hparams.reward_clip)
+        return scores
+
+    def kl(self, logprobs: Tensor, ref_logprobs: list[Tensor], estimator: str) -> Tensor:
+        """[B, R] per-token KL estimate to the reference (weighted over models in multiple_kl)."""
+        if len(ref_logprobs) == 1:
+            return F.kl_estimate(logprobs, ref_logprobs[0], estimator)
+        return F.weighted_kl_estimate(logprobs, ref_logprobs, self.reference.resolved_weights(), estimator)
+
+    @torch.no_grad()
+    def advantages(self, rollout: Rollout) -> None:
+        """KL-penalised per-token rewards, then GAE and whitening."""
+        kl_cfg, ppo = self.kl_settings, self.ppo
+        rollout.kl = self.kl(rollout.logprobs, rollout.ref_logprobs, kl_cfg.estimator) * rollout.mask
+        coef = self.kl_ctl.value if kl_cfg.in_reward else 0.0
+        rollout.rewards = F.token_rewards(rollout.scores, rollout.kl, coef, rollout.mask)
+        advantages, rollout.returns = F.gae(rollout.rewards, rollout.values, rollout.mask, ppo.gamma, ppo.lam)
+        if ppo.whiten_advantages:
+            advantages = F.masked_whiten(advantages, rollout.mask)
+        rollout.advantages = advantages
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        """K epochs of clipped PPO over minibatches with gradient accumulation."""
+        ppo = self.ppo
+        optimizer = self.optimizers()
+        rows = rollout.query.shape[0]
+        accumulate = max(1, ppo.minibatch_size // ppo.micro_batch_size)
+        totals: dict[str, list[float]] = {}
+        for _ in range(ppo.epochs):
+            order = torch.randperm(rows, device=self.device)
+            for start in range(0, rows, ppo.minibatch_size):
+                minibatch = order[start : start + ppo.minibatch_size]
+                for micro in minibatch.split(ppo.micro_batch_size):
+                    loss, stats = self.ppo_loss(rollout.select(micro))
+                    if not torch.isfinite(loss):
+                        optimizer.zero_grad()
+                        return self._skip("loss", totals)
+                    self.manual_backward(loss / accumulate)
+                    for k, v in stats.items():
+                        totals.setdefault(k, []).append(float(v))
+                if ppo.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=ppo.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                optimizer.zero_grad()
+        self.skips = 0
+        return {k: sum(v) / len(v) for k, v in totals.items()}
+
+    def ppo_loss(self, mb: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
+        """Clipped policy loss + vf_coef * clipped value loss (- entropy bonus, + KL term)."""
+        ppo, n = self.ppo, mb.response.shape[1]
+        logits, hidden = self.policy_forward(mb.sequence, mb.attention_mask, n, self.value_head_layer is not None)
+        logprobs = F.logprobs_from_logits(logits, mb.response, self.generation.temperature)
+        values = self.values(mb, hidden)
+        pg_loss, clipfrac, approxkl = F.ppo_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.clip_range, ppo.max_log_ratio)
+        vf_loss, vf_clipfrac = F.ppo_value_loss(values, mb.values, mb.returns, mb.mask, ppo.value_clip_range)
+        loss = pg_loss + ppo.vf_coef * vf_loss
+        stats = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/clipfrac": clipfrac, "policy/approxkl": approxkl, "val/clipfrac": vf_clipfrac}
+        if ppo.entropy_coef:
+            entropy = F.masked_mean(F.entropy_from_logits(logits / self.generation.temperature), mb.mask)
+            loss = loss - ppo.entropy_coef * entropy
+            stats["policy/entropy"] = entropy.detach()
+        if not self.kl_settings.in_reward:
+            kl_loss = F.masked_mean(self.kl(logprobs, mb.ref_logprobs, "k3"), mb.mask)
+            loss = loss + self.kl_ctl.value * kl_loss
+            stats["loss/kl"] = kl_loss.detach()
+        return loss, stats
+
+    def _skip(self, what: str, totals: dict[str, list[float]]) -> dict[str, float]:
+        self.skips += 1
+        self.log("train/skipped_updates", float(self.skips))
+        warnings.warn(f"non-finite {what}: PPO update skipped ({self.skips} in a row)", stacklevel=2)
+        if self.skips >= self.hparams.max_skips:
+            raise SalsaError(
+                f"{self.skips} PPO updates in a row were skipped for a non-finite {what} "
+                f"(model.max_skips={self.hparams.max_skips}); lower the learning rate or check the reward."
+            )
+        return {k: sum(v) / len(v) for k, v in totals.items() if v}
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        t0 = time.perf_counter()
+        rollout = self.generate(batch)
+        t1 = time.perf_counter()
+        self.score(rollout)
+        if not torch.isfinite(rollout.scores).all():
+            self._skip("reward", {})
+            return
+        self.advantages(rollout)
+        t2 = time.perf_counter()
+        stats = self.update(rollout)
+        t3 = time.perf_counter()
+        self.log_rollout(rollout, stats, (t0, t1, t2, t3))
+        self.kl_ctl.update(float(F.masked_sum(rollout.kl, rollout.mask) / rollout.mask.shape[0]), rollout.mask.shape[0])
+
+    def log_rollout(self, r: Rollout, stats: dict[str, float], times: tuple[float, ...]) -> None:
+        """TRL-named metrics of one PPO iteration."""
+        t0, t1, t2, t3 = times
+        kl_sum = (r.kl * r.mask).sum(1)
+        n_tokens = float(r.mask.sum())
+        metrics = {
+            "objective/kl": kl_sum.mean(),
+            "objective/entropy": (-r.logprobs * r.mask).sum(1).mean(),
+            "objective/scores": r.scores.mean(),
+            "objective/raw_scores": r.raw_scores.mean(),
+            "objective/rlhf_reward": (r.scores - self.kl_ctl.value * kl_sum).mean(),
+            "value/explained_var": F.explained_variance(r.values, r.returns, r.mask),
+            "rollout/response_length": r.mask.sum(1).mean(),
+            "rollout/eos_rate": (r.response == self.tokenizer.eos_token_id).any(1).float().mean(),
+            "objective/kl_coef": self.kl_ctl.value,
+            "time/generation": t1 - t0,
+            "time/scoring": t2 - t1,
+            "time/update": t3 - t2,
+            "throughput/generated_tokens_per_s": r.response.numel() / max(t1 - t0, 1e-9),
+            "throughput/tokens_per_s": n_tokens / max(t3 - t0, 1e-9),
+            **stats,
+        }
+        self.log_dict({k: float(v) for k, v in metrics.items()}, prog_bar=False)
+        self.log("reward", float(r.scores.mean()), prog_bar=True, logger=False)
+        self.log("kl", float(kl_sum.mean()), prog_bar=True, logger=False)
+
+    # ------------------------------------------------------------------ validation
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval: dict[str, list[Tensor]] = {}
+        self._samples: list[dict[str, Any]] = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # A fixed seed per batch: every validation samples the same way, and training's RNG
+        # stream is untouched (resuming reproduces an uninterrupted run).
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(10_000 + batch_idx)
+            rollout = self.generate(batch)
+        n = rollout.response.shape[1]
+        logits, _ = self.policy_forward(rollout.sequence, rollout.attention_mask, n)
+        rollout.logprobs = F.logprobs_from_logits(logits, rollout.response, self.generation.temperature)
+        rollout.ref_logprobs = self.reference_logprobs(rollout)
+        rollout.raw_scores = self.raw_scores(rollout)
+        rows = {
+            "eval/score": rollout.raw_scores,
+            "eval/kl": (self.kl(rollout.logprobs, rollout.ref_logprobs, "k1") * rollout.mask).sum(1),
+            "eval/response_length": rollout.mask.sum(1),
+        }
+        gold = self.gold_scores(rollout)
+        if gold is not None:
+            rows["eval/gold"] = gold
+        for name, ref_lp in self.kl_to_each(rollout).items():
+            rows[name] = (F.kl_estimate(rollout.logprobs, ref_lp, "k1") * rollout.mask).sum(1)
+        for k, v in rows.items():
+            self._eval.setdefault(k, []).append(v.detach().float().cpu())
+        if batch_idx == 0:
+            for i in range(min(4, len(rollout.texts))):
+                self._samples.append({"prompt": rollout.prompts[i], "response": rollout.texts[i], "score": float(rollout.raw_scores[i])})
+
+    def gold_scores(self, rollout: Rollout) -> Tensor | None:
+        """The reward function's scores when there is one beside a reward model, or the
+        embedded task's gold reward when the prompts come from it."""
+        if self.reward is not None and self.reward_fn is not None:
+            return self.reward_fn(rollout.prompts, rollout.texts).float()
+        if self.reward_fn is not None:
+            return None  # already the score
+        from salsa_lightning.task import GoldReward
+
+        try:
+            return GoldReward()(rollout.prompts, rollout.texts).float()
+        except ValueError:
+            return None
+
+    def kl_to_each(self, rollout: Rollout) -> dict[str, Tensor]:
+        """Reference log-probs under each soup ingredient, keyed ``eval/kl_<name>``."""
+        if not self.hparams.eval_kl_to_each or len(self.reference.checkpoints) < 2:
+            return {}
+        if self.hparams.reference_mode == "multiple_kl":
+            models = list(self.ref_models)
+        else:
+            if getattr(self, "_ingredients", None) is None:
+                self._ingredients = [Frozen(m).to(self.device) for m in self.reference.build_each(dtype=torch_dtype(self.hparams.dtype))]
+            models = self._ingredients
+        out = {}
+        n = rollout.response.shape[1]
+        seq, mask = rollout.sequence, rollout.attention_mask
+        for path, model in zip(self.reference.checkpoints, models):
+            logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=n + 1).logits[:, :-1]
+            out[f"eval/kl_{Path(path).name}"] = F.logprobs_from_logits(logits, rollout.response, self.generation.temperature)
+        return out
+
+    def on_validation_epoch_end(self) -> None:
+        means = {k: torch.cat(v).mean() for k, v in self._eval.items()}
+        self.log_dict(means, prog_bar=False, sync_dist=True)
+        self.last_eval = {k: float(v) for k, v in means.items()}
+        if self._samples and self.trainer.is_global_zero and self.trainer.log_dir:
+            path = Path(self.trainer.log_dir) / "samples.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                for s in self._samples:
+                    f.write(json.dumps({"step": self.global_step, **s}) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints and export
+
+    def trainable_state_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def recipe(self) -> dict[str, Any]:
+        """What the frozen weights are made of: enough to rebuild and verify them."""
+        return {
+            "reference": self.reference.fingerprint(),
+            "reference_mode": self.hparams.reference_mode,
+            "reward_model": self.hparams.reward_model,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["salsa"] = {
+            "recipe": self.recipe(),
+            "kl_controller": self.kl_ctl.state_dict(),
+            "skips": self.skips,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("salsa")
+        if saved is None:
+            return
+        current = self.recipe()
+        if saved["recipe"]["reference"]["sha256"] != current["reference"]["sha256"]:
+            raise SalsaError(
+                "the reference checkpoints changed since this checkpoint was written "
+                f"(was {saved['recipe']['reference']['checkpoints']}); resume with the same reference."
+            )
+        self.kl_ctl.load_state_dict(saved["kl_controller"])
+        self.skips = saved["skips"]
+        torch.set_rng_state(saved["rng"])
+        if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+
+    def on_fit_start(self) -> None:
+        rank_zero_info(
+            f"SALSA: reference {self.hparams.reference_mode} of {len(self.reference.checkpoints)} "
+            f"checkpoint(s) with weights {self.reference.resolved_weights()}; policy from "
+            f"{self.hparams.policy or 'the soup'}; PPO settings {asdict(self.ppo)}; KL {asdict(self.kl_settings)}"
+        )
+
+    def on_fit_end(self) -> None:
+        export_dir = self.hparams.export_dir
+        if export_dir is None or self.trainer.interrupted:
+            return
+        if self.trainer.is_global_zero:
+            export_pretrained(self.policy, self.tokenizer, export_dir, {"salsa_training.json": {"stage": "SALSAModule", "recipe": self.recipe()}})
+            rank_zero_info(f"SALSAModule: policy exported to {export_dir}")
+        self.trainer.strategy.barrier("export")
+
+
+def initial_kl_note(value: float) -> str:
+    return f"initial KL to the reference: {value:.4f}" if math.isfinite(value) else "initial KL: n/a"
