@@ -22,7 +22,7 @@ sequence and are masked out of the SFT loss.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import datasets
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from salsa_lightning import embedded
@@ -314,12 +314,17 @@ class _ChatDataModule(L.LightningDataModule):
         self.val_data = self._tokenize(val, val_source, "val") if val is not None else None
 
     def _loader(self, data: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self._seed()) if shuffle else None
-        return DataLoader(
+        if not shuffle:
+            return DataLoader(
+                data, batch_size=batch_size, collate_fn=self.collate, num_workers=self.hparams.num_workers
+            )
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        sampler = ResumableSampler(data, num_replicas=world, rank=rank, seed=self._seed())
+        return ResumableLoader(
             data,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=sampler,
             collate_fn=self.collate,
             num_workers=self.hparams.num_workers,
         )
@@ -332,6 +337,42 @@ class _ChatDataModule(L.LightningDataModule):
             return []
         size = self.hparams.eval_batch_size or self.hparams.batch_size
         return self._loader(self.val_data, size, shuffle=False)
+
+
+class ResumableSampler(DistributedSampler):
+    """A seeded per-epoch shuffle, one shard per rank, that can start mid-epoch.
+
+    Being a ``DistributedSampler``, Lightning keeps it under DDP/FSDP (and calls ``set_epoch``).
+    """
+
+    def __init__(self, dataset: Any, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.skip = 0  # indices of the current epoch already served before a resume
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning checkpoints: it records how many batches of the current
+    epoch it has served, and a resumed run continues with the next one (the data position)."""
+
+    served = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.served = self.sampler.skip // self.batch_size
+        for batch in super().__iter__():
+            self.served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(state["epoch"])
+        self.sampler.skip = state["batches"] * self.batch_size
 
 
 def pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:

@@ -63,3 +63,32 @@ def make_trainer(root: Path, **kwargs) -> L.Trainer:
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+def _fit(module: L.LightningModule, data: L.LightningDataModule, root: Path, steps: int) -> None:
+    # One validation at the last step (the reward model exports its reward stats from it).
+    trainer = make_trainer(root, max_steps=steps, val_check_interval=steps, limit_val_batches=2)
+    trainer.fit(module, datamodule=data)
+
+
+@pytest.fixture(scope="session")
+def stage_outputs(tmp_path_factory: pytest.TempPathFactory, task_dir: Path) -> dict[str, Path]:
+    """Two short SFT runs (seeds 1 and 2) from the shipped base and a reward model on the first:
+    the inputs SALSA-PPO needs, made by the real stages, once per session."""
+    from salsa_lightning import PreferenceDataModule, RewardModule, SFTDataModule, SFTModule
+
+    root = tmp_path_factory.mktemp("stages")
+    adam = lambda p: torch.optim.AdamW(p, lr=1e-3)  # noqa: E731
+    out = {}
+    for seed in (1, 2):
+        L.seed_everything(seed)
+        out[f"sft-{seed}"] = root / f"sft-{seed}"
+        module = SFTModule(model=str(BASE), optimizer=adam, export_dir=str(out[f"sft-{seed}"]))
+        data = SFTDataModule(tokenizer=str(BASE), task_dir=str(task_dir), batch_size=16, max_length=64)
+        _fit(module, data, root, steps=15)
+    L.seed_everything(1)
+    out["reward"] = root / "reward"
+    module = RewardModule(model=str(out["sft-1"]), optimizer=adam, export_dir=str(out["reward"]))
+    data = PreferenceDataModule(tokenizer=str(out["sft-1"]), task_dir=str(task_dir), batch_size=16, max_length=64)
+    _fit(module, data, root, steps=15)
+    return out
