@@ -46,10 +46,22 @@ def main(argv: list[str] | None = None) -> int:
         if args and args[0] in _subcommands():
             return _subcommands()[args[0]](args[1:]) or 0
         SalsaCLI(args=argv)  # None: LightningCLI reads sys.argv itself
-    except SalsaError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (SalsaError, ValueError) as err:
+        cause = salsa_cause(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         return 2
     return 0
+
+
+def salsa_cause(err: BaseException | None) -> SalsaError | None:
+    """The SalsaError behind ``err`` (jsonargparse wraps errors raised while instantiating)."""
+    while err is not None:
+        if isinstance(err, SalsaError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ sequence and are masked out of the SFT loss.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -83,9 +84,7 @@ def encode_chat(
     prompt_ids = encode_prompt(tokenizer, messages)
     full_messages = [*messages, {"role": "assistant", "content": response}]
     if tokenizer.chat_template:
-        full = list(
-            tokenizer.apply_chat_template(full_messages, tokenize=True, return_dict=False)
-        )
+        full = list(tokenizer.apply_chat_template(full_messages, tokenize=True, return_dict=False))
     else:
         text = fallback_chat(full_messages, add_generation_prompt=False, eos=tokenizer.eos_token)
         full = tokenizer(text.rstrip("\n"), add_special_tokens=True)["input_ids"]
@@ -102,7 +101,9 @@ def as_messages(value: Any, column: str) -> Messages:
         return [{"role": "user", "content": value}]
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
         return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise SalsaError(f"column {column!r} must hold text or a list of chat messages, got {value!r:.80}")
+    raise SalsaError(
+        f"column {column!r} must hold text or a list of chat messages, got {value!r:.80}"
+    )
 
 
 def split_conversation(value: Any, column: str) -> tuple[Messages, str]:
@@ -190,7 +191,9 @@ class _ChatDataModule(L.LightningDataModule):
         return self.hparams.train_files is None and self.hparams.dataset is None
 
     def prepare_data(self) -> None:
-        if self.uses_embedded_task:
+        # An existing task directory is used as it is (it may have been written with other
+        # TaskConfig settings); otherwise the default task is written there.
+        if self.uses_embedded_task and not (Path(self.hparams.task_dir) / "task.json").exists():
             from salsa_lightning.task import write_task_files
 
             write_task_files(self.hparams.task_dir)
@@ -221,8 +224,15 @@ class _ChatDataModule(L.LightningDataModule):
         try:
             return datasets.load_dataset(hp.dataset, hp.dataset_config, split=split)
         except (ConnectionError, FileNotFoundError, ValueError, OSError) as err:
-            offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-            why = " while offline (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE=1) and not cached" if offline and not local else ""
+            offline = (
+                os.environ.get("HF_DATASETS_OFFLINE") == "1"
+                or os.environ.get("HF_HUB_OFFLINE") == "1"
+            )
+            why = (
+                " while offline (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE=1) and not cached"
+                if offline and not local
+                else ""
+            )
             raise SalsaError(
                 f"could not load dataset {hp.dataset!r} (config {hp.dataset_config!r}, split {split!r}){why}: {err}"
             ) from err
@@ -240,6 +250,13 @@ class _ChatDataModule(L.LightningDataModule):
             val = self._read_files(val_files) if val_files else None
             val_source = ", ".join(val_files or [])
         if val is None and hp.val_fraction > 0:
+            if math.ceil(len(train) * hp.val_fraction) >= len(
+                train
+            ):  # no training row would remain
+                raise SalsaError(
+                    f"{source}: {len(train)} row(s) cannot be split by data.val_fraction="
+                    f"{hp.val_fraction}; add rows, name data.val_files, or set data.val_fraction 0."
+                )
             parts = train.train_test_split(test_size=hp.val_fraction, seed=self._seed())
             train, val = parts["train"], parts["test"]
             val_source = f"{source} (held-out {hp.val_fraction:g})"
@@ -281,8 +298,12 @@ class _ChatDataModule(L.LightningDataModule):
 
     # -- pipeline
 
+    def check_rows(self, data: datasets.Dataset, source: str, split: str) -> None:
+        """Inspect canonical rows before tokenization (subclasses count problems here)."""
+
     def _tokenize(self, data: datasets.Dataset, source: str, split: str) -> datasets.Dataset:
         data = self.rename_columns(data, source)
+        self.check_rows(data, source, split)
         n = len(data)
         data = data.map(self.encode, num_proc=None, desc=f"tokenizing {split}")
         truncated = sum(data["truncated"]) if "truncated" in data.column_names else 0
@@ -309,14 +330,19 @@ class _ChatDataModule(L.LightningDataModule):
             self.prepare_data()  # idempotent; covers use without a Trainer
         train, val, source, val_source = self.load_raw()
         if self.hparams.max_samples is not None:
-            train = train.shuffle(seed=self._seed()).select(range(min(len(train), self.hparams.max_samples)))
+            train = train.shuffle(seed=self._seed()).select(
+                range(min(len(train), self.hparams.max_samples))
+            )
         self.train_data = self._tokenize(train, source, "train")
         self.val_data = self._tokenize(val, val_source, "val") if val is not None else None
 
     def _loader(self, data: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         if not shuffle:
             return DataLoader(
-                data, batch_size=batch_size, collate_fn=self.collate, num_workers=self.hparams.num_workers
+                data,
+                batch_size=batch_size,
+                collate_fn=self.collate,
+                num_workers=self.hparams.num_workers,
             )
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
@@ -347,11 +373,13 @@ class ResumableSampler(DistributedSampler):
 
     def __init__(self, dataset: Any, num_replicas: int, rank: int, seed: int) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.skip = 0  # indices of the current epoch already served before a resume
+        self.skip = 0  # indices of epoch `skip_epoch` already served before a resume
+        self.skip_epoch = 0
 
     def __iter__(self) -> Iterator[int]:
         indices = list(super().__iter__())
-        skip, self.skip = self.skip, 0
+        skip = self.skip if self.epoch == self.skip_epoch else 0
+        self.skip = 0
         return iter(indices[skip:])
 
 
@@ -362,7 +390,8 @@ class ResumableLoader(DataLoader):
     served = 0
 
     def __iter__(self) -> Iterator[Any]:
-        self.served = self.sampler.skip // self.batch_size
+        resumed = self.sampler.epoch == self.sampler.skip_epoch
+        self.served = self.sampler.skip // self.batch_size if resumed else 0
         for batch in super().__iter__():
             self.served += 1
             yield batch
@@ -371,7 +400,8 @@ class ResumableLoader(DataLoader):
         return {"epoch": self.sampler.epoch, "batches": self.served}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.set_epoch(state["epoch"])
+        # Lightning calls set_epoch itself; the skip applies only to the interrupted epoch.
+        self.sampler.skip_epoch = state["epoch"]
         self.sampler.skip = state["batches"] * self.batch_size
 
 
@@ -473,7 +503,13 @@ class PreferenceDataModule(_ChatDataModule):
 
     def encode(self, row: dict[str, Any]) -> dict[str, Any]:
         if row["chosen"] == row["rejected"]:
-            return {"chosen_ids": [], "rejected_ids": [], "keep": False, "truncated": False, "identical": True}
+            return {
+                "chosen_ids": [],
+                "rejected_ids": [],
+                "keep": False,
+                "truncated": False,
+                "identical": True,
+            }
         out: dict[str, Any] = {"keep": True, "truncated": False, "identical": False}
         for side in ("chosen", "rejected"):
             prompt, response = self._side(row, side)
@@ -485,20 +521,14 @@ class PreferenceDataModule(_ChatDataModule):
             out["truncated"] |= truncated
         return out
 
-    def _tokenize(self, data: datasets.Dataset, source: str, split: str) -> datasets.Dataset:
-        n_identical = 0
-
-        def count(row: dict[str, Any]) -> None:
-            nonlocal n_identical
-            n_identical += row["chosen"] == row["rejected"]
-
-        data = self.rename_columns(data, source)
-        for row in data.select_columns(["chosen", "rejected"]):
-            count(row)
+    def check_rows(self, data: datasets.Dataset, source: str, split: str) -> None:
+        pairs = data.select_columns(["chosen", "rejected"])
+        n_identical = sum(row["chosen"] == row["rejected"] for row in pairs)
         if n_identical:
-            rank_zero_warn(f"{source} ({split}): dropped {n_identical} pairs whose chosen and rejected are identical.")
+            rank_zero_warn(
+                f"{source} ({split}): dropped {n_identical} pairs whose chosen and rejected are identical."
+            )
         self.stats[f"{split}/identical"] = n_identical
-        return super()._tokenize(data, source, split)
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
@@ -536,7 +566,12 @@ class PromptDataModule(_ChatDataModule):
             messages = messages[:-1]
         ids = encode_prompt(self.tokenizer, messages)
         keep = len(ids) <= self.hparams.max_length
-        return {"prompt_ids": ids, "prompt_text": messages[-1]["content"], "keep": keep, "truncated": False}
+        return {
+            "prompt_ids": ids,
+            "prompt_text": messages[-1]["content"],
+            "keep": keep,
+            "truncated": False,
+        }
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         ids = pad([r["prompt_ids"] for r in rows], self.tokenizer.pad_token_id, left=True)
@@ -547,7 +582,14 @@ class PromptDataModule(_ChatDataModule):
             "attention_mask": (torch.arange(width) >= (width - lengths)[:, None]).long(),
             "prompt": [r["prompt_text"] for r in rows],
         }
-        extra = set(rows[0]) - {"prompt_ids", "prompt_text", "keep", "truncated", "prompt", "messages"}
+        extra = set(rows[0]) - {
+            "prompt_ids",
+            "prompt_text",
+            "keep",
+            "truncated",
+            "prompt",
+            "messages",
+        }
         for key in sorted(extra):
             batch[key] = [r[key] for r in rows]
         return batch

@@ -54,7 +54,10 @@ def train_tokenizer(texts: list[str], vocab_size: int = 384) -> PreTrainedTokeni
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     specials = [*SPECIAL_TOKENS.values(), USER, ASSISTANT]

@@ -168,6 +168,10 @@ def check_export_dir(export_dir: str | os.PathLike | None, overwrite: bool) -> N
     if export_dir is None:
         return
     path = Path(export_dir)
+    if path.exists() and not path.is_dir():
+        raise SalsaError(
+            f"export_dir {str(path)!r} is a file, not a directory; choose another path."
+        )
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise SalsaError(
             f"export_dir {str(path)!r} already holds a model. Choose another --model.export_dir, "
@@ -212,3 +216,75 @@ def export_pretrained(
 def dataclass_dict(obj: Any) -> Any:
     """``asdict`` for dataclasses, identity otherwise (for recipes written to JSON)."""
     return asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj
+
+
+def keep_frozen_out_of_state_dict(module: nn.Module) -> None:
+    """Make ``module.state_dict()`` skip parameters that do not train.
+
+    Frozen weights (the soup reference, the reward model, a LoRA policy's base) are rebuilt
+    from their recipe, so training checkpoints hold only what training changes. Applied as a
+    state-dict hook, it holds for Lightning's plain and sharded (FSDP2) checkpoints alike; pair
+    it with ``strict_loading = False``.
+    """
+
+    def drop_frozen(
+        mod: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+    ) -> None:
+        for name, param in mod.named_parameters():
+            if not param.requires_grad:
+                state_dict.pop(prefix + name, None)
+
+    module.register_state_dict_post_hook(drop_frozen)
+
+
+def decoder_layers(model: nn.Module, layer_class: str | None = None) -> list[nn.Module]:
+    """The transformer blocks to shard one by one: modules of class ``layer_class``, or of the
+    classes the model names in ``_no_split_modules`` (e.g. ``LlamaDecoderLayer``)."""
+    names = {layer_class} if layer_class else set()
+    if not names:
+        for sub in model.modules():
+            names.update(getattr(sub, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise SalsaError(
+            f"{type(model).__name__} has no known decoder-layer class to shard; name it in the "
+            "YAML, e.g. --model.fsdp_layer_class LlamaDecoderLayer."
+        )
+    return layers
+
+
+def shard(
+    model: nn.Module,
+    mesh: Any,
+    layer_class: str | None = None,
+    param_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """FSDP2: ``fully_shard`` each decoder layer, then the whole model, over the data-parallel
+    mesh dimension. Frozen models are sharded the same way (they just never reach an optimizer).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+    policy = (
+        MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        if param_dtype
+        else MixedPrecisionPolicy()
+    )
+    for layer in decoder_layers(model, layer_class):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full, unsharded state dict of an FSDP2-sharded model, offloaded to CPU (a collective:
+    call it on every rank); None for a model that is not sharded."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )

@@ -14,7 +14,9 @@ from salsa_lightning.stage import FineTuneModule
 REWARD_STATS = "reward_stats.json"  # written beside the exported reward model; read by PPO
 
 
-def score(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def score(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """Scalar rewards [B] of a one-label sequence classifier for [B, T] token ids."""
     return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
 
@@ -78,6 +80,10 @@ class RewardModule(FineTuneModule):
         self.log("train/accuracy", (chosen > rejected).float().mean())
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        for metric in (self.val_accuracy, self.val_margin, self.val_reward, self.val_reward_sq):
+            metric.reset()  # here, not after compute (see SFTModule)
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         chosen, rejected = self.pair_scores(batch)
         self.val_accuracy.update((chosen > rejected).float())
@@ -96,11 +102,35 @@ class RewardModule(FineTuneModule):
             "val/reward_std": std,
         }
         self.log_dict(metrics, prog_bar=True)
-        self.reward_stats = {"mean": float(mean), "std": float(std), "accuracy": float(metrics["val/accuracy"])}
-        for metric in (self.val_accuracy, self.val_margin, self.val_reward, self.val_reward_sq):
-            metric.reset()
+        self.reward_stats = {
+            "mean": float(mean),
+            "std": float(std),
+            "accuracy": float(metrics["val/accuracy"]),
+        }
+
+    @torch.no_grad()
+    def measure_reward_stats(self) -> dict[str, float] | None:
+        """Mean, std and pairwise accuracy of the final model's scores on the validation set."""
+        loader = self.trainer.datamodule.val_dataloader()
+        if not loader:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        scores, correct = [], []
+        for batch in loader:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            chosen, rejected = self.pair_scores(batch)
+            scores.append(torch.cat([chosen, rejected]))
+            correct.append((chosen > rejected).float())
+        self.model.train(was_training)
+        all_scores = torch.cat(scores)
+        return {
+            "mean": float(all_scores.mean()),
+            "std": float(all_scores.std(unbiased=False)),
+            "accuracy": float(torch.cat(correct).mean()),
+        }
 
     def export_extras(self) -> dict[str, Any]:
-        if self.reward_stats is None:
-            return {}
-        return {REWARD_STATS: self.reward_stats}
+        # Measured again at the end: the last validation may predate the final weights.
+        stats = self.measure_reward_stats()
+        return {REWARD_STATS: stats} if stats else {}

@@ -40,13 +40,17 @@ from salsa_lightning.models import (
     check_export_dir,
     check_model_source,
     export_pretrained,
+    full_state_dict,
+    keep_frozen_out_of_state_dict,
     load_tokenizer,
+    shard,
     torch_dtype,
 )
 from salsa_lightning.reward import REWARD_STATS
 from salsa_lightning.soup import SoupReference, load_soup
 
-RewardFunction = Callable[[list[str], list[str]], Tensor]
+# (prompts, responses) -> Tensor[B]; typed loosely so YAML can name any callable class.
+RewardFunction = Callable[..., Any]
 
 
 # ----------------------------------------------------------------------------- settings
@@ -174,6 +178,29 @@ class Rollout:
         return Rollout(**picked)
 
 
+class ValueModel(nn.Module):
+    """A critic: a sequence classifier's backbone and score head applied at every position.
+
+    A module of its own so that FSDP's hooks run when it is called.
+    """
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        inner = classifier.get_base_model() if hasattr(classifier, "get_base_model") else classifier
+        self.classifier = classifier  # keeps a peft wrapper (and its adapters) registered
+        self.backbone = getattr(inner, inner.base_model_prefix)
+        self.score = inner.score
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, n: int) -> Tensor:
+        """[B, T] ids -> [B, n] values of the states before each of the last ``n`` tokens."""
+        states = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+        ).last_hidden_state
+        return self.score(states[:, -n - 1 : -1]).squeeze(-1).float()
+
+
 def position_ids(attention_mask: Tensor) -> Tensor:
     """Positions that skip left padding, as generation used them: [B, T] -> [B, T]."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -213,6 +240,8 @@ class SALSAModule(L.LightningModule):
         overwrite: Replace an existing ``export_dir``.
         eval_kl_to_each: In validation, also measure the KL to each reference checkpoint
             (loads each one; turn off for large models).
+        fsdp_layer_class: Under FSDP, the class of the blocks sharded one by one (default: the
+            model's ``_no_split_modules``).
     """
 
     def __init__(
@@ -237,12 +266,17 @@ class SALSAModule(L.LightningModule):
         export_dir: str | None = None,
         overwrite: bool = False,
         eval_kl_to_each: bool = True,
+        fsdp_layer_class: str | None = None,
     ) -> None:
         super().__init__()
         if reference_mode not in ("soup", "multiple_kl"):
-            raise SalsaError(f"reference_mode must be 'soup' or 'multiple_kl', got {reference_mode!r}.")
+            raise SalsaError(
+                f"reference_mode must be 'soup' or 'multiple_kl', got {reference_mode!r}."
+            )
         if reward_model is None and reward_fn is None:
-            raise SalsaError("set model.reward_model (a reward model directory) or model.reward_fn.")
+            raise SalsaError(
+                "set model.reward_model (a reward model directory) or model.reward_fn."
+            )
         self.save_hyperparameters(ignore=["optimizer", "reward_fn"])
         self.automatic_optimization = False
         self.reference = reference
@@ -255,6 +289,7 @@ class SALSAModule(L.LightningModule):
             self.kl_settings.coef, self.kl_settings.target, self.kl_settings.horizon
         )
         self.optimizer_factory = optimizer
+        self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         self.policy: nn.Module | None = None
         self.critic: nn.Module | None = None
         self.ref_models: nn.ModuleList | None = None
@@ -263,7 +298,8 @@ class SALSAModule(L.LightningModule):
         self.reward_stats: dict[str, float] | None = None
         self.reward_tokenizer: Any = None
         self.skips = 0
-        self.strict_loading = False  # frozen weights are rebuilt from their recipe, not loaded
+        keep_frozen_out_of_state_dict(self)  # frozen weights are rebuilt from their recipe
+        self.strict_loading = False
 
     # ------------------------------------------------------------------ building
 
@@ -274,18 +310,29 @@ class SALSAModule(L.LightningModule):
     @property
     def shares_reference(self) -> bool:
         """LoRA on the soup: the reference is the policy with its adapter disabled."""
-        return self.hparams.lora is not None and self.hparams.policy is None and self.hparams.reference_mode == "soup"
+        return (
+            self.lora is not None
+            and self.hparams.policy is None
+            and self.hparams.reference_mode == "soup"
+        )
 
     def setup(self, stage: str) -> None:
         # Every check that can fail runs before any model is built or trained.
         self.reference.validate()
         hp = self.hparams
-        for path, what in ((hp.policy, "model.policy"), (hp.reward_model, "model.reward_model"), (hp.critic, "model.critic")):
+        for path, what in (
+            (hp.policy, "model.policy"),
+            (hp.reward_model, "model.reward_model"),
+            (hp.critic, "model.critic"),
+        ):
             if path is not None:
                 check_model_source(path, what)
         policy_config = AutoConfig.from_pretrained(hp.policy or self._first_model_dir())
         ref_config = AutoConfig.from_pretrained(self._first_model_dir())
-        if (policy_config.model_type, policy_config.vocab_size) != (ref_config.model_type, ref_config.vocab_size):
+        if (policy_config.model_type, policy_config.vocab_size) != (
+            ref_config.model_type,
+            ref_config.vocab_size,
+        ):
             raise SalsaError(
                 f"model.reference ({self.reference.checkpoints[0]}: {ref_config.model_type}, vocabulary "
                 f"{ref_config.vocab_size}) does not match the policy ({hp.policy}: "
@@ -308,7 +355,9 @@ class SALSAModule(L.LightningModule):
     def _first_model_dir(self) -> str:
         first = Path(self.reference.checkpoints[0])
         if (first / "adapter_config.json").exists():
-            base = json.loads((first / "adapter_config.json").read_text())["base_model_name_or_path"]
+            base = json.loads((first / "adapter_config.json").read_text())[
+                "base_model_name_or_path"
+            ]
             return base
         return str(first)
 
@@ -316,7 +365,10 @@ class SALSAModule(L.LightningModule):
     def _check_reward_model(path: str) -> None:
         config = AutoConfig.from_pretrained(path)
         archs = config.architectures or []
-        if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
+        if (
+            not any(a.endswith("ForSequenceClassification") for a in archs)
+            or config.num_labels != 1
+        ):
             raise SalsaError(
                 f"model.reward_model {path!r} has no one-label score head (architectures {archs}, "
                 f"num_labels {config.num_labels}); train one with `salsa fit --config configs/reward.yaml`."
@@ -335,11 +387,15 @@ class SALSAModule(L.LightningModule):
                 refs = self.reference.build_each(dtype=dtype)
             self.ref_models = nn.ModuleList(Frozen(m) for m in refs)
         if hp.reward_model is not None:
-            reward = AutoModelForSequenceClassification.from_pretrained(hp.reward_model, dtype=dtype)
+            reward = AutoModelForSequenceClassification.from_pretrained(
+                hp.reward_model, dtype=dtype
+            )
             self.reward = Frozen(reward)
             self.reward_stats = self._read_reward_stats(hp.reward_model)
             self.reward_tokenizer = self._reward_tokenizer(hp.reward_model)
-        critic_source = hp.critic or hp.reward_model
+        # The critic reads the policy's token ids: a reward model with another vocabulary
+        # cannot be its starting point, so that case falls back to a value head.
+        critic_source = hp.critic or (hp.reward_model if self.reward_tokenizer is None else None)
         if hp.value_head or critic_source is None:
             hidden = self.policy.config.hidden_size
             self.value_head_layer = nn.Linear(hidden, 1, dtype=dtype or torch.float32)
@@ -347,24 +403,37 @@ class SALSAModule(L.LightningModule):
             nn.init.zeros_(self.value_head_layer.bias)
         else:
             critic = AutoModelForSequenceClassification.from_pretrained(critic_source, dtype=dtype)
-            if hp.lora is not None:
-                critic = add_lora(critic, hp.lora, "SEQ_CLS")
-            self.critic = self._trainable(critic)
+            if self.lora is not None:
+                critic = add_lora(critic, self.lora, "SEQ_CLS")
+            self.critic = ValueModel(self._trainable(critic))
+        if self.device_mesh is not None:  # FSDP2: shard every model, frozen ones included
+            layer_class = hp.fsdp_layer_class
+            for model in (self.policy, self.critic, self.reward, *(self.ref_models or [])):
+                if model is not None:
+                    shard(model, self.device_mesh, layer_class)
+            if self.value_head_layer is not None:
+                from torch.distributed.fsdp import fully_shard
+
+                fully_shard(self.value_head_layer, mesh=self.device_mesh["data_parallel"])
 
     def _build_policy(self, dtype: torch.dtype | None) -> nn.Module:
         hp = self.hparams
         if hp.policy is None:
-            policy = load_soup(self.reference.checkpoints, self.reference.resolved_weights(), dtype=dtype)
+            policy = load_soup(
+                self.reference.checkpoints, self.reference.resolved_weights(), dtype=dtype
+            )
         else:
             policy = AutoModelForCausalLM.from_pretrained(hp.policy, dtype=dtype)
         policy.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        if hp.lora is not None:
-            policy = add_lora(policy, hp.lora, "CAUSAL_LM")
+        if self.lora is not None:
+            policy = add_lora(policy, self.lora, "CAUSAL_LM")
         return self._trainable(policy)
 
     def _trainable(self, model: nn.Module) -> nn.Module:
         if self.hparams.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         return model.train()
 
     @staticmethod
@@ -382,7 +451,9 @@ class SALSAModule(L.LightningModule):
 
     # ------------------------------------------------------------------ forward passes
 
-    def policy_forward(self, sequence: Tensor, attention_mask: Tensor, n: int, with_hidden: bool = False) -> tuple[Tensor, Tensor | None]:
+    def policy_forward(
+        self, sequence: Tensor, attention_mask: Tensor, n: int, with_hidden: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
         """Logits for the last ``n`` tokens of ``sequence`` ([B, n, V]) and, with a value head,
         the hidden states that predict them ([B, n, H])."""
         out = self.policy(
@@ -406,7 +477,13 @@ class SALSAModule(L.LightningModule):
             return [F.logprobs_from_logits(logits, rollout.response, temperature)]
         out = []
         for ref in self.ref_models:
-            logits = ref(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=n + 1, use_cache=False).logits[:, :-1]
+            logits = ref(
+                input_ids=seq,
+                attention_mask=mask,
+                position_ids=position_ids(mask),
+                logits_to_keep=n + 1,
+                use_cache=False,
+            ).logits[:, :-1]
             out.append(F.logprobs_from_logits(logits, rollout.response, temperature))
         return out
 
@@ -414,11 +491,7 @@ class SALSAModule(L.LightningModule):
         """[B, R] critic values of the states before each response token."""
         if self.value_head_layer is not None:
             return self.value_head_layer(hidden).squeeze(-1).float()
-        seq, mask, n = rollout.sequence, rollout.attention_mask, rollout.response.shape[1]
-        inner = self.critic.get_base_model() if hasattr(self.critic, "get_base_model") else self.critic
-        backbone = getattr(inner, inner.base_model_prefix)
-        states = backbone(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
-        return inner.score(states[:, -n - 1 : -1]).squeeze(-1).float()
+        return self.critic(rollout.sequence, rollout.attention_mask, rollout.response.shape[1])
 
     # ------------------------------------------------------------------ the four steps
 
@@ -442,7 +515,9 @@ class SALSAModule(L.LightningModule):
             use_cache=True,
             synced_gpus=self.trainer.world_size > 1,
         )
-        response, mask = F.truncate_after_eos(out[:, query.shape[1] :], tok.eos_token_id, tok.pad_token_id)
+        response, mask = F.truncate_after_eos(
+            out[:, query.shape[1] :], tok.eos_token_id, tok.pad_token_id
+        )
         texts = tok.batch_decode(response, skip_special_tokens=True)
         return Rollout(query, query_mask, response, mask, list(batch["prompt"]), texts)
 
@@ -450,8 +525,12 @@ class SALSAModule(L.LightningModule):
     def score(self, rollout: Rollout) -> None:
         """Old log-probs, reference log-probs, values and rewards of a rollout, no grad."""
         n = rollout.response.shape[1]
-        logits, hidden = self.policy_forward(rollout.sequence, rollout.attention_mask, n, self.value_head_layer is not None)
-        rollout.logprobs = F.logprobs_from_logits(logits, rollout.response, self.generation.temperature)
+        logits, hidden = self.policy_forward(
+            rollout.sequence, rollout.attention_mask, n, self.value_head_layer is not None
+        )
+        rollout.logprobs = F.logprobs_from_logits(
+            logits, rollout.response, self.generation.temperature
+        )
         del logits
         rollout.values = self.values(rollout, hidden) * rollout.mask
         rollout.ref_logprobs = self.reference_logprobs(rollout)
@@ -466,9 +545,15 @@ class SALSAModule(L.LightningModule):
             ids, mask = rollout.sequence, rollout.attention_mask
         else:
             tok = self.reward_tokenizer
-            rows = [sum(encode_chat(tok, [{"role": "user", "content": p}], r), []) for p, r in zip(rollout.prompts, rollout.texts)]
+            rows = [
+                sum(encode_chat(tok, [{"role": "user", "content": p}], r), [])
+                for p, r in zip(rollout.prompts, rollout.texts)
+            ]
             ids = pad(rows, tok.pad_token_id).to(self.device)
-            mask = (torch.arange(ids.shape[1], device=self.device) < torch.tensor([len(r) for r in rows], device=self.device)[:, None]).long()
+            mask = (
+                torch.arange(ids.shape[1], device=self.device)
+                < torch.tensor([len(r) for r in rows], device=self.device)[:, None]
+            ).long()
         return self.reward(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
 
     def shape_scores(self, rollout: Rollout) -> Tensor:
@@ -488,16 +573,22 @@ class SALSAModule(L.LightningModule):
         """[B, R] per-token KL estimate to the reference (weighted over models in multiple_kl)."""
         if len(ref_logprobs) == 1:
             return F.kl_estimate(logprobs, ref_logprobs[0], estimator)
-        return F.weighted_kl_estimate(logprobs, ref_logprobs, self.reference.resolved_weights(), estimator)
+        return F.weighted_kl_estimate(
+            logprobs, ref_logprobs, self.reference.resolved_weights(), estimator
+        )
 
     @torch.no_grad()
     def advantages(self, rollout: Rollout) -> None:
         """KL-penalised per-token rewards, then GAE and whitening."""
         kl_cfg, ppo = self.kl_settings, self.ppo
-        rollout.kl = self.kl(rollout.logprobs, rollout.ref_logprobs, kl_cfg.estimator) * rollout.mask
+        rollout.kl = (
+            self.kl(rollout.logprobs, rollout.ref_logprobs, kl_cfg.estimator) * rollout.mask
+        )
         coef = self.kl_ctl.value if kl_cfg.in_reward else 0.0
         rollout.rewards = F.token_rewards(rollout.scores, rollout.kl, coef, rollout.mask)
-        advantages, rollout.returns = F.gae(rollout.rewards, rollout.values, rollout.mask, ppo.gamma, ppo.lam)
+        advantages, rollout.returns = F.gae(
+            rollout.rewards, rollout.values, rollout.mask, ppo.gamma, ppo.lam
+        )
         if ppo.whiten_advantages:
             advantages = F.masked_whiten(advantages, rollout.mask)
         rollout.advantages = advantages
@@ -522,7 +613,11 @@ class SALSAModule(L.LightningModule):
                     for k, v in stats.items():
                         totals.setdefault(k, []).append(float(v))
                 if ppo.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=ppo.max_grad_norm, gradient_clip_algorithm="norm")
+                    self.clip_gradients(
+                        optimizer,
+                        gradient_clip_val=ppo.max_grad_norm,
+                        gradient_clip_algorithm="norm",
+                    )
                 optimizer.step()
                 optimizer.zero_grad()
         self.skips = 0
@@ -531,15 +626,29 @@ class SALSAModule(L.LightningModule):
     def ppo_loss(self, mb: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
         """Clipped policy loss + vf_coef * clipped value loss (- entropy bonus, + KL term)."""
         ppo, n = self.ppo, mb.response.shape[1]
-        logits, hidden = self.policy_forward(mb.sequence, mb.attention_mask, n, self.value_head_layer is not None)
+        logits, hidden = self.policy_forward(
+            mb.sequence, mb.attention_mask, n, self.value_head_layer is not None
+        )
         logprobs = F.logprobs_from_logits(logits, mb.response, self.generation.temperature)
         values = self.values(mb, hidden)
-        pg_loss, clipfrac, approxkl = F.ppo_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.clip_range, ppo.max_log_ratio)
-        vf_loss, vf_clipfrac = F.ppo_value_loss(values, mb.values, mb.returns, mb.mask, ppo.value_clip_range)
+        pg_loss, clipfrac, approxkl = F.ppo_policy_loss(
+            logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.clip_range, ppo.max_log_ratio
+        )
+        vf_loss, vf_clipfrac = F.ppo_value_loss(
+            values, mb.values, mb.returns, mb.mask, ppo.value_clip_range
+        )
         loss = pg_loss + ppo.vf_coef * vf_loss
-        stats = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/clipfrac": clipfrac, "policy/approxkl": approxkl, "val/clipfrac": vf_clipfrac}
+        stats = {
+            "loss/policy": pg_loss.detach(),
+            "loss/value": vf_loss.detach(),
+            "policy/clipfrac": clipfrac,
+            "policy/approxkl": approxkl,
+            "val/clipfrac": vf_clipfrac,
+        }
         if ppo.entropy_coef:
-            entropy = F.masked_mean(F.entropy_from_logits(logits / self.generation.temperature), mb.mask)
+            entropy = F.masked_mean(
+                F.entropy_from_logits(logits / self.generation.temperature), mb.mask
+            )
             loss = loss - ppo.entropy_coef * entropy
             stats["policy/entropy"] = entropy.detach()
         if not self.kl_settings.in_reward:
@@ -551,7 +660,9 @@ class SALSAModule(L.LightningModule):
     def _skip(self, what: str, totals: dict[str, list[float]]) -> dict[str, float]:
         self.skips += 1
         self.log("train/skipped_updates", float(self.skips))
-        warnings.warn(f"non-finite {what}: PPO update skipped ({self.skips} in a row)", stacklevel=2)
+        warnings.warn(
+            f"non-finite {what}: PPO update skipped ({self.skips} in a row)", stacklevel=2
+        )
         if self.skips >= self.hparams.max_skips:
             raise SalsaError(
                 f"{self.skips} PPO updates in a row were skipped for a non-finite {what} "
@@ -574,7 +685,10 @@ class SALSAModule(L.LightningModule):
         stats = self.update(rollout)
         t3 = time.perf_counter()
         self.log_rollout(rollout, stats, (t0, t1, t2, t3))
-        self.kl_ctl.update(float(F.masked_sum(rollout.kl, rollout.mask) / rollout.mask.shape[0]), rollout.mask.shape[0])
+        self.kl_ctl.update(
+            float(F.masked_sum(rollout.kl, rollout.mask) / rollout.mask.shape[0]),
+            rollout.mask.shape[0],
+        )
 
     def log_rollout(self, r: Rollout, stats: dict[str, float], times: tuple[float, ...]) -> None:
         """TRL-named metrics of one PPO iteration."""
@@ -616,12 +730,16 @@ class SALSAModule(L.LightningModule):
             rollout = self.generate(batch)
         n = rollout.response.shape[1]
         logits, _ = self.policy_forward(rollout.sequence, rollout.attention_mask, n)
-        rollout.logprobs = F.logprobs_from_logits(logits, rollout.response, self.generation.temperature)
+        rollout.logprobs = F.logprobs_from_logits(
+            logits, rollout.response, self.generation.temperature
+        )
         rollout.ref_logprobs = self.reference_logprobs(rollout)
         rollout.raw_scores = self.raw_scores(rollout)
         rows = {
             "eval/score": rollout.raw_scores,
-            "eval/kl": (self.kl(rollout.logprobs, rollout.ref_logprobs, "k1") * rollout.mask).sum(1),
+            "eval/kl": (self.kl(rollout.logprobs, rollout.ref_logprobs, "k1") * rollout.mask).sum(
+                1
+            ),
             "eval/response_length": rollout.mask.sum(1),
         }
         gold = self.gold_scores(rollout)
@@ -633,7 +751,13 @@ class SALSAModule(L.LightningModule):
             self._eval.setdefault(k, []).append(v.detach().float().cpu())
         if batch_idx == 0:
             for i in range(min(4, len(rollout.texts))):
-                self._samples.append({"prompt": rollout.prompts[i], "response": rollout.texts[i], "score": float(rollout.raw_scores[i])})
+                self._samples.append(
+                    {
+                        "prompt": rollout.prompts[i],
+                        "response": rollout.texts[i],
+                        "score": float(rollout.raw_scores[i]),
+                    }
+                )
 
     def gold_scores(self, rollout: Rollout) -> Tensor | None:
         """The reward function's scores when there is one beside a reward model, or the
@@ -657,31 +781,39 @@ class SALSAModule(L.LightningModule):
             models = list(self.ref_models)
         else:
             if getattr(self, "_ingredients", None) is None:
-                self._ingredients = [Frozen(m).to(self.device) for m in self.reference.build_each(dtype=torch_dtype(self.hparams.dtype))]
+                self._ingredients = [
+                    Frozen(m).to(self.device)
+                    for m in self.reference.build_each(dtype=torch_dtype(self.hparams.dtype))
+                ]
             models = self._ingredients
         out = {}
         n = rollout.response.shape[1]
         seq, mask = rollout.sequence, rollout.attention_mask
         for path, model in zip(self.reference.checkpoints, models):
-            logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=n + 1).logits[:, :-1]
-            out[f"eval/kl_{Path(path).name}"] = F.logprobs_from_logits(logits, rollout.response, self.generation.temperature)
+            logits = model(
+                input_ids=seq,
+                attention_mask=mask,
+                position_ids=position_ids(mask),
+                logits_to_keep=n + 1,
+            ).logits[:, :-1]
+            out[f"eval/kl_{Path(path).name}"] = F.logprobs_from_logits(
+                logits, rollout.response, self.generation.temperature
+            )
         return out
 
     def on_validation_epoch_end(self) -> None:
         means = {k: torch.cat(v).mean() for k, v in self._eval.items()}
         self.log_dict(means, prog_bar=False, sync_dist=True)
         self.last_eval = {k: float(v) for k, v in means.items()}
-        if self._samples and self.trainer.is_global_zero and self.trainer.log_dir:
-            path = Path(self.trainer.log_dir) / "samples.jsonl"
+        log_dir = self.trainer.log_dir  # a collective under FSDP: read it on every rank
+        if self._samples and self.trainer.is_global_zero and log_dir:
+            path = Path(log_dir) / "samples.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as f:
                 for s in self._samples:
                     f.write(json.dumps({"step": self.global_step, **s}) + "\n")
 
     # ------------------------------------------------------------------ checkpoints and export
-
-    def trainable_state_keys(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
 
     def recipe(self) -> dict[str, Any]:
         """What the frozen weights are made of: enough to rebuild and verify them."""
@@ -692,8 +824,6 @@ class SALSAModule(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = self.trainable_state_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["salsa"] = {
             "recipe": self.recipe(),
             "kl_controller": self.kl_ctl.state_dict(),
@@ -729,11 +859,15 @@ class SALSAModule(L.LightningModule):
         export_dir = self.hparams.export_dir
         if export_dir is None or self.trainer.interrupted:
             return
+        state_dict = full_state_dict(self.policy)  # gathered on every rank under FSDP2
         if self.trainer.is_global_zero:
-            export_pretrained(self.policy, self.tokenizer, export_dir, {"salsa_training.json": {"stage": "SALSAModule", "recipe": self.recipe()}})
+            extras = {"salsa_training.json": {"stage": "SALSAModule", "recipe": self.recipe()}}
+            export_pretrained(self.policy, self.tokenizer, export_dir, extras, state_dict)
             rank_zero_info(f"SALSAModule: policy exported to {export_dir}")
         self.trainer.strategy.barrier("export")
 
 
 def initial_kl_note(value: float) -> str:
-    return f"initial KL to the reference: {value:.4f}" if math.isfinite(value) else "initial KL: n/a"
+    return (
+        f"initial KL to the reference: {value:.4f}" if math.isfinite(value) else "initial KL: n/a"
+    )

@@ -12,7 +12,9 @@ from salsa_lightning.data import IGNORE_INDEX
 from salsa_lightning.stage import FineTuneModule
 
 
-def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_stats(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Next-token loss and accuracy on labelled positions.
 
     Args:
@@ -54,6 +56,12 @@ class SFTModule(FineTuneModule):
         self.log("train/token_accuracy", accuracy)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        # Reset here, not after compute: a reset under validate()'s inference mode would leave
+        # inference tensors that a later fit cannot update.
+        self.val_loss.reset()
+        self.val_accuracy.reset()
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         loss, accuracy, n = token_stats(out.logits, batch["labels"])
@@ -70,5 +78,3 @@ class SFTModule(FineTuneModule):
             },
             prog_bar=True,
         )
-        self.val_loss.reset()
-        self.val_accuracy.reset()

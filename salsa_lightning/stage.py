@@ -22,6 +22,9 @@ from salsa_lightning.models import (
     check_export_dir,
     check_model_source,
     export_pretrained,
+    full_state_dict,
+    keep_frozen_out_of_state_dict,
+    shard,
     torch_dtype,
 )
 
@@ -50,6 +53,8 @@ class FineTuneModule(L.LightningModule):
         export_dir: When set, fit ends by writing a Hugging Face model directory here.
         export_merged: With LoRA, also write the merged model to ``export_dir/merged``.
         overwrite: Replace an existing ``export_dir``.
+        fsdp_layer_class: Under FSDP, the class of the blocks sharded one by one (default: the
+            model's ``_no_split_modules``, e.g. ``LlamaDecoderLayer``).
     """
 
     auto_class: Any = None  # transformers Auto class of the stage
@@ -68,6 +73,7 @@ class FineTuneModule(L.LightningModule):
         export_dir: str | None = None,
         export_merged: bool = False,
         overwrite: bool = False,
+        fsdp_layer_class: str | None = None,
     ) -> None:
         super().__init__()
         if model is None and model_config is None:
@@ -75,7 +81,10 @@ class FineTuneModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer"])
         self.model_name = embedded.resolve(model) if model_config is None else None
         self.optimizer_factory = optimizer
+        self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         self.model: torch.nn.Module | None = None
+        keep_frozen_out_of_state_dict(self)  # a LoRA run checkpoints its adapter only
+        self.strict_loading = False
 
     # -- building
 
@@ -120,10 +129,14 @@ class FineTuneModule(L.LightningModule):
             return
         model = self.build_backbone()
         if self.hparams.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
             model.config.use_cache = False
-        if self.hparams.lora is not None:
-            model = add_lora(model, self.hparams.lora, self.task_type)
+        if self.lora is not None:
+            model = add_lora(model, self.lora, self.task_type)
+        if self.device_mesh is not None:  # FSDP2 (ModelParallelStrategy)
+            shard(model, self.device_mesh, self.hparams.fsdp_layer_class)
         self.model = model.train()  # from_pretrained returns eval mode
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
@@ -138,7 +151,10 @@ class FineTuneModule(L.LightningModule):
         warmup = self.hparams.warmup
         warmup_steps = int(warmup) if warmup >= 1 else math.ceil(warmup * total)
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     # -- export
 
@@ -150,11 +166,14 @@ class FineTuneModule(L.LightningModule):
         export_dir = self.hparams.export_dir
         if export_dir is None or self.trainer.interrupted:
             return
+        state_dict = full_state_dict(self.model)  # gathered on every rank under FSDP2
+        extras = {
+            "salsa_training.json": {"stage": type(self).__name__, "hparams": dict(self.hparams)}
+        }
+        extras.update(self.export_extras())  # may run forward passes: every rank takes part
         if self.trainer.is_global_zero:
-            extras = {"salsa_training.json": {"stage": type(self).__name__, "hparams": dict(self.hparams)}}
-            extras.update(self.export_extras())
-            export_pretrained(self.model, self.tokenizer, export_dir, extras)
-            if self.hparams.lora is not None and self.hparams.export_merged:
+            export_pretrained(self.model, self.tokenizer, export_dir, extras, state_dict)
+            if self.lora is not None and self.hparams.export_merged:
                 merged = copy.deepcopy(self.model).merge_and_unload()
                 export_pretrained(merged, self.tokenizer, Path(export_dir) / "merged")
             rank_zero_info(f"{type(self).__name__}: exported to {export_dir}")

@@ -84,11 +84,15 @@ def stage_outputs(tmp_path_factory: pytest.TempPathFactory, task_dir: Path) -> d
         L.seed_everything(seed)
         out[f"sft-{seed}"] = root / f"sft-{seed}"
         module = SFTModule(model=str(BASE), optimizer=adam, export_dir=str(out[f"sft-{seed}"]))
-        data = SFTDataModule(tokenizer=str(BASE), task_dir=str(task_dir), batch_size=16, max_length=64)
+        data = SFTDataModule(
+            tokenizer=str(BASE), task_dir=str(task_dir), batch_size=16, max_length=64
+        )
         _fit(module, data, root, steps=15)
     L.seed_everything(1)
     out["reward"] = root / "reward"
     module = RewardModule(model=str(out["sft-1"]), optimizer=adam, export_dir=str(out["reward"]))
-    data = PreferenceDataModule(tokenizer=str(out["sft-1"]), task_dir=str(task_dir), batch_size=16, max_length=64)
+    data = PreferenceDataModule(
+        tokenizer=str(out["sft-1"]), task_dir=str(task_dir), batch_size=16, max_length=64
+    )
     _fit(module, data, root, steps=15)
     return out

@@ -15,7 +15,7 @@ import datasets
 import lightning as L
 import pytest
 import torch
-from conftest import BASE
+from conftest import BASE, make_trainer
 from transformers import AutoTokenizer
 
 from salsa_lightning.data import (
@@ -184,13 +184,19 @@ def test_sft_labels_mask_prompt_and_padding_exactly(tmp_path, tokenizer):
 
 def test_sft_train_batch_labels_only_after_assistant_marker(task_files):
     dm = SFTDataModule(
-        tokenizer=TOK, train_files=str(task_files["sft_train"]), val_fraction=0, batch_size=16, seed=0
+        tokenizer=TOK,
+        train_files=str(task_files["sft_train"]),
+        val_fraction=0,
+        batch_size=16,
+        seed=0,
     )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assistant_id = dm.tokenizer.convert_tokens_to_ids(ASSISTANT)
     assert batch["input_ids"].shape[0] == 16
-    for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+    for ids, mask, labels in zip(
+        batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True
+    ):
         start = ids.tolist().index(assistant_id) + 1
         n = int(mask.sum())
         assert (labels[:start] == IGNORE_INDEX).all()
@@ -201,9 +207,7 @@ def test_sft_train_batch_labels_only_after_assistant_marker(task_files):
 
 def test_sft_mask_prompt_false_labels_every_non_pad_token(tmp_path):
     path = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
-    dm = SFTDataModule(
-        tokenizer=TOK, train_files=str(path), val_files=str(path), mask_prompt=False
-    )
+    dm = SFTDataModule(tokenizer=TOK, train_files=str(path), val_files=str(path), mask_prompt=False)
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     mask = batch["attention_mask"].bool()
@@ -234,7 +238,10 @@ def test_messages_and_prompt_response_columns_give_same_tokens(tmp_path):
 
 
 def test_column_mapping(tmp_path, tokenizer):
-    rows = [{"instruction": r["prompt"], "output": r["response"], "id": i} for i, r in enumerate(SFT_ROWS)]
+    rows = [
+        {"instruction": r["prompt"], "output": r["response"], "id": i}
+        for i, r in enumerate(SFT_ROWS)
+    ]
     path = write_jsonl(tmp_path / "alpaca.jsonl", rows)
     dm = SFTDataModule(
         tokenizer=TOK,
@@ -277,11 +284,6 @@ def test_missing_columns_lists_expected_and_found(tmp_path):
         dm.setup("fit")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a one-row training file with the default val_fraction reaches "
-    "datasets.train_test_split, which raises a raw ValueError instead of a SalsaError",
-)
 def test_one_row_file_with_default_val_fraction(tmp_path):
     path = write_jsonl(tmp_path / "one.jsonl", SFT_ROWS[:1])
     dm = SFTDataModule(tokenizer=TOK, train_files=str(path))
@@ -331,7 +333,9 @@ def test_truncate_and_filter_counts_match_hand_count(task_files, tokenizer):
     no_room = sum(p >= max_length for p, _ in lengths)
     assert too_long > no_room > 0  # both cases occur in this data
 
-    kw = dict(tokenizer=TOK, train_files=str(task_files["sft_val"]), val_fraction=0, max_length=max_length)
+    kw = dict(
+        tokenizer=TOK, train_files=str(task_files["sft_val"]), val_fraction=0, max_length=max_length
+    )
     trunc = SFTDataModule(overflow="truncate", **kw)
     trunc.setup("fit")
     assert trunc.stats == {
@@ -359,7 +363,11 @@ def test_empty_after_filtering_names_max_length(task_files):
 
 def first_train_batch(task_files, **kwargs) -> dict[str, torch.Tensor]:
     dm = SFTDataModule(
-        tokenizer=TOK, train_files=str(task_files["sft_train"]), batch_size=16, max_samples=64, **kwargs
+        tokenizer=TOK,
+        train_files=str(task_files["sft_train"]),
+        batch_size=16,
+        max_samples=64,
+        **kwargs,
     )
     dm.setup("fit")
     return next(iter(dm.train_dataloader()))
@@ -381,7 +389,9 @@ def test_order_is_deterministic_per_seed(task_files):
 
 def test_val_fraction_split(task_files):
     n = len(read_jsonl(task_files["sft_train"]))
-    dm = SFTDataModule(tokenizer=TOK, train_files=str(task_files["sft_train"]), val_fraction=0.25, seed=0)
+    dm = SFTDataModule(
+        tokenizer=TOK, train_files=str(task_files["sft_train"]), val_fraction=0.25, seed=0
+    )
     dm.setup("fit")
     assert dm.stats["val/rows"] == n // 4
     assert dm.stats["train/rows"] == n - n // 4
@@ -394,6 +404,78 @@ def test_val_fraction_split(task_files):
     no_val.setup("fit")
     assert no_val.val_data is None and no_val.val_dataloader() == []
     assert no_val.stats["train/rows"] == n
+
+
+class RecordBatches(L.Callback):
+    """Records (epoch, batch index, the batch's token ids) of every training step."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append((trainer.current_epoch, batch_idx, batch["input_ids"].clone()))
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [
+        pytest.param(5, id="mid-epoch"),
+        pytest.param(4, id="epoch-end"),
+    ],
+)
+def test_resume_continues_data_position(task_files, tmp_path, stop):
+    """A run resumed from a step-``stop`` checkpoint sees exactly the batches the uninterrupted
+    run saw after that step, and ends with bit-identical weights (4 batches per epoch)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from salsa_lightning.sft import SFTModule
+
+    def parts():
+        data = SFTDataModule(
+            tokenizer=TOK,
+            train_files=str(task_files["sft_train"]),
+            max_samples=64,
+            batch_size=16,
+            val_fraction=0,
+            seed=0,
+        )
+        module = SFTModule(model=TOK, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+        return data, module
+
+    L.seed_everything(0)
+    full, module_a = parts()
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=stop, save_top_k=-1, filename="{step}"
+    )
+    seen_a = RecordBatches()
+    make_trainer(tmp_path, max_steps=7, callbacks=[seen_a, ckpt], enable_checkpointing=True).fit(
+        module_a, datamodule=full
+    )
+    assert [(e, i) for e, i, _ in seen_a.seen] == [
+        (0, 0),
+        (0, 1),
+        (0, 2),
+        (0, 3),
+        (1, 0),
+        (1, 1),
+        (1, 2),
+    ]
+    # each epoch has its own order
+    assert not torch.equal(seen_a.seen[0][2], seen_a.seen[4][2])
+
+    L.seed_everything(0)
+    data, module_b = parts()
+    seen_b = RecordBatches()
+    make_trainer(tmp_path / "resumed", max_steps=7, callbacks=[seen_b]).fit(
+        module_b, datamodule=data, ckpt_path=tmp_path / "ckpt" / f"step={stop}.ckpt"
+    )
+    expected = seen_a.seen[stop:]
+    assert [(e, i) for e, i, _ in seen_b.seen] == [(e, i) for e, i, _ in expected]
+    assert all(
+        torch.equal(b, a) for (_, _, b), (_, _, a) in zip(seen_b.seen, expected, strict=True)
+    )
+    a, b = module_a.model.state_dict(), module_b.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ----------------------------------------------------------------------------- preferences
@@ -410,7 +492,10 @@ def test_preference_batches_are_chosen_then_rejected(task_files):
     )
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
-    assert batch["input_ids"].shape[0] == 8 and batch["attention_mask"].shape == batch["input_ids"].shape
+    assert (
+        batch["input_ids"].shape[0] == 8
+        and batch["attention_mask"].shape == batch["input_ids"].shape
+    )
     tok = dm.tokenizer
     for i, row in enumerate(rows):
         for j, side in ((i, "chosen"), (i + 4, "rejected")):
@@ -449,17 +534,28 @@ def test_conversational_pairs(tmp_path):
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
     rows = [
-        {"prompt": "Sort: 3 1 2", "chosen": conv("Sort: 3 1 2", "1 2 3"), "rejected": conv("Sort: 3 1 2", "3 2 1")},
-        {"prompt": "Add: 5 + 5", "chosen": conv("Add: 5 + 5", "10"), "rejected": conv("Add: 5 + 5", "11")},
+        {
+            "prompt": "Sort: 3 1 2",
+            "chosen": conv("Sort: 3 1 2", "1 2 3"),
+            "rejected": conv("Sort: 3 1 2", "3 2 1"),
+        },
+        {
+            "prompt": "Add: 5 + 5",
+            "chosen": conv("Add: 5 + 5", "10"),
+            "rejected": conv("Add: 5 + 5", "11"),
+        },
     ]
     path = tmp_path / "ultrafeedback.parquet"
     datasets.Dataset.from_list(rows).to_parquet(str(path))
-    dm = PreferenceDataModule(tokenizer=TOK, train_files=str(path), val_files=str(path), batch_size=2)
+    dm = PreferenceDataModule(
+        tokenizer=TOK, train_files=str(path), val_files=str(path), batch_size=2
+    )
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     tok = dm.tokenizer
     decoded = [
-        tok.decode(ids[: int(mask.sum())]) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])
+        tok.decode(ids[: int(mask.sum())])
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
     ]
     assert decoded == [
         "<s><|user|>Sort: 3 1 2<|assistant|>1 2 3</s>",
@@ -478,11 +574,6 @@ def test_pairs_without_prompt_are_plain_texts(tmp_path):
     assert dm.tokenizer.decode(row["rejected_ids"]) == "bad text</s>"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: PreferenceDataModule._tokenize renames columns, then super()._tokenize renames "
-    "again and rejects the (already renamed) user column names",
-)
 def test_preference_column_mapping(tmp_path):
     rows = [{"q": "Sort: 3 1 2", "good": "1 2 3", "bad": "3 2 1"}] * 3
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
@@ -553,11 +644,15 @@ def test_tokenizer_without_pad_falls_back_to_eos(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         loaded = load_tokenizer(tmp_path / "nopad")
     assert loaded.pad_token == "</s>" and loaded.pad_token_id == loaded.eos_token_id
-    assert any("no pad token" in r.getMessage() and "</s>" in r.getMessage() for r in caplog.records)
+    assert any(
+        "no pad token" in r.getMessage() and "</s>" in r.getMessage() for r in caplog.records
+    )
 
     # the SFT batches then pad with EOS, and padding stays out of the loss
     path = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
-    dm = SFTDataModule(tokenizer=str(tmp_path / "nopad"), train_files=str(path), val_files=str(path))
+    dm = SFTDataModule(
+        tokenizer=str(tmp_path / "nopad"), train_files=str(path), val_files=str(path)
+    )
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     pad_positions = batch["attention_mask"] == 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -88,7 +87,12 @@ def sft_run(task_files, tmp_path_factory):
     trainer.fit(module, datamodule=dm)
     after = trainer.validate(module, datamodule=dm, verbose=False)
     return SimpleNamespace(
-        dm=dm, module=module, trainer=trainer, before=before[0], after=after[0], export=root / "export"
+        dm=dm,
+        module=module,
+        trainer=trainer,
+        before=before[0],
+        after=after[0],
+        export=root / "export",
     )
 
 
@@ -106,7 +110,9 @@ def test_val_loss_is_token_weighted_mean_over_val_set(sft_run):
     total, count, correct = 0.0, 0, 0
     with torch.no_grad():
         for batch in sft_run.dm.val_dataloader():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
             targets = batch["labels"][:, 1:]
             mask = targets != IGNORE_INDEX
             nll = torch.nn.functional.cross_entropy(
@@ -197,7 +203,9 @@ def test_lora_trains_adapter_only_and_exports(task_files, tmp_path):
     # the adapter loads with plain peft on top of the base and reproduces the trained model
     assert (export / "adapter_config.json").is_file()
     assert not (export / "model.safetensors").exists()
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), export).eval()
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(BASE), export
+    ).eval()
     batch = next(iter(dm.val_dataloader()))
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     module.model.eval()
@@ -229,7 +237,9 @@ def test_model_directory_without_config_is_refused(task_files, tmp_path):
     (tmp_path / "not-a-model").mkdir()
     module = SFTModule(model=str(tmp_path / "not-a-model"))
     with pytest.raises(SalsaError, match=r"not-a-model.*holds none of \['config\.json'"):
-        make_trainer(tmp_path, max_steps=1).fit(module, datamodule=sft_data(task_files, max_samples=16))
+        make_trainer(tmp_path, max_steps=1).fit(
+            module, datamodule=sft_data(task_files, max_samples=16)
+        )
 
 
 def test_model_or_config_required():
@@ -260,24 +270,16 @@ def test_existing_export_dir_refused_before_training_then_overwritten(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: check_export_dir calls path.iterdir() on an existing *file* and raises "
-    "NotADirectoryError instead of a SalsaError naming export_dir",
-)
 def test_export_dir_that_is_a_file_is_refused(task_files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").write_text("not a directory")
     module = SFTModule(model=TOK, export_dir="out")
     with pytest.raises(SalsaError, match="export_dir 'out'"):
-        make_trainer(tmp_path, max_steps=1).fit(module, datamodule=sft_data(task_files, max_samples=16))
+        make_trainer(tmp_path, max_steps=1).fit(
+            module, datamodule=sft_data(task_files, max_samples=16)
+        )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: trainer.validate() resets the torchmetrics state inside inference mode; the "
-    "next fit's validation then fails with 'Inplace update to inference tensor'",
-)
 def test_validate_before_fit(task_files, tmp_path):
     dm = sft_data(task_files, max_samples=16)
     module = SFTModule(model=TOK, optimizer=adamw(1e-3))
@@ -297,14 +299,18 @@ def test_model_config_builds_random_model_matching_tokenizer(task_files, tmp_pat
         optimizer=adamw(1e-2),
     )  # fmt: skip
     trainer = make_trainer(tmp_path, max_steps=15)
-    before = make_trainer(tmp_path, inference_mode=False).validate(module, datamodule=dm, verbose=False)
+    before = make_trainer(tmp_path, inference_mode=False).validate(
+        module, datamodule=dm, verbose=False
+    )
     trainer.fit(module, datamodule=dm)
     after = trainer.validate(module, datamodule=dm, verbose=False)
     config = module.model.config
     assert config.vocab_size == len(dm.tokenizer) and config.hidden_size == 16
     assert config.pad_token_id == dm.tokenizer.pad_token_id
     assert config.eos_token_id == dm.tokenizer.eos_token_id
-    assert before[0]["val/loss"] == pytest.approx(math.log(len(dm.tokenizer)), rel=0.1)  # random init
+    assert before[0]["val/loss"] == pytest.approx(
+        math.log(len(dm.tokenizer)), rel=0.1
+    )  # random init
     assert after[0]["val/loss"] < before[0]["val/loss"] - 0.5
 
 
@@ -355,11 +361,6 @@ def test_cli_bad_input_returns_2_with_message(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a SalsaError raised in a class __init__ during LightningCLI instantiation is "
-    "wrapped by jsonargparse in a plain ValueError, which main() does not catch",
-)
 def test_cli_bad_setting_returns_2_with_message(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     rc = main(
@@ -371,4 +372,7 @@ def test_cli_bad_setting_returns_2_with_message(tmp_path, monkeypatch, capsys):
         ]
     )  # fmt: skip
     assert rc == 2
-    assert "error: data.overflow must be 'truncate' or 'filter', got 'bogus'." in capsys.readouterr().err
+    assert (
+        "error: data.overflow must be 'truncate' or 'filter', got 'bogus'."
+        in capsys.readouterr().err
+    )
