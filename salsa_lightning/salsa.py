@@ -67,6 +67,7 @@ class GenerationSettings:
         missing_eos_penalty: Subtracted from the score of a response that never emits EOS.
         stop_at_eos: Stop decoding once every response has emitted EOS (off in benchmarks, so
             every system generates the same number of tokens).
+        do_sample: Sample (PPO's default); False decodes greedily (deterministic evaluation).
     """
 
     max_new_tokens: int = 16
@@ -74,6 +75,7 @@ class GenerationSettings:
     top_p: float = 1.0
     missing_eos_penalty: float = 1.0
     stop_at_eos: bool = True
+    do_sample: bool = True
 
 
 @dataclass
@@ -496,7 +498,7 @@ class SALSAModule(L.LightningModule):
     # ------------------------------------------------------------------ the four steps
 
     @torch.no_grad()
-    def generate(self, batch: dict[str, Any], temperature: float | None = None) -> Rollout:
+    def generate(self, batch: dict[str, Any]) -> Rollout:
         """Sample one response per prompt with the KV cache; truncate after EOS."""
         g = self.generation
         tok = self.tokenizer
@@ -504,10 +506,8 @@ class SALSAModule(L.LightningModule):
         out = self.policy.generate(
             input_ids=query,
             attention_mask=query_mask,
-            do_sample=True,
-            temperature=temperature or g.temperature,
-            top_p=g.top_p,
-            top_k=0,
+            do_sample=g.do_sample,
+            **({"temperature": g.temperature, "top_p": g.top_p, "top_k": 0} if g.do_sample else {}),
             max_new_tokens=g.max_new_tokens,
             min_new_tokens=0 if g.stop_at_eos else g.max_new_tokens,
             eos_token_id=tok.eos_token_id,
@@ -547,7 +547,7 @@ class SALSAModule(L.LightningModule):
             tok = self.reward_tokenizer
             rows = [
                 sum(encode_chat(tok, [{"role": "user", "content": p}], r), [])
-                for p, r in zip(rollout.prompts, rollout.texts)
+                for p, r in zip(rollout.prompts, rollout.texts, strict=True)
             ]
             ids = pad(rows, tok.pad_token_id).to(self.device)
             mask = (
@@ -712,7 +712,9 @@ class SALSAModule(L.LightningModule):
             "throughput/tokens_per_s": n_tokens / max(t3 - t0, 1e-9),
             **stats,
         }
-        self.log_dict({k: float(v) for k, v in metrics.items()}, prog_bar=False)
+        # Synced means across ranks, so a sharded run logs the same numbers as a single device.
+        sync = self.trainer.world_size > 1
+        self.log_dict({k: float(v) for k, v in metrics.items()}, prog_bar=False, sync_dist=sync)
         self.log("reward", float(r.scores.mean()), prog_bar=True, logger=False)
         self.log("kl", float(kl_sum.mean()), prog_bar=True, logger=False)
 
@@ -789,7 +791,7 @@ class SALSAModule(L.LightningModule):
         out = {}
         n = rollout.response.shape[1]
         seq, mask = rollout.sequence, rollout.attention_mask
-        for path, model in zip(self.reference.checkpoints, models):
+        for path, model in zip(self.reference.checkpoints, models, strict=True):
             logits = model(
                 input_ids=seq,
                 attention_mask=mask,
