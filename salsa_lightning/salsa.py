@@ -33,6 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from salsa_lightning import functional as F
 from salsa_lightning.data import encode_chat, pad
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.generation import GenerationSettings, position_ids, response_logits, sample
 from salsa_lightning.models import (
     Frozen,
     LoraSettings,
@@ -54,28 +55,6 @@ RewardFunction = Callable[..., Any]
 
 
 # ----------------------------------------------------------------------------- settings
-
-
-@dataclass
-class GenerationSettings:
-    """How rollouts are sampled.
-
-    Attributes:
-        max_new_tokens: Longest response.
-        temperature: Sampling temperature (log-probs are computed at the same temperature).
-        top_p: Nucleus sampling threshold (1.0: off).
-        missing_eos_penalty: Subtracted from the score of a response that never emits EOS.
-        stop_at_eos: Stop decoding once every response has emitted EOS (off in benchmarks, so
-            every system generates the same number of tokens).
-        do_sample: Sample (PPO's default); False decodes greedily (deterministic evaluation).
-    """
-
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    missing_eos_penalty: float = 1.0
-    stop_at_eos: bool = True
-    do_sample: bool = True
 
 
 @dataclass
@@ -201,11 +180,6 @@ class ValueModel(nn.Module):
             position_ids=position_ids(attention_mask),
         ).last_hidden_state
         return self.score(states[:, -n - 1 : -1]).squeeze(-1).float()
-
-
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """Positions that skip left padding, as generation used them: [B, T] -> [B, T]."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 # ----------------------------------------------------------------------------- module
@@ -458,16 +432,11 @@ class SALSAModule(L.LightningModule):
     ) -> tuple[Tensor, Tensor | None]:
         """Logits for the last ``n`` tokens of ``sequence`` ([B, n, V]) and, with a value head,
         the hidden states that predict them ([B, n, H])."""
-        out = self.policy(
-            input_ids=sequence,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-            logits_to_keep=n + 1,
-            output_hidden_states=with_hidden,
-            use_cache=False,
+        out = response_logits(
+            self.policy, sequence, attention_mask, n, output_hidden_states=with_hidden
         )
         hidden = out.hidden_states[-1][:, -n - 1 : -1] if with_hidden else None
-        return out.logits[:, :-1], hidden
+        return out.logits, hidden
 
     def reference_logprobs(self, rollout: Rollout) -> list[Tensor]:
         """[B, R] log-probs of the responses under each reference model."""
@@ -477,17 +446,12 @@ class SALSAModule(L.LightningModule):
             with self.policy.disable_adapter():
                 logits, _ = self.policy_forward(seq, mask, n)
             return [F.logprobs_from_logits(logits, rollout.response, temperature)]
-        out = []
-        for ref in self.ref_models:
-            logits = ref(
-                input_ids=seq,
-                attention_mask=mask,
-                position_ids=position_ids(mask),
-                logits_to_keep=n + 1,
-                use_cache=False,
-            ).logits[:, :-1]
-            out.append(F.logprobs_from_logits(logits, rollout.response, temperature))
-        return out
+        return [
+            F.logprobs_from_logits(
+                response_logits(ref, seq, mask, n).logits, rollout.response, temperature
+            )
+            for ref in self.ref_models
+        ]
 
     def values(self, rollout: Rollout, hidden: Tensor | None = None) -> Tensor:
         """[B, R] critic values of the states before each response token."""
@@ -500,24 +464,10 @@ class SALSAModule(L.LightningModule):
     @torch.no_grad()
     def generate(self, batch: dict[str, Any]) -> Rollout:
         """Sample one response per prompt with the KV cache; truncate after EOS."""
-        g = self.generation
         tok = self.tokenizer
         query, query_mask = batch["input_ids"], batch["attention_mask"]
-        out = self.policy.generate(
-            input_ids=query,
-            attention_mask=query_mask,
-            do_sample=g.do_sample,
-            **({"temperature": g.temperature, "top_p": g.top_p, "top_k": 0} if g.do_sample else {}),
-            max_new_tokens=g.max_new_tokens,
-            min_new_tokens=0 if g.stop_at_eos else g.max_new_tokens,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            use_cache=True,
-            synced_gpus=self.trainer.world_size > 1,
-        )
-        response, mask = F.truncate_after_eos(
-            out[:, query.shape[1] :], tok.eos_token_id, tok.pad_token_id
-        )
+        synced = self.trainer.world_size > 1
+        response, mask = sample(self.policy, tok, query, query_mask, self.generation, synced)
         texts = tok.batch_decode(response, skip_special_tokens=True)
         return Rollout(query, query_mask, response, mask, list(batch["prompt"]), texts)
 
@@ -792,12 +742,7 @@ class SALSAModule(L.LightningModule):
         n = rollout.response.shape[1]
         seq, mask = rollout.sequence, rollout.attention_mask
         for path, model in zip(self.reference.checkpoints, models, strict=True):
-            logits = model(
-                input_ids=seq,
-                attention_mask=mask,
-                position_ids=position_ids(mask),
-                logits_to_keep=n + 1,
-            ).logits[:, :-1]
+            logits = response_logits(model, seq, mask, n).logits
             out[f"eval/kl_{Path(path).name}"] = F.logprobs_from_logits(
                 logits, rollout.response, self.generation.temperature
             )
