@@ -3,6 +3,10 @@
 - ``salsa fit|validate --config configs/<stage>.yaml``: LightningCLI in subclass mode, the YAML
   names the LightningModule and LightningDataModule classes.
 - ``salsa soup ...``: weight-average checkpoints into a model soup.
+- ``salsa evaluate ...``: answers, scores, KL and win rates of several models.
+- ``salsa landscape ...``: reward along the alpha line / barycentric grid of SFT models.
+- ``salsa pipeline --config PIPELINE.yaml``: stages in order, skipping finished ones.
+- ``salsa quickstart [--output DIR]``: the whole SALSA-vs-PPO experiment on the embedded task.
 """
 
 from __future__ import annotations
@@ -33,9 +37,18 @@ class SalsaCLI(LightningCLI):
 
 
 def _subcommands() -> dict[str, Callable[[list[str]], int]]:
+    from salsa_lightning.evaluate import evaluate_main
+    from salsa_lightning.landscape import landscape_main
+    from salsa_lightning.pipeline import pipeline_main, quickstart_main
     from salsa_lightning.soup import soup_main
 
-    return {"soup": soup_main}
+    return {
+        "soup": soup_main,
+        "evaluate": evaluate_main,
+        "landscape": landscape_main,
+        "pipeline": pipeline_main,
+        "quickstart": quickstart_main,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        if args and args[0] in _subcommands():
-            return _subcommands()[args[0]](args[1:]) or 0
+        commands = _subcommands()
+        if args and args[0] in commands:
+            return commands[args[0]](args[1:]) or 0
         SalsaCLI(args=argv)  # None: LightningCLI reads sys.argv itself
     except (SalsaError, ValueError) as err:
         cause = salsa_cause(err)

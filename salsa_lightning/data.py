@@ -337,12 +337,17 @@ class _ChatDataModule(L.LightningDataModule):
         self.val_data = self._tokenize(val, val_source, "val") if val is not None else None
 
     def _loader(self, data: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        # Each new iterator draws its workers' base seed from `generator`; by default that is
+        # the global RNG, so a resumed run (which starts a fresh iterator mid-epoch, after the
+        # RNG state was restored) would sample differently from an uninterrupted one.
+        generator = torch.Generator().manual_seed(self._seed())
         if not shuffle:
             return DataLoader(
                 data,
                 batch_size=batch_size,
                 collate_fn=self.collate,
                 num_workers=self.hparams.num_workers,
+                generator=generator,
             )
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
@@ -353,6 +358,7 @@ class _ChatDataModule(L.LightningDataModule):
             sampler=sampler,
             collate_fn=self.collate,
             num_workers=self.hparams.num_workers,
+            generator=generator,
         )
 
     def train_dataloader(self) -> DataLoader:

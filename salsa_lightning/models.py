@@ -124,6 +124,10 @@ class LoraSettings:
     target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
 
 
+# Saved in checkpoints' hyper_parameters (Python API); resuming loads with weights_only=True.
+torch.serialization.add_safe_globals([LoraSettings])
+
+
 def add_lora(model: PreTrainedModel, lora: LoraSettings, task_type: str = "CAUSAL_LM") -> nn.Module:
     """Wrap ``model`` in a peft LoRA model; only the adapter (and score head) stay trainable."""
     from peft import LoraConfig, get_peft_model

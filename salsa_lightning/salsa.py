@@ -110,6 +110,12 @@ class PPOSettings:
     max_log_ratio: float = 20.0
 
 
+# The settings and the reference recipe are saved in checkpoints' hyper_parameters when the
+# module is built in Python; Lightning resumes with torch.load(weights_only=True), which only
+# unpickles allowlisted classes (plain dataclasses of numbers, strings and lists).
+torch.serialization.add_safe_globals([GenerationSettings, KLSettings, PPOSettings, SoupReference])
+
+
 # ----------------------------------------------------------------------------- rollout
 
 
@@ -775,6 +781,7 @@ class SALSAModule(L.LightningModule):
             "recipe": self.recipe(),
             "kl_controller": self.kl_ctl.state_dict(),
             "skips": self.skips,
+            "world_size": self.trainer.world_size,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
@@ -783,11 +790,30 @@ class SALSAModule(L.LightningModule):
         saved = checkpoint.get("salsa")
         if saved is None:
             return
-        current = self.recipe()
-        if saved["recipe"]["reference"]["sha256"] != current["reference"]["sha256"]:
+        trainer = self._trainer  # None under load_from_checkpoint
+        written, world = saved.get("world_size"), trainer.world_size if trainer else None
+        if written is not None and world is not None and written != world:
+            # The data position and the RNG state are per process; FSDP would reshard the
+            # weights silently and the run would continue on other data and samples.
             raise SalsaError(
-                "the reference checkpoints changed since this checkpoint was written "
-                f"(was {saved['recipe']['reference']['checkpoints']}); resume with the same reference."
+                f"checkpoint written with world size {written}, this run has {world}; resume "
+                f"with {written} process(es) (trainer.devices x trainer.num_nodes)."
+            )
+        current = self.recipe()
+        # What defines the reference: the weights' contents (paths may move), the soup weights
+        # and the mode. Older checkpoints without a key are not checked on it.
+        was, now = saved["recipe"]["reference"], current["reference"]
+        keys = ("sha256", "base_sha256", "weights")
+        if (
+            any(was.get(k, now[k]) != now[k] for k in keys)
+            or saved["recipe"].get("reference_mode", current["reference_mode"])
+            != current["reference_mode"]
+        ):
+            raise SalsaError(
+                "the reference changed since this checkpoint was written (was "
+                f"{saved['recipe'].get('reference_mode')} of {was['checkpoints']} with weights "
+                f"{was.get('weights')}, now {current['reference_mode']} of {now['checkpoints']} "
+                f"with weights {now['weights']}); resume with the same reference."
             )
         self.kl_ctl.load_state_dict(saved["kl_controller"])
         self.skips = saved["skips"]

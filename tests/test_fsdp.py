@@ -138,3 +138,195 @@ def test_salsa_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp_
     resume[resume.index("--model.init_args.export_dir") + 1] = str(sharded / "policy-resumed")
     run(resume, tmp_path)
     assert (sharded / "policy-resumed" / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- SFT and reward
+#
+# Each stage runs 4 steps from the same start twice: one process with batches of 16, and two
+# FSDP2 processes with 8 per rank (the sampler deals rows out round-robin, so every step sees
+# the same 16 rows in both runs). Stated tolerances and why:
+# - Step 1 (same weights, same rows): the train loss that the sharded run logs (rank 0's, over
+#   its 8 rows; the stages log train/loss without syncing) equals the loss of those 8 rows
+#   computed in this process without FSDP, and the single run's equals the combination of the
+#   two ranks' losses, both to 1e-4: only the reduction order differs.
+# - After 4 steps (validation metrics, the export's weights and reward stats):
+#   * reward: 1e-3. Its loss is a mean over pairs and both ranks hold 8 pairs, so the mean of
+#     the ranks' gradients is the single run's gradient; only float rounding drifts.
+#   * SFT: 2e-2 on the validation loss and perplexity, 0.02 on token accuracy, 5e-3 on weights.
+#     Its loss is a mean over each rank's labelled tokens; averaging the two ranks' gradients
+#     weights a token by 1/(2 n_rank) instead of 1/n_total, a small, real difference.
+
+
+def stage_args(
+    config: str, root: Path, task_dir: Path, per_rank_batch: int, extra: list[str]
+) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        str(CONFIGS / config),
+        *extra,
+        "--model.init_args.export_dir",
+        str(root / "model"),
+        "--data.init_args.task_dir",
+        str(task_dir),
+        "--data.init_args.batch_size",
+        str(per_rank_batch),
+        "--data.init_args.max_samples",
+        "64",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_steps",
+        "4",
+        "--trainer.val_check_interval",
+        "4",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.logger.init_args.save_dir",
+        str(root / "logs"),
+    ]
+
+
+FSDP2 = [
+    "--config",
+    str(CONFIGS / "fsdp.yaml"),
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.devices",
+    "2",
+    "--trainer.strategy.init_args.data_parallel_size",
+    "2",
+]
+
+
+def run_both(config: str, tmp_path: Path, task_dir: Path, extra: list[str]) -> tuple[Path, Path]:
+    single, sharded = tmp_path / "single", tmp_path / "fsdp"
+    run(stage_args(config, single, task_dir, 16, extra), tmp_path)
+    run(stage_args(config, sharded, task_dir, 8, extra) + FSDP2, tmp_path)
+    return single, sharded
+
+
+def first_batches(data) -> list[dict]:
+    """The first training batch of rank 0 and rank 1 of a 2-process run (seed 1, as the YAML)."""
+    from salsa_lightning.data import ResumableSampler
+
+    data.setup("fit")
+    out = []
+    for rank in (0, 1):
+        sampler = ResumableSampler(data.train_data, num_replicas=2, rank=rank, seed=1)
+        sampler.set_epoch(0)
+        rows = [data.train_data[i] for i in list(sampler)[:8]]
+        out.append(data.collate(rows))
+    return out
+
+
+def check_exports(single: Path, sharded: Path, auto_class, weights_abs: float) -> None:
+    """The sharded export has the single export's files and keys, loads in plain transformers,
+    and its weights are close to the single run's."""
+    from safetensors.torch import load_file
+
+    a, b = single / "model", sharded / "model"
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert all(wa[k].shape == wb[k].shape and wa[k].dtype == wb[k].dtype for k in wa)
+    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert worst <= weights_abs, worst
+    ma, mb = auto_class.from_pretrained(a), auto_class.from_pretrained(b)
+    assert ma.state_dict().keys() == mb.state_dict().keys()
+    assert ma.config.to_dict() == mb.config.to_dict()
+
+
+def test_sft_fsdp2_two_processes_agrees_with_one(task_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from salsa_lightning import SFTDataModule
+    from salsa_lightning.embedded import ASSETS
+    from salsa_lightning.sft import token_stats
+
+    single, sharded = run_both("sft.yaml", tmp_path, task_dir, [])
+    one, two = metrics(single), metrics(sharded)
+
+    base = AutoModelForCausalLM.from_pretrained(ASSETS / "base")  # sft.yaml: model embedded
+    data = SFTDataModule(
+        tokenizer=str(ASSETS / "base"),
+        task_dir=str(task_dir),
+        max_length=64,
+        max_samples=64,
+        seed=1,  # the YAML's seed_everything
+    )
+    losses, counts = [], []
+    with torch.no_grad():
+        for batch in first_batches(data):
+            out = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            loss, _, n = token_stats(out.logits, batch["labels"])
+            losses.append(float(loss))
+            counts.append(float(n))
+    assert first(two, "train/loss") == pytest.approx(losses[0], abs=1e-4)
+    combined = sum(l * n for l, n in zip(losses, counts, strict=True)) / sum(counts)
+    assert first(one, "train/loss") == pytest.approx(combined, abs=1e-4)
+    assert abs(losses[0] - losses[1]) > 1e-3  # the ranks really saw different rows
+
+    assert first(one, "val/loss") < first(one, "train/loss")  # 4 steps did train
+    for key, tol in (("val/loss", 2e-2), ("val/perplexity", 2e-2), ("val/token_accuracy", 0.02)):
+        assert first(two, key) == pytest.approx(first(one, key), rel=tol), key
+
+    check_exports(single, sharded, AutoModelForCausalLM, weights_abs=5e-3)
+
+
+def test_reward_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp_path):
+    """Starts from the session's reward model, so the score head is not randomly initialised
+    and the first step can be recomputed here."""
+    import json
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from salsa_lightning import PreferenceDataModule
+    from salsa_lightning.reward import REWARD_STATS, score
+    from salsa_lightning.functional import bradley_terry_loss, reward_centering_loss
+
+    extra = [
+        "--model.init_args.model",
+        str(stage_outputs["reward"]),
+        "--data.init_args.tokenizer",
+        str(stage_outputs["sft-1"]),
+    ]
+    single, sharded = run_both("reward.yaml", tmp_path, task_dir, extra)
+    one, two = metrics(single), metrics(sharded)
+
+    start = AutoModelForSequenceClassification.from_pretrained(stage_outputs["reward"])
+    data = PreferenceDataModule(
+        tokenizer=str(stage_outputs["sft-1"]),
+        task_dir=str(task_dir),
+        max_length=64,
+        max_samples=64,
+        seed=1,  # the YAML's seed_everything
+    )
+    losses = []
+    with torch.no_grad():
+        for batch in first_batches(data):
+            chosen, rejected = score(start, batch["input_ids"], batch["attention_mask"]).chunk(2)
+            loss = bradley_terry_loss(chosen, rejected, 0.0)
+            losses.append(float(loss + 0.01 * reward_centering_loss(chosen, rejected)))
+    assert first(two, "train/loss") == pytest.approx(losses[0], abs=1e-4)
+    assert first(one, "train/loss") == pytest.approx(sum(losses) / 2, abs=1e-4)
+    assert abs(losses[0] - losses[1]) > 1e-3
+
+    for key in ("val/accuracy", "val/margin", "val/reward_mean", "val/reward_std"):
+        assert first(two, key) == pytest.approx(first(one, key), abs=1e-3), key
+
+    check_exports(single, sharded, AutoModelForSequenceClassification, weights_abs=1e-3)
+    # Measured at the end on every rank over the whole validation set: the same statistics.
+    sa = json.loads((single / "model" / REWARD_STATS).read_text())
+    sb = json.loads((sharded / "model" / REWARD_STATS).read_text())
+    assert sa.keys() == sb.keys() == {"mean", "std", "accuracy"}
+    assert sb == pytest.approx(sa, abs=1e-3)

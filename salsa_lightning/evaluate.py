@@ -1,0 +1,340 @@
+"""``salsa evaluate``: answers from several models on prompt sets, scored, compared, exported.
+
+For each model and prompt set it samples one answer per prompt (seeded, so every model sees the
+same sampling noise), scores it with a reward model and/or a reward function (the embedded
+task's gold reward is used automatically when the prompts come from it), measures the KL to a
+reference model on the sampled answers, and writes:
+
+- ``answers/<set>/<model>.jsonl``: one line per prompt in the question/answer form LLM-judge
+  benchmarks take (``question_id``, ``model_id``, ``choices: [{index, turns: [answer]}]``, plus
+  ``prompt``, ``answer`` and the scores), so the answers can be judged elsewhere (MT-Bench,
+  Arena-Hard);
+- ``results.json``: mean scores with bootstrap confidence intervals and win rates per pair;
+- ``report.md`` and ``rewards.png``: the same as a table and reward distributions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from salsa_lightning import functional as F
+from salsa_lightning.data import encode_chat, encode_prompt, pad
+from salsa_lightning.errors import SalsaError
+from salsa_lightning.generation import GenerationSettings, response_logprobs, sample
+from salsa_lightning.models import check_model_source, load_tokenizer
+
+PROMPT_COLUMNS = ("prompt", "question", "instruction")
+
+
+def load_prompts(path: str | os.PathLike, column: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a prompt file (json, jsonl, csv or parquet) with a prompt column.
+
+    Args:
+        path: The file.
+        column: The prompt column; default the first of ``prompt``, ``question``, ``instruction``.
+    """
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise SalsaError(f"prompt file {str(path)!r} does not exist.")
+    kind = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(
+        path.suffix
+    )
+    if kind is None:
+        raise SalsaError(f"prompt file {str(path)!r} must be .json, .jsonl, .csv or .parquet.")
+    data = datasets.load_dataset(kind, data_files=str(path), split="train")
+    names = [column] if column else list(PROMPT_COLUMNS)
+    found = next((c for c in names if c in data.column_names), None)
+    if found is None:
+        raise SalsaError(
+            f"prompt file {str(path)!r} has no prompt column: expected one of {names}, found "
+            f"{data.column_names}; name it with --prompt_column."
+        )
+    return [{**row, "prompt": row[found]} for row in data]
+
+
+def gold_or_none(
+    reward_fn: Callable | None, prompts: list[str], answers: list[str]
+) -> torch.Tensor | None:
+    """The reward function's scores; with none, the embedded task's gold reward if it applies."""
+    if reward_fn is not None:
+        return reward_fn(prompts, answers).float().cpu()
+    from salsa_lightning.task import GoldReward
+
+    try:
+        return GoldReward()(prompts, answers).float()
+    except ValueError:
+        return None
+
+
+class Scorer:
+    """Scores (prompt, answer) texts with a reward model, re-tokenising in its own chat format."""
+
+    def __init__(self, path: str, device: torch.device, batch_size: int = 64) -> None:
+        check_model_source(path, "reward_model")
+        self.tokenizer = load_tokenizer(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        self.device, self.batch_size = device, batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], answers: list[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(prompts), self.batch_size):
+            rows = [
+                sum(encode_chat(self.tokenizer, [{"role": "user", "content": p}], a), [])
+                for p, a in zip(
+                    prompts[i : i + self.batch_size], answers[i : i + self.batch_size], strict=True
+                )
+            ]
+            ids = pad(rows, self.tokenizer.pad_token_id).to(self.device)
+            lengths = torch.tensor([len(r) for r in rows], device=self.device)
+            mask = (torch.arange(ids.shape[1], device=self.device) < lengths[:, None]).long()
+            out.append(
+                self.model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float().cpu()
+            )
+        return torch.cat(out)
+
+
+@torch.no_grad()
+def generate_answers(
+    model_path: str,
+    prompts: list[str],
+    generation: GenerationSettings,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    reference: str | None = None,
+) -> tuple[list[str], torch.Tensor | None]:
+    """Sample one answer per prompt; with ``reference``, also the per-answer KL estimate
+    (sum over tokens of log pi - log pi_ref on the sampled answer, the k1 estimator)."""
+    tokenizer = load_tokenizer(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
+    ref = AutoModelForCausalLM.from_pretrained(reference).to(device).eval() if reference else None
+    answers, kls = [], []
+    for i in range(0, len(prompts), batch_size):
+        rows = [
+            encode_prompt(tokenizer, [{"role": "user", "content": p}])
+            for p in prompts[i : i + batch_size]
+        ]
+        query = pad(rows, tokenizer.pad_token_id, left=True).to(device)
+        width = query.shape[1]
+        lengths = torch.tensor([len(r) for r in rows], device=device)
+        query_mask = (torch.arange(width, device=device) >= (width - lengths)[:, None]).long()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + i)  # the same noise for every model, batch by batch
+            response, mask = sample(model, tokenizer, query, query_mask, generation)
+        answers += tokenizer.batch_decode(response, skip_special_tokens=True)
+        if ref is not None:
+            seq = torch.cat([query, response], 1)
+            attn = torch.cat([query_mask, mask.long()], 1)
+            lp = response_logprobs(model, seq, attn, response, generation.temperature)
+            ref_lp = response_logprobs(ref, seq, attn, response, generation.temperature)
+            kls.append((F.kl_estimate(lp, ref_lp, "k1") * mask).sum(1).cpu())
+    return answers, (torch.cat(kls) if kls else None)
+
+
+def summarize(values: torch.Tensor, seed: int) -> dict[str, float]:
+    mean, low, high = F.bootstrap_mean_ci(values, seed=seed)
+    return {"mean": mean, "ci_low": low, "ci_high": high}
+
+
+def evaluate(
+    models: dict[str, str],
+    prompts: dict[str, str],
+    output: str = "artifacts/eval",
+    reward_model: str | None = None,
+    reward_fn: Callable[..., Any] | None = None,
+    references: dict[str, str] | None = None,
+    pairs: list[list[str]] | None = None,
+    prompt_column: str | None = None,
+    max_prompts: int | None = None,
+    generation: GenerationSettings | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Evaluate ``models`` on ``prompts`` and write answers, results and a report.
+
+    Args:
+        models: ``{name: model directory}``.
+        prompts: ``{set name: prompt file}``.
+        output: Output directory.
+        reward_model: Reward model directory scoring every answer (``score``).
+        reward_fn: A reward function ``(prompts, answers) -> Tensor`` (``gold``); default the
+            embedded task's gold reward when the prompts come from it.
+        references: ``{model name: reference directory}`` to measure each model's KL to.
+        pairs: ``[[a, b], ...]`` model pairs to compare by win rate (default: every pair).
+        prompt_column: The prompt column (default: prompt, question or instruction).
+        max_prompts: Evaluate at most this many prompts per set.
+        generation: Sampling settings (default: sampling at temperature 1, 16 new tokens).
+        batch_size: Prompts per generation batch.
+        seed: Seed of the sampling noise and of the bootstrap.
+        overwrite: Replace an existing output directory.
+
+    Returns:
+        The results written to ``results.json``.
+    """
+    generation = generation or GenerationSettings()
+    out_dir = Path(output)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise SalsaError(
+            f"evaluation output {output!r} exists; choose another or pass --overwrite true."
+        )
+    # Every input is checked before any generation starts.
+    sets = {name: load_prompts(path, prompt_column)[:max_prompts] for name, path in prompts.items()}
+    for name, path in {**models, **(references or {})}.items():
+        check_model_source(path, f"model {name!r}")
+    pairs = pairs or [[a, b] for i, a in enumerate(models) for b in list(models)[i + 1 :]]
+    for pair in pairs:
+        if len(pair) != 2 or any(m not in models for m in pair):
+            raise SalsaError(f"pairs entry {pair} must name two of the models {list(models)}.")
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scorer = Scorer(reward_model, device) if reward_model else None
+    results: dict[str, Any] = {
+        "models": models,
+        "prompts": prompts,
+        "generation": asdict(generation),
+        "sets": {},
+    }
+    per_item: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for set_name, rows in sets.items():
+        texts = [r["prompt"] for r in rows]
+        per_item[set_name] = {}
+        for model_name, path in models.items():
+            print(f"[evaluate] {model_name} on {set_name} ({len(texts)} prompts)", flush=True)
+            ref = (references or {}).get(model_name)
+            answers, kl = generate_answers(path, texts, generation, batch_size, seed, device, ref)
+            item = {"length": torch.tensor([len(a) for a in answers], dtype=torch.float)}
+            if scorer is not None:
+                item["score"] = scorer(texts, answers)
+            gold = gold_or_none(reward_fn, texts, answers)
+            if gold is not None:
+                item["gold"] = gold
+            if kl is not None:
+                item["kl"] = kl
+            per_item[set_name][model_name] = item
+            write_answers(
+                out_dir / "answers" / set_name / f"{model_name}.jsonl",
+                model_name,
+                texts,
+                answers,
+                item,
+            )
+        results["sets"][set_name] = {
+            "models": {
+                m: {k: summarize(v, seed) for k, v in item.items()}
+                for m, item in per_item[set_name].items()
+            },
+            "win_rates": win_rates(per_item[set_name], pairs, seed),
+        }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "report.md").write_text(markdown_report(results))
+    plot_rewards(per_item, out_dir / "rewards.png")
+    print(f"[evaluate] written to {out_dir}", flush=True)
+    return results
+
+
+def win_rates(
+    items: dict[str, dict[str, torch.Tensor]], pairs: Sequence[Sequence[str]], seed: int
+) -> dict[str, Any]:
+    """Per pair and judge (reward model ``score``, ``gold``): win rate of a over b (ties 0.5)."""
+    out = {}
+    for a, b in pairs:
+        for judge in ("score", "gold"):
+            if judge in items[a] and judge in items[b]:
+                wins = F.win_rate(items[a][judge], items[b][judge])
+                out[f"{a}_vs_{b}/{judge}"] = summarize(wins, seed)
+    return out
+
+
+def write_answers(
+    path: Path, model: str, prompts: list[str], answers: list[str], item: dict[str, torch.Tensor]
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+            row = {
+                "question_id": i,
+                "model_id": model,
+                "choices": [{"index": 0, "turns": [answer]}],
+                "prompt": prompt,
+                "answer": answer,
+                **{k: float(v[i]) for k, v in item.items()},
+            }
+            f.write(json.dumps(row) + "\n")
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    lines = ["# Evaluation", ""]
+    for set_name, res in results["sets"].items():
+        keys = sorted({k for m in res["models"].values() for k in m})
+        lines += [
+            f"## {set_name}",
+            "",
+            "| model | " + " | ".join(keys) + " |",
+            "|---" * (len(keys) + 1) + "|",
+        ]
+        for model, stats in res["models"].items():
+            cells = [fmt(stats[k]) if k in stats else "" for k in keys]
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        if res["win_rates"]:
+            lines += ["", "| comparison | win rate (95% CI) |", "|---|---|"]
+            lines += [f"| {k} | {fmt(v)} |" for k, v in res["win_rates"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def fmt(stat: dict[str, float]) -> str:
+    return f"{stat['mean']:.3f} [{stat['ci_low']:.3f}, {stat['ci_high']:.3f}]"
+
+
+def plot_rewards(per_item: dict[str, dict[str, dict[str, torch.Tensor]]], path: Path) -> None:
+    """Reward distributions per prompt set and model (the paper's Figure 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    judges = [
+        j for j in ("score", "gold") if any(j in it for s in per_item.values() for it in s.values())
+    ]
+    if not judges:
+        return
+    fig, axes = plt.subplots(
+        len(judges), len(per_item), figsize=(5 * len(per_item), 3.2 * len(judges)), squeeze=False
+    )
+    for col, (set_name, items) in enumerate(per_item.items()):
+        for row, judge in enumerate(judges):
+            ax = axes[row][col]
+            for model, item in items.items():
+                if judge in item:
+                    ax.hist(item[judge].numpy(), bins=20, alpha=0.5, label=model)
+            ax.set_title(f"{set_name}: {judge}")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``salsa evaluate`` (flags or ``--config``: the arguments of ``evaluate``)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="salsa evaluate", description=evaluate.__doc__.splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(evaluate)
+    cfg = parser.parse_args(argv)
+    cfg = parser.instantiate_classes(cfg)
+    kwargs = {k: v for k, v in vars(cfg).items() if k != "config"}
+    evaluate(**kwargs)
+    return 0

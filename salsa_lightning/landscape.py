@@ -1,0 +1,169 @@
+"""``salsa landscape``: the reward of weight-space mixtures of SFT models (the paper's Figure 2).
+
+Two checkpoints: the reward along the line ``alpha * theta_1 + (1 - alpha) * theta_2``.
+Three checkpoints: the reward on a barycentric grid of the triangle they span. Each point is a
+soup built in memory (``load_soup``), sampled on the same prompts with the same noise, and
+scored; results go to ``landscape.json`` and ``landscape.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from salsa_lightning.data import encode_prompt, pad
+from salsa_lightning.errors import SalsaError
+from salsa_lightning.evaluate import Scorer, gold_or_none, load_prompts
+from salsa_lightning.generation import GenerationSettings, sample
+from salsa_lightning.models import load_tokenizer
+from salsa_lightning.soup import SoupReference, alpha_line, barycentric_grid, load_soup
+
+
+@torch.no_grad()
+def mean_rewards(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    generation: GenerationSettings,
+    scorer: Scorer | None,
+    reward_fn: Callable | None,
+    batch_size: int,
+    seed: int,
+) -> dict[str, float]:
+    """Mean reward-model score and gold reward of one model's sampled answers."""
+    answers = []
+    for i in range(0, len(prompts), batch_size):
+        rows = [
+            encode_prompt(tokenizer, [{"role": "user", "content": p}])
+            for p in prompts[i : i + batch_size]
+        ]
+        query = pad(rows, tokenizer.pad_token_id, left=True)
+        lengths = torch.tensor([len(r) for r in rows])
+        mask = (torch.arange(query.shape[1]) >= (query.shape[1] - lengths)[:, None]).long()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + i)
+            response, _ = sample(model, tokenizer, query, mask, generation)
+        answers += tokenizer.batch_decode(response, skip_special_tokens=True)
+    out = {}
+    if scorer is not None:
+        out["score"] = float(scorer(prompts, answers).mean())
+    gold = gold_or_none(reward_fn, prompts, answers)
+    if gold is not None:
+        out["gold"] = float(gold.mean())
+    return out
+
+
+def landscape(
+    checkpoints: list[str],
+    prompts: str,
+    output: str = "artifacts/landscape",
+    reward_model: str | None = None,
+    reward_fn: Callable[..., Any] | None = None,
+    points: int = 11,
+    resolution: int = 6,
+    max_prompts: int | None = 128,
+    generation: GenerationSettings | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Reward of the soups on the alpha line (2 checkpoints) or barycentric grid (3).
+
+    Args:
+        checkpoints: Two or three SFT checkpoints fine-tuned from one base.
+        prompts: Prompt file (json, jsonl, csv or parquet with a prompt column).
+        output: Output directory.
+        reward_model: Reward model directory (``score``).
+        reward_fn: Reward function (``gold``; default the embedded task's when it applies).
+        points: Points on the alpha line, ends included.
+        resolution: Grid steps per edge of the triangle.
+        max_prompts: Prompts used per point.
+        generation: Sampling settings (default: sampling at temperature 1, 16 new tokens).
+        batch_size: Prompts per generation batch.
+        seed: Seed of the sampling noise (the same at every point).
+    """
+    if len(checkpoints) not in (2, 3):
+        raise SalsaError(
+            f"landscape needs 2 checkpoints (alpha line) or 3 (barycentric grid), got {len(checkpoints)}."
+        )
+    SoupReference(
+        list(checkpoints)
+    ).validate()  # averageable: same architecture, tensors, vocabulary
+    rows = load_prompts(prompts)[:max_prompts]
+    texts = [r["prompt"] for r in rows]
+    generation = generation or GenerationSettings()
+    tokenizer = load_tokenizer(checkpoints[0])
+    scorer = Scorer(reward_model, torch.device("cpu")) if reward_model else None
+    grid = alpha_line(points) if len(checkpoints) == 2 else barycentric_grid(resolution)
+    results = []
+    for i, weights in enumerate(grid):
+        model = load_soup(checkpoints, weights)
+        rewards = mean_rewards(
+            model, tokenizer, texts, generation, scorer, reward_fn, batch_size, seed
+        )
+        results.append({"weights": weights, **rewards})
+        print(
+            f"[landscape] {i + 1}/{len(grid)} weights {[round(w, 3) for w in weights]}: {rewards}",
+            flush=True,
+        )
+    out = {
+        "checkpoints": checkpoints,
+        "prompts": prompts,
+        "generation": asdict(generation),
+        "points": results,
+    }
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "landscape.json").write_text(json.dumps(out, indent=2) + "\n")
+    plot_landscape(out, out_dir / "landscape.png")
+    return out
+
+
+def plot_landscape(result: dict[str, Any], path: Path) -> None:
+    """Alpha line (reward vs alpha) or barycentric heatmap (reward on the triangle)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = result["points"]
+    judges = [j for j in ("score", "gold") if j in points[0]]
+    fig, axes = plt.subplots(1, len(judges), figsize=(5 * len(judges), 4), squeeze=False)
+    names = [Path(c).name for c in result["checkpoints"]]
+    for ax, judge in zip(axes[0], judges, strict=True):
+        values = [p[judge] for p in points]
+        if len(names) == 2:
+            alphas = [p["weights"][0] for p in points]
+            ax.plot(alphas, values, marker="o")
+            ax.set_xlabel(f"alpha (weight of {names[0]}; 1 - alpha on {names[1]})")
+            ax.set_ylabel(judge)
+        else:
+            # Barycentric -> Cartesian: corners at (0, 0), (1, 0), (0.5, sqrt(3)/2).
+            xs = [p["weights"][1] + 0.5 * p["weights"][2] for p in points]
+            ys = [0.866 * p["weights"][2] for p in points]
+            tri = ax.tricontourf(xs, ys, values, levels=12, cmap="viridis")
+            ax.scatter(xs, ys, c="k", s=6)
+            fig.colorbar(tri, ax=ax, label=judge)
+            for (x, y), name in zip([(0, 0), (1, 0), (0.5, 0.866)], names, strict=True):
+                ax.annotate(name, (x, y), ha="center", va="bottom")
+            ax.set_axis_off()
+        ax.set_title(f"{judge} of the soup")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def landscape_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``salsa landscape`` (flags or ``--config``)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="salsa landscape", description=landscape.__doc__.splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(landscape)
+    cfg = parser.instantiate_classes(parser.parse_args(argv))
+    landscape(**{k: v for k, v in vars(cfg).items() if k != "config"})
+    return 0
