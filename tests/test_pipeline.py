@@ -1,0 +1,166 @@
+"""salsa evaluate, salsa landscape and the pipeline driver, on real tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import CONFIGS
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from salsa_lightning.errors import SalsaError
+from salsa_lightning.evaluate import evaluate, load_prompts
+from salsa_lightning.generation import GenerationSettings
+from salsa_lightning.landscape import landscape
+from salsa_lightning.pipeline import Stage, frontier, reward_at_kl, run_pipeline
+
+GEN = GenerationSettings(max_new_tokens=8)
+
+
+def test_prompt_file_without_prompt_column_is_refused(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"text": "Sort: 3 1 2"}) + "\n")
+    with pytest.raises(SalsaError, match=r"q\.jsonl.*no prompt column.*found \['text'\]"):
+        load_prompts(path)
+
+
+def test_evaluate_writes_answers_scores_and_win_rates(stage_outputs, task_files, tmp_path):
+    out = stage_outputs
+    results = evaluate(
+        models={"a": str(out["sft-1"]), "same": str(out["sft-1"]), "b": str(out["sft-2"])},
+        prompts={"val": str(task_files["prompts_val"])},
+        output=str(tmp_path / "eval"),
+        reward_model=str(out["reward"]),
+        references={"b": str(out["sft-1"]), "same": str(out["sft-1"])},
+        pairs=[["a", "same"], ["b", "a"]],
+        max_prompts=16,
+        generation=GEN,
+        batch_size=8,
+    )
+    res = results["sets"]["val"]
+    # The same model under the same sampling noise ties on every prompt: win rate exactly 0.5.
+    assert res["win_rates"]["a_vs_same/score"]["mean"] == 0.5
+    assert res["win_rates"]["a_vs_same/gold"]["mean"] == 0.5
+    assert res["models"]["same"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-5)
+    assert res["models"]["b"]["kl"]["mean"] != 0.0
+    stats = res["win_rates"]["b_vs_a/score"]
+    assert 0.0 <= stats["ci_low"] <= stats["mean"] <= stats["ci_high"] <= 1.0
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "eval/answers/val/b.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 16 and rows[3]["question_id"] == 3 and rows[3]["model_id"] == "b"
+    assert rows[3]["choices"][0]["turns"] == [rows[3]["answer"]]
+    assert {"score", "gold", "kl"} <= set(rows[3])
+    assert (tmp_path / "eval/rewards.png").stat().st_size > 0
+    assert "| comparison |" in (tmp_path / "eval/report.md").read_text()
+
+
+def test_evaluate_refuses_unknown_pair_before_generating(stage_outputs, task_files, tmp_path):
+    with pytest.raises(SalsaError, match=r"pairs entry \['a', 'nope'\]"):
+        evaluate(
+            models={"a": str(stage_outputs["sft-1"])},
+            prompts={"val": str(task_files["prompts_val"])},
+            output=str(tmp_path / "eval"),
+            pairs=[["a", "nope"]],
+        )
+    assert not (tmp_path / "eval").exists()
+
+
+def test_landscape_alpha_line_ends_are_the_sft_models(stage_outputs, task_files, tmp_path):
+    out = stage_outputs
+    result = landscape(
+        [str(out["sft-1"]), str(out["sft-2"])],
+        str(task_files["prompts_val"]),
+        output=str(tmp_path / "land"),
+        reward_model=str(out["reward"]),
+        points=3,
+        max_prompts=16,
+        generation=GEN,
+        batch_size=8,
+    )
+    assert [p["weights"] for p in result["points"]] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
+    single = evaluate(
+        models={"sft-1": str(out["sft-1"])},
+        prompts={"val": str(task_files["prompts_val"])},
+        output=str(tmp_path / "eval"),
+        reward_model=str(out["reward"]),
+        max_prompts=16,
+        generation=GEN,
+        batch_size=8,
+    )["sets"]["val"]["models"]["sft-1"]
+    # alpha = 1 is sft-1 itself: same weights, same sampling noise, same rewards.
+    assert result["points"][-1]["score"] == pytest.approx(single["score"]["mean"], abs=1e-5)
+    assert result["points"][-1]["gold"] == pytest.approx(single["gold"]["mean"], abs=1e-6)
+    assert json.loads((tmp_path / "land/landscape.json").read_text())["points"] == result["points"]
+    assert (tmp_path / "land/landscape.png").stat().st_size > 0
+
+
+def test_landscape_bad_inputs(stage_outputs, task_files, tmp_path):
+    prompts = str(task_files["prompts_val"])
+    with pytest.raises(SalsaError, match="2 checkpoints .* or 3 .* got 1"):
+        landscape([str(stage_outputs["sft-1"])], prompts)
+    torch.manual_seed(0)
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        )
+    )
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(SalsaError, match="other"):
+        landscape([str(stage_outputs["sft-1"]), str(tmp_path / "other")], prompts)
+
+
+def test_pipeline_refuses_a_missing_input_before_running(tmp_path):
+    stages = [
+        Stage(
+            name="soup",
+            command="soup",
+            configs=["soup.yaml"],
+            inputs=["artifacts/sft-1"],
+            outputs=["artifacts/soup"],
+        ),
+    ]
+    with pytest.raises(SalsaError, match=r"stage 'soup' reads 'artifacts/sft-1'.*earlier stage"):
+        run_pipeline(CONFIGS / "quickstart.yaml", tmp_path / "run", stages=stages)
+    assert not (tmp_path / "run").exists()
+
+
+def test_pipeline_runs_stages_and_skips_finished_ones(stage_outputs, tmp_path, capsys):
+    root = tmp_path / "run"
+    for name in ("sft-1", "sft-2"):
+        shutil.copytree(stage_outputs[name], root / "artifacts" / name)
+    stages = [
+        Stage(
+            name="soup",
+            command="soup",
+            configs=["soup.yaml"],
+            inputs=["artifacts/sft-1", "artifacts/sft-2"],
+            outputs=["artifacts/soup"],
+        )
+    ]
+    run_pipeline(CONFIGS / "quickstart.yaml", root, stages=stages)
+    recipe = json.loads((root / "artifacts/soup/soup_recipe.json").read_text())
+    assert recipe["weights"] == [0.5, 0.5]
+    mtime = (root / "artifacts/soup/model.safetensors").stat().st_mtime_ns
+    run_pipeline(CONFIGS / "quickstart.yaml", root, stages=stages)
+    assert "done already" in capsys.readouterr().out
+    assert (root / "artifacts/soup/model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_reward_at_matched_kl_interpolates():
+    curve = [{"eval/kl": 0.0, "eval/score": 0.0}, {"eval/kl": 2.0, "eval/score": 1.0}]
+    assert reward_at_kl(curve, 0.5, "eval/score") == pytest.approx(0.25)
+    assert reward_at_kl(curve, 3.0, "eval/score") is None
+    other = [{"eval/kl": 1.0, "eval/score": 2.0}, {"eval/kl": 3.0, "eval/score": 4.0}]
+    table = frontier({"a": curve, "b": other}, "eval/score", n=2)
+    # Only the KL range both runs cover, [1, 2], is compared.
+    assert table["kl"] == [1.0, 2.0]
+    assert table["a"] == [pytest.approx(0.5), pytest.approx(1.0)]
+    assert table["b"] == [pytest.approx(2.0), pytest.approx(3.0)]
