@@ -424,6 +424,22 @@ def pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.
     return out
 
 
+def padding_mask(lengths: torch.Tensor, width: int, left: bool = False) -> torch.Tensor:
+    """[B, width] attention mask for sequences of ``lengths`` padded on the right (or left)."""
+    positions = torch.arange(width, device=lengths.device)
+    mask = positions >= (width - lengths)[:, None] if left else positions < lengths[:, None]
+    return mask.long()
+
+
+def left_padded_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Format single-turn prompts with the chat template: [B, P] left-padded ids and mask."""
+    rows = [encode_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    ids = pad(rows, tokenizer.pad_token_id, left=True)
+    return ids, padding_mask(torch.tensor([len(r) for r in rows]), ids.shape[1], left=True)
+
+
 def fit_length(
     prompt: list[int], response: list[int], max_length: int, overflow: str
 ) -> tuple[list[int], list[int], bool, bool]:
@@ -476,7 +492,7 @@ class SFTDataModule(_ChatDataModule):
         lengths = torch.tensor([len(r["input_ids"]) for r in rows])
         return {
             "input_ids": ids,
-            "attention_mask": (torch.arange(ids.shape[1]) < lengths[:, None]).long(),
+            "attention_mask": padding_mask(lengths, ids.shape[1]),
             "labels": pad([r["labels"] for r in rows], IGNORE_INDEX),
         }
 
@@ -542,7 +558,7 @@ class PreferenceDataModule(_ChatDataModule):
         lengths = torch.tensor([len(s) for s in seqs])
         return {
             "input_ids": ids,
-            "attention_mask": (torch.arange(ids.shape[1]) < lengths[:, None]).long(),
+            "attention_mask": padding_mask(lengths, ids.shape[1]),
         }
 
 
@@ -582,10 +598,9 @@ class PromptDataModule(_ChatDataModule):
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         ids = pad([r["prompt_ids"] for r in rows], self.tokenizer.pad_token_id, left=True)
         lengths = torch.tensor([len(r["prompt_ids"]) for r in rows])
-        width = ids.shape[1]
         batch: dict[str, Any] = {
             "input_ids": ids,
-            "attention_mask": (torch.arange(width) >= (width - lengths)[:, None]).long(),
+            "attention_mask": padding_mask(lengths, ids.shape[1], left=True),
             "prompt": [r["prompt_text"] for r in rows],
         }
         extra = set(rows[0]) - {

@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from salsa_lightning import functional as F
-from salsa_lightning.data import encode_chat, encode_prompt, pad
+from salsa_lightning.data import encode_chat, left_padded_prompts, pad, padding_mask
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.generation import GenerationSettings, response_logprobs, sample
 from salsa_lightning.models import check_model_source, load_tokenizer
@@ -96,8 +96,9 @@ class Scorer:
                 )
             ]
             ids = pad(rows, self.tokenizer.pad_token_id).to(self.device)
-            lengths = torch.tensor([len(r) for r in rows], device=self.device)
-            mask = (torch.arange(ids.shape[1], device=self.device) < lengths[:, None]).long()
+            mask = padding_mask(
+                torch.tensor([len(r) for r in rows], device=self.device), ids.shape[1]
+            )
             out.append(
                 self.model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float().cpu()
             )
@@ -121,14 +122,8 @@ def generate_answers(
     ref = AutoModelForCausalLM.from_pretrained(reference).to(device).eval() if reference else None
     answers, kls = [], []
     for i in range(0, len(prompts), batch_size):
-        rows = [
-            encode_prompt(tokenizer, [{"role": "user", "content": p}])
-            for p in prompts[i : i + batch_size]
-        ]
-        query = pad(rows, tokenizer.pad_token_id, left=True).to(device)
-        width = query.shape[1]
-        lengths = torch.tensor([len(r) for r in rows], device=device)
-        query_mask = (torch.arange(width, device=device) >= (width - lengths)[:, None]).long()
+        query, query_mask = left_padded_prompts(tokenizer, prompts[i : i + batch_size])
+        query, query_mask = query.to(device), query_mask.to(device)
         with torch.random.fork_rng():
             torch.manual_seed(seed + i)  # the same noise for every model, batch by batch
             response, mask = sample(model, tokenizer, query, query_mask, generation)
@@ -326,15 +321,18 @@ def plot_rewards(per_item: dict[str, dict[str, dict[str, torch.Tensor]]], path: 
     plt.close(fig)
 
 
-def evaluate_main(argv: list[str] | None = None) -> int:
-    """Entry point of ``salsa evaluate`` (flags or ``--config``: the arguments of ``evaluate``)."""
+def function_main(fn: Callable[..., Any], argv: list[str] | None, prog: str) -> int:
+    """A command line for ``fn``: its arguments as flags, or from a YAML with ``--config``."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog="salsa evaluate", description=evaluate.__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=prog, description=fn.__doc__.splitlines()[0])
     parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(evaluate)
-    cfg = parser.parse_args(argv)
-    cfg = parser.instantiate_classes(cfg)
-    kwargs = {k: v for k, v in vars(cfg).items() if k != "config"}
-    evaluate(**kwargs)
+    parser.add_function_arguments(fn)
+    cfg = parser.instantiate_classes(parser.parse_args(argv))
+    fn(**{k: v for k, v in vars(cfg).items() if k != "config"})
     return 0
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``salsa evaluate`` (flags or ``--config``: the arguments of ``evaluate``)."""
+    return function_main(evaluate, argv, "salsa evaluate")

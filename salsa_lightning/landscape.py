@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from salsa_lightning.data import encode_prompt, pad
+from salsa_lightning.data import left_padded_prompts
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.evaluate import Scorer, gold_or_none, load_prompts
+from salsa_lightning.evaluate import Scorer, function_main, gold_or_none, load_prompts
 from salsa_lightning.generation import GenerationSettings, sample
 from salsa_lightning.models import load_tokenizer
 from salsa_lightning.soup import SoupReference, alpha_line, barycentric_grid, load_soup
@@ -38,13 +38,7 @@ def mean_rewards(
     """Mean reward-model score and gold reward of one model's sampled answers."""
     answers = []
     for i in range(0, len(prompts), batch_size):
-        rows = [
-            encode_prompt(tokenizer, [{"role": "user", "content": p}])
-            for p in prompts[i : i + batch_size]
-        ]
-        query = pad(rows, tokenizer.pad_token_id, left=True)
-        lengths = torch.tensor([len(r) for r in rows])
-        mask = (torch.arange(query.shape[1]) >= (query.shape[1] - lengths)[:, None]).long()
+        query, mask = left_padded_prompts(tokenizer, prompts[i : i + batch_size])
         with torch.random.fork_rng():
             torch.manual_seed(seed + i)
             response, _ = sample(model, tokenizer, query, mask, generation)
@@ -159,11 +153,4 @@ def plot_landscape(result: dict[str, Any], path: Path) -> None:
 
 def landscape_main(argv: list[str] | None = None) -> int:
     """Entry point of ``salsa landscape`` (flags or ``--config``)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(prog="salsa landscape", description=landscape.__doc__.splitlines()[0])
-    parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(landscape)
-    cfg = parser.instantiate_classes(parser.parse_args(argv))
-    landscape(**{k: v for k, v in vars(cfg).items() if k != "config"})
-    return 0
+    return function_main(landscape, argv, "salsa landscape")
