@@ -15,7 +15,6 @@ multiple_kl`` is the paper's baseline: a KL penalty to each SFT model, weighted,
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -838,9 +837,3 @@ class SALSAModule(L.LightningModule):
             export_pretrained(self.policy, self.tokenizer, export_dir, extras, state_dict)
             rank_zero_info(f"SALSAModule: policy exported to {export_dir}")
         self.trainer.strategy.barrier("export")
-
-
-def initial_kl_note(value: float) -> str:
-    return (
-        f"initial KL to the reference: {value:.4f}" if math.isfinite(value) else "initial KL: n/a"
-    )

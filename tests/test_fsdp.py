@@ -149,12 +149,16 @@ def test_salsa_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp_
 #   its 8 rows; the stages log train/loss without syncing) equals the loss of those 8 rows
 #   computed in this process without FSDP, and the single run's equals the combination of the
 #   two ranks' losses, both to 1e-4: only the reduction order differs.
-# - After 4 steps (validation metrics, the export's weights and reward stats):
-#   * reward: 1e-3. Its loss is a mean over pairs and both ranks hold 8 pairs, so the mean of
-#     the ranks' gradients is the single run's gradient; only float rounding drifts.
-#   * SFT: 2e-2 on the validation loss and perplexity, 0.02 on token accuracy, 5e-3 on weights.
-#     Its loss is a mean over each rank's labelled tokens; averaging the two ranks' gradients
-#     weights a token by 1/(2 n_rank) instead of 1/n_total, a small, real difference.
+# - After 4 steps (validation metrics, reward stats, the exports' weights, where the distance
+#   between the two trained models is compared with the distance training moved them):
+#   * reward: 1e-4 absolute on metrics and stats, weights within 1e-3 of the update (seen:
+#     ~1e-7). Its loss is a mean over pairs and both ranks hold 8 pairs, so the mean of the
+#     ranks' gradients is the single run's gradient; only float rounding differs.
+#   * SFT: 2% relative on the validation loss, perplexity and token accuracy (seen: 0.5%),
+#     weights within 30% of the update (seen: 15%). Its loss is a mean over each rank's
+#     labelled tokens, so averaging the ranks' gradients weights a token by 1/(2 n_rank)
+#     instead of 1/n_total: a real difference, which Adam's normalised steps amplify on
+#     weights with small gradients.
 
 
 def stage_args(
@@ -227,9 +231,12 @@ def first_batches(data) -> list[dict]:
     return out
 
 
-def check_exports(single: Path, sharded: Path, auto_class, weights_abs: float) -> None:
+def check_exports(single: Path, sharded: Path, auto_class, start: Path, rel: float) -> None:
     """The sharded export has the single export's files and keys, loads in plain transformers,
-    and its weights are close to the single run's."""
+    and it lies close to the single run's: the distance between the two trained models is at
+    most ``rel`` times the distance training moved the single run's from ``start``."""
+    import json
+
     from safetensors.torch import load_file
 
     a, b = single / "model", sharded / "model"
@@ -237,11 +244,16 @@ def check_exports(single: Path, sharded: Path, auto_class, weights_abs: float) -
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys()
     assert all(wa[k].shape == wb[k].shape and wa[k].dtype == wb[k].dtype for k in wa)
-    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-    assert worst <= weights_abs, worst
+    w0 = load_file(start / "model.safetensors")
+    distance = lambda x, y: sum(float((x[k] - y[k]).square().sum()) for k in x) ** 0.5  # noqa: E731
+    moved = distance(wa, w0)
+    assert moved > 0.01  # training moved the weights
+    assert distance(wa, wb) <= rel * moved, (distance(wa, wb), moved)
     ma, mb = auto_class.from_pretrained(a), auto_class.from_pretrained(b)
     assert ma.state_dict().keys() == mb.state_dict().keys()
-    assert ma.config.to_dict() == mb.config.to_dict()
+    assert json.loads((a / "config.json").read_text()) == json.loads(
+        (b / "config.json").read_text()
+    )
 
 
 def test_sft_fsdp2_two_processes_agrees_with_one(task_dir, tmp_path):
@@ -271,7 +283,7 @@ def test_sft_fsdp2_two_processes_agrees_with_one(task_dir, tmp_path):
             losses.append(float(loss))
             counts.append(float(n))
     assert first(two, "train/loss") == pytest.approx(losses[0], abs=1e-4)
-    combined = sum(l * n for l, n in zip(losses, counts, strict=True)) / sum(counts)
+    combined = sum(x * n for x, n in zip(losses, counts, strict=True)) / sum(counts)
     assert first(one, "train/loss") == pytest.approx(combined, abs=1e-4)
     assert abs(losses[0] - losses[1]) > 1e-3  # the ranks really saw different rows
 
@@ -279,7 +291,7 @@ def test_sft_fsdp2_two_processes_agrees_with_one(task_dir, tmp_path):
     for key, tol in (("val/loss", 2e-2), ("val/perplexity", 2e-2), ("val/token_accuracy", 0.02)):
         assert first(two, key) == pytest.approx(first(one, key), rel=tol), key
 
-    check_exports(single, sharded, AutoModelForCausalLM, weights_abs=5e-3)
+    check_exports(single, sharded, AutoModelForCausalLM, ASSETS / "base", rel=0.3)
 
 
 def test_reward_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp_path):
@@ -291,8 +303,8 @@ def test_reward_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp
     from transformers import AutoModelForSequenceClassification
 
     from salsa_lightning import PreferenceDataModule
-    from salsa_lightning.reward import REWARD_STATS, score
     from salsa_lightning.functional import bradley_terry_loss, reward_centering_loss
+    from salsa_lightning.reward import REWARD_STATS, score
 
     extra = [
         "--model.init_args.model",
@@ -322,11 +334,13 @@ def test_reward_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp
     assert abs(losses[0] - losses[1]) > 1e-3
 
     for key in ("val/accuracy", "val/margin", "val/reward_mean", "val/reward_std"):
-        assert first(two, key) == pytest.approx(first(one, key), abs=1e-3), key
+        assert first(two, key) == pytest.approx(first(one, key), abs=1e-4), key
 
-    check_exports(single, sharded, AutoModelForSequenceClassification, weights_abs=1e-3)
+    check_exports(
+        single, sharded, AutoModelForSequenceClassification, stage_outputs["reward"], rel=1e-3
+    )
     # Measured at the end on every rank over the whole validation set: the same statistics.
     sa = json.loads((single / "model" / REWARD_STATS).read_text())
     sb = json.loads((sharded / "model" / REWARD_STATS).read_text())
     assert sa.keys() == sb.keys() == {"mean", "std", "accuracy"}
-    assert sb == pytest.approx(sa, abs=1e-3)
+    assert sb == pytest.approx(sa, abs=1e-4)
