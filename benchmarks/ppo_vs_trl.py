@@ -22,7 +22,9 @@ The first ``--warmup`` iteration(s) of each run are not timed. An iteration's wa
 time between the ends of two consecutive iterations (so it includes fetching the batch and each
 trainer's per-step overhead). Generation time is ours' logged ``time/generation`` and, for
 TRL, the time spent in ``trl.experimental.ppo.ppo_trainer.batch_generation`` (wrapped with a
-timer in the TRL subprocess only).
+timer in the TRL subprocess only). Each run also reports tokens per second of its own CPU
+time (all threads), which other load on a shared machine disturbs less than wall time, and its
+RSS after imports and with the models built, to tell import, loading and training memory apart.
 
 The LAST line of stdout is one JSON object with the settings, the per-run and per-system
 numbers and ``ratio_tokens_per_s`` / ``ratio_peak_memory`` (ours / TRL). Usage::
@@ -82,9 +84,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vocab": 50257,
         "tie_embeddings": True,
         "prompt_length": 16,
-        "batch_size": 8,
-        "new_tokens": 32,
-        "iterations": 2,
+        "batch_size": 4,
+        "new_tokens": 16,
+        "iterations": 1,
         "ppo_epochs": 1,
         "repeats": 2,
     },
@@ -263,6 +265,9 @@ def summarize(system: str, records: list[dict[str, float]], s: dict[str, Any]) -
         "generated_tokens": tokens,
         "iteration_s": wall / len(timed),
         "tokens_per_s": tokens / wall,
+        # Tokens per second of this process's CPU time (all threads): less sensitive than wall
+        # time to other processes on a shared machine (use with --threads 1).
+        "tokens_per_cpu_s": tokens / sum(r["cpu"] for r in timed),
         "generation_tokens_per_s": tokens / gen,
         "generation_s": gen / len(timed),
         "scoring_s": sum(r["scoring"] for r in timed) / len(timed),
@@ -290,7 +295,8 @@ def child_ours(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[st
 
         def on_train_start(self, trainer, pl_module) -> None:
             sync(device)
-            self.last = time.perf_counter()
+            self.models_rss = rss_mib("VmRSS"), rss_mib("VmHWM")
+            self.last, self.last_cpu = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             sync(device)
@@ -299,12 +305,13 @@ def child_ours(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[st
             self.records.append(
                 {
                     "iteration": now - self.last,
+                    "cpu": time.process_time() - self.last_cpu,
                     "generation": float(m["time/generation"]),
                     "scoring": float(m["time/scoring"]),
                     "update": float(m["time/update"]),
                 }
             )
-            self.last = now
+            self.last, self.last_cpu = now, time.process_time()
 
     L.seed_everything(s["seed"], verbose=False)
     data = PromptDataModule(
@@ -358,6 +365,9 @@ def child_ours(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[st
     trainer.fit(module, datamodule=data)
     result = summarize("ours", timer.records, s)
     result.update(peak_memory_mib=peak_memory_mib(device), rss_after_imports_mib=import_rss)
+    result.update(
+        rss_models_built_mib=timer.models_rss[0], peak_rss_before_train_mib=timer.models_rss[1]
+    )
     return result
 
 
@@ -404,7 +414,8 @@ def child_trl(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[str
 
         def on_train_begin(self, args, state, control, **kwargs) -> None:
             sync(device)
-            self.last = time.perf_counter()
+            self.models_rss = rss_mib("VmRSS"), rss_mib("VmHWM")
+            self.last, self.last_cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs) -> None:
             sync(device)
@@ -413,13 +424,14 @@ def child_trl(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[str
             self.records.append(
                 {
                     "iteration": now - self.last,
+                    "cpu": time.process_time() - self.last_cpu,
                     "generation": probe["generation"],
                     "scoring": update_start - probe["generation_end"],
                     "update": now - update_start,
                 }
             )
             probe.update(generation=0.0, update_start=None)
-            self.last = now
+            self.last, self.last_cpu = now, time.process_time()
 
     dtype = torch_dtype(s["dtype"])
     tokenizer = AutoTokenizer.from_pretrained(inputs["policy"], padding_side="left")
@@ -474,6 +486,9 @@ def child_trl(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[str
     trainer.train()
     result = summarize("trl", timer.records, s)
     result.update(peak_memory_mib=peak_memory_mib(device), rss_after_imports_mib=import_rss)
+    result.update(
+        rss_models_built_mib=timer.models_rss[0], peak_rss_before_train_mib=timer.models_rss[1]
+    )
     return result
 
 
@@ -605,9 +620,9 @@ def main(argv: list[str] | None = None) -> None:
         payload = {"settings": s, "inputs": inputs, "work": str(root)}
         settings_file.write_text(json.dumps(payload))
 
-        widths = [6, 4, 10, 10, 10, 8, 8, 8, 10]
-        header = ["system", "run", "iter s", "tok/s", "gen tok/s", "gen s", "score s"]
-        header += ["update s", "peak MiB"]
+        widths = [6, 4, 9, 9, 10, 10, 8, 8, 8, 9, 9]
+        header = ["system", "run", "iter s", "tok/s", "tok/cpu-s", "gen tok/s", "gen s", "score s"]
+        header += ["update s", "peak MiB", "built MiB"]
         print(fmt_row(header, widths), flush=True)
         runs: list[dict[str, Any]] = []
         for i in range(s["repeats"]):
@@ -620,20 +635,22 @@ def main(argv: list[str] | None = None) -> None:
                     i + 1,
                     f"{run['iteration_s']:.3f}",
                     f"{run['tokens_per_s']:.1f}",
+                    f"{run['tokens_per_cpu_s']:.1f}",
                     f"{run['generation_tokens_per_s']:.1f}",
                     f"{run['generation_s']:.3f}",
                     f"{run['scoring_s']:.3f}",
                     f"{run['update_s']:.3f}",
                     f"{run['peak_memory_mib']:.0f}",
+                    f"{run['rss_models_built_mib']:.0f}",
                 ]
                 print(fmt_row(cells, widths), flush=True)
 
-        keys = ("tokens_per_s", "generation_tokens_per_s", "iteration_s", "generation_s")
+        keys = ("tokens_per_s", "tokens_per_cpu_s", "generation_tokens_per_s", "iteration_s")
+        keys += ("generation_s",)
         keys += ("scoring_s", "update_s", "peak_memory_mib", "rss_after_imports_mib")
+        keys += ("rss_models_built_mib", "peak_rss_before_train_mib")
         per_system = {
-            name: {
-                k: statistics.median(r[k] for r in runs if r["system"] == name) for k in keys
-            }
+            name: {k: statistics.median(r[k] for r in runs if r["system"] == name) for k in keys}
             for name in systems
         }
         summary: dict[str, Any] = {
@@ -651,24 +668,27 @@ def main(argv: list[str] | None = None) -> None:
         for name, m in per_system.items():
             print(
                 f"  {name:4s}: {m['tokens_per_s']:.1f} tokens/s over whole iterations, "
+                f"{m['tokens_per_cpu_s']:.1f} per CPU second, "
                 f"{m['generation_tokens_per_s']:.1f} generation tokens/s, "
-                f"peak {m['peak_memory_mib']:.0f} MiB"
+                f"peak {m['peak_memory_mib']:.0f} MiB (RSS {m['rss_after_imports_mib']:.0f} MiB "
+                f"after imports, {m['rss_models_built_mib']:.0f} MiB with the models built)"
             )
         if set(systems) == {"ours", "trl"}:
             ours, trl = per_system["ours"], per_system["trl"]
             # Each repeat's ours/trl pair ran back to back: its ratio is robust to drift.
+            by = {(r["system"], r["repeat"]): r for r in runs}
             pairs = [
-                next(r for r in runs if r["repeat"] == i and r["system"] == "ours")[
-                    "tokens_per_s"
-                ]
-                / next(r for r in runs if r["repeat"] == i and r["system"] == "trl")[
-                    "tokens_per_s"
-                ]
+                by["ours", i]["tokens_per_s"] / by["trl", i]["tokens_per_s"]
+                for i in range(s["repeats"])
+            ]
+            cpu_pairs = [
+                by["ours", i]["tokens_per_cpu_s"] / by["trl", i]["tokens_per_cpu_s"]
                 for i in range(s["repeats"])
             ]
             summary.update(
                 ratio_tokens_per_s=round(statistics.median(pairs), 3),
                 ratio_tokens_per_s_per_repeat=[round(x, 3) for x in pairs],
+                ratio_tokens_per_cpu_s=round(statistics.median(cpu_pairs), 3),
                 ratio_generation_tokens_per_s=round(
                     ours["generation_tokens_per_s"] / trl["generation_tokens_per_s"], 3
                 ),
@@ -683,7 +703,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(
                 f"ours / TRL: tokens/s x{summary['ratio_tokens_per_s']} (per repeat "
-                f"{summary['ratio_tokens_per_s_per_repeat']}), generation tokens/s "
+                f"{summary['ratio_tokens_per_s_per_repeat']}; per CPU second "
+                f"x{summary['ratio_tokens_per_cpu_s']}), generation tokens/s "
                 f"x{summary['ratio_generation_tokens_per_s']}, peak memory "
                 f"x{summary['ratio_peak_memory']}"
                 + (

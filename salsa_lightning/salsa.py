@@ -214,7 +214,10 @@ class SALSAModule(L.LightningModule):
         reward_clip: Clip normalised scores to [-reward_clip, reward_clip] (None: off).
         max_skips: Stop after this many consecutive updates skipped for a non-finite reward or
             loss.
-        dtype: Weights dtype of every model (``float32``, ``bfloat16``, ``float16``).
+        dtype: Weights dtype of the trained models (``float32``, ``bfloat16``, ``float16``);
+            for bf16 training keep float32 here and set ``trainer.precision: bf16-mixed``.
+        frozen_dtype: Weights dtype of the frozen reference and reward models (default:
+            ``dtype``); ``bfloat16`` halves their memory.
         gradient_checkpointing: Recompute activations of the trainable models in backward.
         optimizer: Optimizer factory for the policy and critic.
         export_dir: When set, fit ends by writing the policy as a Hugging Face directory.
@@ -242,6 +245,7 @@ class SALSAModule(L.LightningModule):
         reward_clip: float | None = 5.0,
         max_skips: int = 3,
         dtype: str | None = None,
+        frozen_dtype: str | None = None,
         gradient_checkpointing: bool = False,
         optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-5),  # noqa: B008
         export_dir: str | None = None,
@@ -287,6 +291,10 @@ class SALSAModule(L.LightningModule):
     @property
     def tokenizer(self) -> Any:
         return self.trainer.datamodule.tokenizer
+
+    @property
+    def frozen_dtype(self) -> torch.dtype | None:
+        return torch_dtype(self.hparams.frozen_dtype or self.hparams.dtype)
 
     @property
     def shares_reference(self) -> bool:
@@ -360,16 +368,17 @@ class SALSAModule(L.LightningModule):
             return
         hp = self.hparams
         dtype = torch_dtype(hp.dtype)
+        frozen = self.frozen_dtype
         self.policy = self._build_policy(dtype)
         if not self.shares_reference:
             if hp.reference_mode == "soup":
-                refs = [self.reference.build(dtype=dtype)]
+                refs = [self.reference.build(dtype=frozen)]
             else:
-                refs = self.reference.build_each(dtype=dtype)
+                refs = self.reference.build_each(dtype=frozen)
             self.ref_models = nn.ModuleList(Frozen(m) for m in refs)
         if hp.reward_model is not None:
             reward = AutoModelForSequenceClassification.from_pretrained(
-                hp.reward_model, dtype=dtype
+                hp.reward_model, dtype=frozen
             )
             self.reward = Frozen(reward)
             self.reward_stats = self._read_reward_stats(hp.reward_model)
@@ -738,10 +747,13 @@ class SALSAModule(L.LightningModule):
             models = list(self.ref_models)
         else:
             if getattr(self, "_ingredients", None) is None:
-                self._ingredients = [
-                    Frozen(m).to(self.device)
-                    for m in self.reference.build_each(dtype=torch_dtype(self.hparams.dtype))
-                ]
+                # Built on first use, sharded like the other frozen models under FSDP.
+                self._ingredients = []
+                for model in self.reference.build_each(dtype=self.frozen_dtype):
+                    model = Frozen(model).to(self.device)
+                    if self.device_mesh is not None:
+                        shard(model, self.device_mesh, self.hparams.fsdp_layer_class)
+                    self._ingredients.append(model)
             models = self._ingredients
         out = {}
         n = rollout.response.shape[1]
