@@ -295,19 +295,16 @@ def fmt(stat: dict[str, float]) -> str:
 
 def plot_rewards(per_item: dict[str, dict[str, dict[str, torch.Tensor]]], path: Path) -> None:
     """Reward distributions per prompt set and model (the paper's Figure 3)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure without pyplot: no global backend switch (notebooks keep inline plots).
+    from matplotlib.figure import Figure
 
     judges = [
         j for j in ("score", "gold") if any(j in it for s in per_item.values() for it in s.values())
     ]
     if not judges:
         return
-    fig, axes = plt.subplots(
-        len(judges), len(per_item), figsize=(5 * len(per_item), 3.2 * len(judges)), squeeze=False
-    )
+    fig = Figure(figsize=(5 * len(per_item), 3.2 * len(judges)))
+    axes = fig.subplots(len(judges), len(per_item), squeeze=False)
     for col, (set_name, items) in enumerate(per_item.items()):
         for row, judge in enumerate(judges):
             ax = axes[row][col]
@@ -318,7 +315,6 @@ def plot_rewards(per_item: dict[str, dict[str, dict[str, torch.Tensor]]], path: 
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def function_main(fn: Callable[..., Any], argv: list[str] | None, prog: str) -> int:

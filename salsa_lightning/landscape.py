@@ -119,14 +119,13 @@ def landscape(
 
 def plot_landscape(result: dict[str, Any], path: Path) -> None:
     """Alpha line (reward vs alpha) or barycentric heatmap (reward on the triangle)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure without pyplot: no global backend switch (notebooks keep inline plots).
+    from matplotlib.figure import Figure
 
     points = result["points"]
     judges = [j for j in ("score", "gold") if j in points[0]]
-    fig, axes = plt.subplots(1, len(judges), figsize=(5 * len(judges), 4), squeeze=False)
+    fig = Figure(figsize=(5 * len(judges), 4))
+    axes = fig.subplots(1, len(judges), squeeze=False)
     names = [Path(c).name for c in result["checkpoints"]]
     for ax, judge in zip(axes[0], judges, strict=True):
         values = [p[judge] for p in points]
@@ -148,7 +147,6 @@ def plot_landscape(result: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{judge} of the soup")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def landscape_main(argv: list[str] | None = None) -> int:

@@ -150,12 +150,31 @@ def frontier(curves: dict[str, list[dict[str, float]]], key: str, n: int = 5) ->
     }
 
 
+def plot_kl_reward(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
+    """Reward against KL to the reference over training, one line per run (from ``eval_curve``)."""
+    # A Figure without pyplot: no global backend switch (notebooks keep inline plots).
+    from matplotlib.figure import Figure
+
+    keys = [
+        k for k in ("eval/score", "eval/gold") if any(k in r for c in curves.values() for r in c)
+    ]
+    if not keys:
+        return
+    fig = Figure(figsize=(5 * len(keys), 4))
+    for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys, strict=True):
+        for name, curve in curves.items():
+            pts = [(r["eval/kl"], r[key]) for r in curve if key in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_xlabel("KL to the run's reference (nats per response)")
+        ax.set_ylabel(key)
+        ax.set_title("KL-reward frontier")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def write_report(root: Path, runs: dict[str, str], eval_dir: str, out: str) -> Path:
     """The quickstart report: evaluation tables, win rates and the KL-reward frontier."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     results = json.loads((root / eval_dir / "results.json").read_text())
     curves = {name: eval_curve(root / log) for name, log in runs.items()}
@@ -165,22 +184,7 @@ def write_report(root: Path, runs: dict[str, str], eval_dir: str, out: str) -> P
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    keys = [
-        k for k in ("eval/score", "eval/gold") if any(k in r for c in curves.values() for r in c)
-    ]
-    if keys:
-        fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
-        for ax, key in zip(axes[0], keys, strict=True):
-            for name, curve in curves.items():
-                pts = [(r["eval/kl"], r[key]) for r in curve if key in r]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-            ax.set_xlabel("KL to the run's reference (nats per response)")
-            ax.set_ylabel(key)
-            ax.set_title("KL-reward frontier")
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "frontier.png", dpi=110)
-        plt.close(fig)
+    plot_kl_reward(curves, out_dir / "frontier.png")
 
     from salsa_lightning.evaluate import markdown_report
 
