@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -614,6 +614,3 @@ class PromptDataModule(_ChatDataModule):
         for key in sorted(extra):
             batch[key] = [r[key] for r in rows]
         return batch
-
-
-DataModuleFactory = Callable[..., _ChatDataModule]

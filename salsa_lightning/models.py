@@ -162,11 +162,6 @@ class Frozen(nn.Module):
         return self.module(*args, **kwargs)
 
 
-def drop_prefixes(state_dict: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, Any]:
-    """The state dict without the entries under ``prefixes`` (frozen models stay out of checkpoints)."""
-    return {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
-
-
 def check_export_dir(export_dir: str | os.PathLike | None, overwrite: bool) -> None:
     """Refuse, before training, to overwrite an export directory that already holds files."""
     if export_dir is None:

@@ -190,6 +190,11 @@ class ValueModel(nn.Module):
 # ----------------------------------------------------------------------------- module
 
 
+def default_ppo_optimizer(params: Any) -> torch.optim.Optimizer:
+    """AdamW at 1e-5, no weight decay: the default when the YAML names no optimizer."""
+    return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+
+
 class SALSAModule(L.LightningModule):
     """SALSA-PPO with a frozen soup reference.
 
@@ -247,7 +252,7 @@ class SALSAModule(L.LightningModule):
         dtype: str | None = None,
         frozen_dtype: str | None = None,
         gradient_checkpointing: bool = False,
-        optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-5),  # noqa: B008
+        optimizer: OptimizerCallable = default_ppo_optimizer,
         export_dir: str | None = None,
         overwrite: bool = False,
         eval_kl_to_each: bool = True,
