@@ -162,6 +162,20 @@ class Frozen(nn.Module):
         return self.module(*args, **kwargs)
 
 
+def check_world_size(written: int | None, trainer: Any) -> None:
+    """Refuse to resume a checkpoint written by another number of processes.
+
+    The data position and the RNG state are per process, and FSDP would reshard the weights
+    silently: the run would continue on other data and samples.
+    """
+    world = trainer.world_size if trainer is not None else None  # None under load_from_checkpoint
+    if written is not None and world is not None and written != world:
+        raise SalsaError(
+            f"checkpoint written with world size {written}, this run has {world}; resume "
+            f"with {written} process(es) (trainer.devices x trainer.num_nodes)."
+        )
+
+
 def check_export_dir(export_dir: str | os.PathLike | None, overwrite: bool) -> None:
     """Refuse, before training, to overwrite an export directory that already holds files."""
     if export_dir is None:

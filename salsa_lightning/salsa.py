@@ -39,6 +39,7 @@ from salsa_lightning.models import (
     add_lora,
     check_export_dir,
     check_model_source,
+    check_world_size,
     export_pretrained,
     full_state_dict,
     keep_frozen_out_of_state_dict,
@@ -806,15 +807,7 @@ class SALSAModule(L.LightningModule):
         saved = checkpoint.get("salsa")
         if saved is None:
             return
-        trainer = self._trainer  # None under load_from_checkpoint
-        written, world = saved.get("world_size"), trainer.world_size if trainer else None
-        if written is not None and world is not None and written != world:
-            # The data position and the RNG state are per process; FSDP would reshard the
-            # weights silently and the run would continue on other data and samples.
-            raise SalsaError(
-                f"checkpoint written with world size {written}, this run has {world}; resume "
-                f"with {written} process(es) (trainer.devices x trainer.num_nodes)."
-            )
+        check_world_size(saved.get("world_size"), self._trainer)
         current = self.recipe()
         # What defines the reference: the weights' contents (paths may move), the soup weights
         # and the mode. Older checkpoints without a key are not checked on it.

@@ -21,6 +21,7 @@ from salsa_lightning.models import (
     add_lora,
     check_export_dir,
     check_model_source,
+    check_world_size,
     export_pretrained,
     full_state_dict,
     keep_frozen_out_of_state_dict,
@@ -155,6 +156,14 @@ class FineTuneModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    # -- checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["world_size"] = self.trainer.world_size
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_world_size(checkpoint.get("world_size"), self._trainer)
 
     # -- export
 

@@ -376,3 +376,26 @@ def test_cli_bad_setting_returns_2_with_message(tmp_path, monkeypatch, capsys):
         "error: data.overflow must be 'truncate' or 'filter', got 'bogus'."
         in capsys.readouterr().err
     )
+
+
+def test_resume_with_another_world_size_is_refused(task_files, tmp_path):
+    """A checkpoint records how many processes wrote it; another count fails with a message
+    instead of silently resharding and continuing on other data."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    module = SFTModule(model=TOK, optimizer=adamw(1e-3))
+    trainer = make_trainer(
+        tmp_path, max_steps=2, limit_val_batches=0, callbacks=[ckpt], enable_checkpointing=True
+    )
+    trainer.fit(module, datamodule=sft_data(task_files, max_samples=32))
+    path = tmp_path / "ckpt" / "last.ckpt"
+    saved = torch.load(path, weights_only=False)
+    assert saved["world_size"] == 1
+    saved["world_size"] = 2  # as if written by a 2-process run
+    torch.save(saved, path)
+    resumed = SFTModule(model=TOK, optimizer=adamw(1e-3))
+    trainer = make_trainer(tmp_path, max_steps=4, limit_val_batches=0)
+    with pytest.raises(SalsaError, match="world size 2, this run has 1"):
+        trainer.fit(resumed, datamodule=sft_data(task_files, max_samples=32), ckpt_path=path)
