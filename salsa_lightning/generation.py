@@ -20,8 +20,9 @@ class GenerationSettings:
         temperature: Sampling temperature (log-probs are computed at the same temperature).
         top_p: Nucleus sampling threshold (1.0: off).
         missing_eos_penalty: Subtracted from the score of a response that never emits EOS.
-        stop_at_eos: Stop decoding once every response has emitted EOS (off in benchmarks, so
-            every system generates the same number of tokens).
+        stop_at_eos: Stop decoding once every response has emitted EOS and mask what follows.
+            Off (benchmarks, so every system generates the same number of tokens), every
+            response is ``max_new_tokens`` long and EOS is an ordinary token.
         do_sample: Sample (PPO's default); False decodes greedily (deterministic evaluation).
     """
 
