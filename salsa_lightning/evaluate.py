@@ -252,6 +252,19 @@ def win_rates(
     return out
 
 
+def load_answers(output: str | os.PathLike) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """Per-answer values of an evaluation output: ``{set: {model: {score|gold|kl|length: [N]}}}``
+    (read back from ``answers/<set>/<model>.jsonl``; ``plot_rewards`` takes it)."""
+    out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for path in sorted(Path(output, "answers").glob("*/*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        keys = [k for k in ("score", "gold", "kl", "length") if k in rows[0]]
+        out.setdefault(path.parent.name, {})[path.stem] = {
+            k: torch.tensor([r[k] for r in rows], dtype=torch.float) for k in keys
+        }
+    return out
+
+
 def write_answers(
     path: Path, model: str, prompts: list[str], answers: list[str], item: dict[str, torch.Tensor]
 ) -> None:

@@ -11,7 +11,7 @@ from conftest import CONFIGS
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.evaluate import evaluate, load_prompts
+from salsa_lightning.evaluate import evaluate, load_answers, load_prompts
 from salsa_lightning.generation import GenerationSettings
 from salsa_lightning.landscape import landscape
 from salsa_lightning.pipeline import Stage, frontier, reward_at_kl, run_pipeline
@@ -54,6 +54,8 @@ def test_evaluate_writes_answers_scores_and_win_rates(stage_outputs, task_files,
     assert len(rows) == 16 and rows[3]["question_id"] == 3 and rows[3]["model_id"] == "b"
     assert rows[3]["choices"][0]["turns"] == [rows[3]["answer"]]
     assert {"score", "gold", "kl"} <= set(rows[3])
+    back = load_answers(tmp_path / "eval")["val"]["b"]
+    assert back["score"].tolist() == pytest.approx([r["score"] for r in rows])
     assert (tmp_path / "eval/rewards.png").stat().st_size > 0
     assert "| comparison |" in (tmp_path / "eval/report.md").read_text()
 
