@@ -15,6 +15,7 @@ reference model on the sampled answers, and writes:
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -330,6 +331,31 @@ def plot_rewards(per_item: dict[str, dict[str, dict[str, torch.Tensor]]], path: 
     fig.savefig(path, dpi=110)
 
 
+def join_list_flags(fn: Callable[..., Any], argv: list[str] | None) -> list[str] | None:
+    """Let list arguments be written shell-style, ``--checkpoints a b``, as well as ``'[a, b]'``."""
+    if argv is None:
+        return None
+    lists = {
+        name
+        for name, p in inspect.signature(fn).parameters.items()
+        if str(p.annotation).startswith("list[")
+    }
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        out.append(token)
+        i += 1
+        if token.startswith("--") and token[2:] in lists:
+            values = []
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+            out.append(
+                values[0] if len(values) == 1 and values[0].startswith("[") else json.dumps(values)
+            )
+    return out
+
+
 def function_main(fn: Callable[..., Any], argv: list[str] | None, prog: str) -> int:
     """A command line for ``fn``: its arguments as flags, or from a YAML with ``--config``."""
     from jsonargparse import ActionConfigFile, ArgumentParser
@@ -337,7 +363,7 @@ def function_main(fn: Callable[..., Any], argv: list[str] | None, prog: str) -> 
     parser = ArgumentParser(prog=prog, description=fn.__doc__.splitlines()[0])
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(fn)
-    cfg = parser.instantiate_classes(parser.parse_args(argv))
+    cfg = parser.instantiate_classes(parser.parse_args(join_list_flags(fn, argv)))
     fn(**{k: v for k, v in vars(cfg).items() if k != "config"})
     return 0
 

@@ -166,3 +166,22 @@ def test_reward_at_matched_kl_interpolates():
     assert table["kl"] == [1.0, 2.0]
     assert table["a"] == [pytest.approx(0.5), pytest.approx(1.0)]
     assert table["b"] == [pytest.approx(2.0), pytest.approx(3.0)]
+
+
+def test_landscape_command_takes_checkpoints_shell_style(stage_outputs, task_files, tmp_path):
+    """``salsa landscape --checkpoints A B ...``, as the README writes it."""
+    from salsa_lightning.cli import main
+
+    code = main(
+        [
+            "landscape",
+            "--checkpoints", str(stage_outputs["sft-1"]), str(stage_outputs["sft-2"]),
+            "--prompts", str(task_files["prompts_val"]),
+            "--points", "2",
+            "--max_prompts", "4",
+            "--output", str(tmp_path / "land"),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    points = json.loads((tmp_path / "land/landscape.json").read_text())["points"]
+    assert [p["weights"] for p in points] == [[0.0, 1.0], [1.0, 0.0]]
