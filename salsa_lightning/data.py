@@ -440,6 +440,19 @@ def left_padded_prompts(
     return ids, padding_mask(torch.tensor([len(r) for r in rows]), ids.shape[1], left=True)
 
 
+def right_padded_chats(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Single-turn prompt + response conversations in ``tokenizer``'s chat format, as a
+    right-padded [B, T] batch of ids and its mask (what a reward model scores)."""
+    rows = [
+        sum(encode_chat(tokenizer, [{"role": "user", "content": p}], r), [])
+        for p, r in zip(prompts, responses, strict=True)
+    ]
+    ids = pad(rows, tokenizer.pad_token_id)
+    return ids, padding_mask(torch.tensor([len(r) for r in rows]), ids.shape[1])
+
+
 def fit_length(
     prompt: list[int], response: list[int], max_length: int, overflow: str
 ) -> tuple[list[int], list[int], bool, bool]:

@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from salsa_lightning import functional as F
-from salsa_lightning.data import encode_chat, left_padded_prompts, pad, padding_mask
+from salsa_lightning.data import left_padded_prompts, right_padded_chats
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.generation import GenerationSettings, response_logprobs, sample
 from salsa_lightning.models import check_model_source, load_tokenizer
@@ -90,16 +90,10 @@ class Scorer:
     def __call__(self, prompts: list[str], answers: list[str]) -> torch.Tensor:
         out = []
         for i in range(0, len(prompts), self.batch_size):
-            rows = [
-                sum(encode_chat(self.tokenizer, [{"role": "user", "content": p}], a), [])
-                for p, a in zip(
-                    prompts[i : i + self.batch_size], answers[i : i + self.batch_size], strict=True
-                )
-            ]
-            ids = pad(rows, self.tokenizer.pad_token_id).to(self.device)
-            mask = padding_mask(
-                torch.tensor([len(r) for r in rows], device=self.device), ids.shape[1]
+            ids, mask = right_padded_chats(
+                self.tokenizer, prompts[i : i + self.batch_size], answers[i : i + self.batch_size]
             )
+            ids, mask = ids.to(self.device), mask.to(self.device)
             out.append(
                 self.model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float().cpu()
             )
@@ -107,6 +101,36 @@ class Scorer:
 
 
 @torch.no_grad()
+def sample_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    generation: GenerationSettings,
+    batch_size: int,
+    seed: int,
+    reference: Any = None,
+) -> tuple[list[str], torch.Tensor | None]:
+    """Sample one answer per prompt, the noise seeded batch by batch (so every model sees the
+    same); with a ``reference`` model, also the per-answer KL estimate [N] (sum over tokens of
+    log pi - log pi_ref on the sampled answer, the k1 estimator)."""
+    device = next(model.parameters()).device
+    answers, kls = [], []
+    for i in range(0, len(prompts), batch_size):
+        query, query_mask = left_padded_prompts(tokenizer, prompts[i : i + batch_size])
+        query, query_mask = query.to(device), query_mask.to(device)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + i)
+            response, mask = sample(model, tokenizer, query, query_mask, generation)
+        answers += tokenizer.batch_decode(response, skip_special_tokens=True)
+        if reference is not None:
+            seq = torch.cat([query, response], 1)
+            attn = torch.cat([query_mask, mask.long()], 1)
+            lp = response_logprobs(model, seq, attn, response, generation.temperature)
+            ref_lp = response_logprobs(reference, seq, attn, response, generation.temperature)
+            kls.append((F.kl_estimate(lp, ref_lp, "k1") * mask).sum(1).cpu())
+    return answers, (torch.cat(kls) if kls else None)
+
+
 def generate_answers(
     model_path: str,
     prompts: list[str],
@@ -116,26 +140,11 @@ def generate_answers(
     device: torch.device,
     reference: str | None = None,
 ) -> tuple[list[str], torch.Tensor | None]:
-    """Sample one answer per prompt; with ``reference``, also the per-answer KL estimate
-    (sum over tokens of log pi - log pi_ref on the sampled answer, the k1 estimator)."""
+    """``sample_answers`` of the model at ``model_path`` (KL to the model at ``reference``)."""
     tokenizer = load_tokenizer(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
     ref = AutoModelForCausalLM.from_pretrained(reference).to(device).eval() if reference else None
-    answers, kls = [], []
-    for i in range(0, len(prompts), batch_size):
-        query, query_mask = left_padded_prompts(tokenizer, prompts[i : i + batch_size])
-        query, query_mask = query.to(device), query_mask.to(device)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed + i)  # the same noise for every model, batch by batch
-            response, mask = sample(model, tokenizer, query, query_mask, generation)
-        answers += tokenizer.batch_decode(response, skip_special_tokens=True)
-        if ref is not None:
-            seq = torch.cat([query, response], 1)
-            attn = torch.cat([query_mask, mask.long()], 1)
-            lp = response_logprobs(model, seq, attn, response, generation.temperature)
-            ref_lp = response_logprobs(ref, seq, attn, response, generation.temperature)
-            kls.append((F.kl_estimate(lp, ref_lp, "k1") * mask).sum(1).cpu())
-    return answers, (torch.cat(kls) if kls else None)
+    return sample_answers(model, tokenizer, prompts, generation, batch_size, seed, ref)
 
 
 def summarize(values: torch.Tensor, seed: int) -> dict[str, float]:

@@ -16,10 +16,15 @@ from typing import Any
 
 import torch
 
-from salsa_lightning.data import left_padded_prompts
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.evaluate import Scorer, function_main, gold_or_none, load_prompts
-from salsa_lightning.generation import GenerationSettings, sample
+from salsa_lightning.evaluate import (
+    Scorer,
+    function_main,
+    gold_or_none,
+    load_prompts,
+    sample_answers,
+)
+from salsa_lightning.generation import GenerationSettings
 from salsa_lightning.models import load_tokenizer
 from salsa_lightning.soup import SoupReference, alpha_line, barycentric_grid, load_soup
 
@@ -36,13 +41,7 @@ def mean_rewards(
     seed: int,
 ) -> dict[str, float]:
     """Mean reward-model score and gold reward of one model's sampled answers."""
-    answers = []
-    for i in range(0, len(prompts), batch_size):
-        query, mask = left_padded_prompts(tokenizer, prompts[i : i + batch_size])
-        with torch.random.fork_rng():
-            torch.manual_seed(seed + i)
-            response, _ = sample(model, tokenizer, query, mask, generation)
-        answers += tokenizer.batch_decode(response, skip_special_tokens=True)
+    answers, _ = sample_answers(model, tokenizer, prompts, generation, batch_size, seed)
     out = {}
     if scorer is not None:
         out["score"] = float(scorer(prompts, answers).mean())

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from salsa_lightning import functional as F
-from salsa_lightning.data import encode_chat, pad
+from salsa_lightning.data import right_padded_chats
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.generation import GenerationSettings, position_ids, response_logits, sample
 from salsa_lightning.models import (
@@ -514,16 +514,8 @@ class SALSAModule(L.LightningModule):
         if self.reward_tokenizer is None:
             ids, mask = rollout.sequence, rollout.attention_mask
         else:
-            tok = self.reward_tokenizer
-            rows = [
-                sum(encode_chat(tok, [{"role": "user", "content": p}], r), [])
-                for p, r in zip(rollout.prompts, rollout.texts, strict=True)
-            ]
-            ids = pad(rows, tok.pad_token_id).to(self.device)
-            mask = (
-                torch.arange(ids.shape[1], device=self.device)
-                < torch.tensor([len(r) for r in rows], device=self.device)[:, None]
-            ).long()
+            ids, mask = right_padded_chats(self.reward_tokenizer, rollout.prompts, rollout.texts)
+            ids, mask = ids.to(self.device), mask.to(self.device)
         return self.reward(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
 
     def shape_scores(self, rollout: Rollout) -> Tensor:
