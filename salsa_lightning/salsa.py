@@ -14,6 +14,7 @@ multiple_kl`` is the paper's baseline: a KL penalty to each SFT model, weighted,
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import warnings
@@ -25,7 +26,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -836,6 +837,16 @@ class SALSAModule(L.LightningModule):
         state_dict = full_state_dict(self.policy)  # gathered on every rank under FSDP2
         if self.trainer.is_global_zero:
             extras = {"salsa_training.json": {"stage": "SALSAModule", "recipe": self.recipe()}}
-            export_pretrained(self.policy, self.tokenizer, export_dir, extras, state_dict)
+            policy = self.policy
+            if self.lora is not None and state_dict is None:
+                # The adapter's base may be a soup that exists only in memory: export the
+                # merged model, which plain transformers loads on its own.
+                policy = copy.deepcopy(self.policy).merge_and_unload()
+            elif self.lora is not None:
+                rank_zero_warn(
+                    "SALSAModule: a sharded LoRA policy is exported as its adapter; its base is "
+                    "the reference recipe in salsa_training.json."
+                )
+            export_pretrained(policy, self.tokenizer, export_dir, extras, state_dict)
             rank_zero_info(f"SALSAModule: policy exported to {export_dir}")
         self.trainer.strategy.barrier("export")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -240,7 +241,8 @@ def test_a_short_run_raises_the_reward(stage_outputs, task_dir, tmp_path):
 
 def test_lora_on_the_soup_shares_the_reference(stage_outputs, task_dir, tmp_path):
     L.seed_everything(0)
-    module = build(stage_outputs, lora=LoraSettings(r=4, alpha=8), lr=1e-3)
+    export = tmp_path / "policy"
+    module = build(stage_outputs, lora=LoraSettings(r=4, alpha=8), lr=1e-3, export_dir=str(export))
     data = prompts(stage_outputs, task_dir)
     before = validate(module, data, tmp_path)
     assert module.ref_models is None  # the reference is the policy with its adapter disabled
@@ -254,6 +256,11 @@ def test_lora_on_the_soup_shares_the_reference(stage_outputs, task_dir, tmp_path
     assert same({k: state[k] for k in frozen}, frozen)  # base weights untouched
     assert not same({k: state[k] for k in lora}, lora)  # the adapter trained
     assert after["eval/kl"] != 0.0
+    # The soup base exists only in memory, so the export is the merged model.
+    merged = copy.deepcopy(module.policy).merge_and_unload().state_dict()
+    loaded = AutoModelForCausalLM.from_pretrained(export).state_dict()
+    assert loaded.keys() == merged.keys()
+    assert all(torch.equal(loaded[k], merged[k]) for k in merged)
 
 
 def test_value_head_replaces_the_critic(stage_outputs, task_dir, tmp_path):
