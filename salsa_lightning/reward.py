@@ -34,8 +34,8 @@ class RewardModule(FineTuneModule):
 
     Logs ``train/loss``, ``train/accuracy`` and, on validation, ``val/accuracy`` (pairwise
     accuracy), ``val/margin`` (mean r_chosen - r_rejected), ``val/reward_mean`` and
-    ``val/reward_std`` over all scored responses. The export holds ``reward_stats.json`` with
-    the last validation's mean and std, so PPO can normalise rewards.
+    ``val/reward_std`` over all scored responses. The export holds ``reward_stats.json``: the
+    final weights' mean, std and accuracy on the validation set, so PPO can normalise rewards.
     """
 
     auto_class = AutoModelForSequenceClassification

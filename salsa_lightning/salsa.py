@@ -49,7 +49,7 @@ from salsa_lightning.models import (
     torch_dtype,
 )
 from salsa_lightning.reward import REWARD_STATS
-from salsa_lightning.soup import SoupReference, load_soup
+from salsa_lightning.soup import SoupReference, config_dir, load_soup
 
 # (prompts, responses) -> Tensor[B]; typed loosely so YAML can name any callable class.
 RewardFunction = Callable[..., Any]
@@ -349,13 +349,7 @@ class SALSAModule(L.LightningModule):
             check_export_dir(hp.export_dir, hp.overwrite)
 
     def _first_model_dir(self) -> str:
-        first = Path(self.reference.checkpoints[0])
-        if (first / "adapter_config.json").exists():
-            base = json.loads((first / "adapter_config.json").read_text())[
-                "base_model_name_or_path"
-            ]
-            return base
-        return str(first)
+        return str(config_dir(self.reference.checkpoints[0]))
 
     @staticmethod
     def _check_reward_model(path: str) -> None:

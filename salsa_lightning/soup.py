@@ -491,6 +491,15 @@ def _resolve_base(adapter_dir: Path, cfg: dict) -> Path:
     )
 
 
+def config_dir(checkpoint: str | Path) -> Path:
+    """The directory whose config.json describes ``checkpoint``'s model: the checkpoint itself,
+    or the base model of a LoRA adapter directory."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / ADAPTER_CONFIG).is_file():
+        return _resolve_base(checkpoint, _read_json(checkpoint / ADAPTER_CONFIG))
+    return checkpoint
+
+
 def _read_adapter(d: Path) -> _Adapter:
     cfg = _read_json(d / ADAPTER_CONFIG)
     if cfg.get("peft_type") != "LORA":
@@ -925,12 +934,7 @@ def load_soup(
 
     state = soup_state_dict(checkpoints, weights)
     first = Path(checkpoints[0])
-    plan_cfg_dir = (
-        _resolve_base(first, _read_json(first / ADAPTER_CONFIG))
-        if (first / ADAPTER_CONFIG).is_file()
-        else first
-    )
-    config = AutoConfig.from_pretrained(str(plan_cfg_dir))
+    config = AutoConfig.from_pretrained(str(config_dir(first)))
     if dtype is None:
         dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     cls = model_class or AutoModelForCausalLM
