@@ -49,6 +49,11 @@ def task_dir(task_files: dict[str, Path]) -> Path:
     return task_files["task"].parent
 
 
+def adamw(lr: float):
+    """An optimizer factory as the modules take it: AdamW at ``lr``, no weight decay."""
+    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
 def make_trainer(root: Path, **kwargs) -> L.Trainer:
     """A quiet single-process CPU Trainer."""
     defaults = dict(

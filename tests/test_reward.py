@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from conftest import BASE, CONFIGS, make_trainer
+from conftest import BASE, CONFIGS, adamw, make_trainer
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -19,10 +19,6 @@ from salsa_lightning.models import LoraSettings
 from salsa_lightning.reward import REWARD_STATS, RewardModule, score
 
 TOK = str(BASE)
-
-
-def adamw(lr: float):
-    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
 def pair_data(task_files, **kwargs) -> PreferenceDataModule:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from conftest import BASE, CONFIGS, make_trainer
+from conftest import BASE, CONFIGS, adamw, make_trainer
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -22,10 +22,6 @@ from salsa_lightning.models import LoraSettings
 from salsa_lightning.sft import SFTModule, token_stats
 
 TOK = str(BASE)
-
-
-def adamw(lr: float):
-    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
 def sft_data(task_files, **kwargs) -> SFTDataModule:
