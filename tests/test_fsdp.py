@@ -93,18 +93,23 @@ def first(rows: list[dict[str, float]], key: str) -> float:
     return next(r[key] for r in rows if key in r)
 
 
+FSDP2 = [
+    "--config",
+    str(CONFIGS / "fsdp.yaml"),
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.devices",
+    "2",
+    "--trainer.strategy.init_args.data_parallel_size",
+    "2",
+]
+
+
 def test_salsa_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp_path):
     single, sharded = tmp_path / "single", tmp_path / "fsdp"
     run(salsa_args(stage_outputs, task_dir, single, per_rank_batch=8), tmp_path)
     fsdp = [
-        "--config",
-        str(CONFIGS / "fsdp.yaml"),
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.devices",
-        "2",
-        "--trainer.strategy.init_args.data_parallel_size",
-        "2",
+        *FSDP2,
         "--trainer.callbacks+=ModelCheckpoint",
         "--trainer.callbacks.save_last",
         "true",
@@ -196,18 +201,6 @@ def stage_args(
         "--trainer.logger.init_args.save_dir",
         str(root / "logs"),
     ]
-
-
-FSDP2 = [
-    "--config",
-    str(CONFIGS / "fsdp.yaml"),
-    "--trainer.accelerator",
-    "cpu",
-    "--trainer.devices",
-    "2",
-    "--trainer.strategy.init_args.data_parallel_size",
-    "2",
-]
 
 
 def run_both(config: str, tmp_path: Path, task_dir: Path, extra: list[str]) -> tuple[Path, Path]:
