@@ -289,6 +289,9 @@ class SALSAModule(L.LightningModule):
         self.value_head_layer: nn.Module | None = None
         self.reward_stats: dict[str, float] | None = None
         self.reward_tokenizer: Any = None
+        # Each soup ingredient, built on the first validation that measures the KL to it; a
+        # plain list, so never registered, checkpointed or optimised.
+        self._ingredients: list[nn.Module] | None = None
         self.skips = 0
         keep_frozen_out_of_state_dict(self)  # frozen weights are rebuilt from their recipe
         self.strict_loading = False
@@ -739,7 +742,7 @@ class SALSAModule(L.LightningModule):
         if self.hparams.reference_mode == "multiple_kl":
             models = list(self.ref_models)
         else:
-            if getattr(self, "_ingredients", None) is None:
+            if self._ingredients is None:
                 # Built on first use, sharded like the other frozen models under FSDP.
                 self._ingredients = []
                 for model in self.reference.build_each(dtype=self.frozen_dtype):
