@@ -13,7 +13,13 @@ Both systems run classic PPO (the reference is one checkpoint) on the same work:
 * the same PPO update: ``--ppo-epochs`` epochs of one minibatch (the whole rollout) split into
   micro-batches of ``--micro-batch-size``, AdamW (fused, as TRL's default ``adamw_torch_fused``)
   with the same learning rate, the same KL coefficient, temperature, clip ranges and GAE
-  settings; no gradient checkpointing, no autocast (TRL's ``bf16`` default is turned off).
+  settings; no gradient clipping (TRL's PPO loop has none), no gradient checkpointing, no
+  autocast (TRL's ``bf16`` default is turned off).
+
+Ours runs as the ``salsa`` command runs it: with glibc's mmap threshold fixed, so freed
+tensor memory goes back to the OS (``--no-malloc-tuning`` turns that off, to show its share).
+On a GPU our generation uses the static KV cache, which ``generate`` compiles (the first,
+untimed iteration pays for the compilation).
 
 Each run is a fresh subprocess, so its peak memory is its own: peak RSS
 (``getrusage(RUSAGE_SELF).ru_maxrss``) on CPU, ``torch.cuda.max_memory_allocated`` on GPU. The
@@ -89,6 +95,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "iterations": 1,
         "ppo_epochs": 1,
         "repeats": 2,
+        # On a GPU: the run that ../shared/ENVIRONMENT.md reports for TRL on an H200.
+        "cuda": {
+            "prompt_length": 64,
+            "batch_size": 32,
+            "new_tokens": 128,
+            "iterations": 3,
+            "ppo_epochs": 4,
+            "repeats": 1,
+        },
     },
     # Llama 3.2 1B's shape. GPU only.
     "1b": {
@@ -103,9 +118,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "prompt_length": 64,
         "batch_size": 16,
         "new_tokens": 128,
-        "iterations": 3,
-        "ppo_epochs": 2,
-        "repeats": 2,
+        "iterations": 2,
+        "ppo_epochs": 4,
+        "repeats": 1,
     },
 }
 SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -212,16 +227,17 @@ def make_inputs(root: Path, p: dict[str, Any], s: dict[str, Any]) -> dict[str, s
     config = model_config(p, tokenizer, s["prompt_length"] + s["new_tokens"])
     dtype = torch_dtype(s["dtype"])
     paths = {"policy": root / "policy", "reward": root / "reward"}
-    torch.manual_seed(s["seed"])
-    policy = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    policy.save_pretrained(paths["policy"])
-    del policy
-    config.num_labels = 1
-    torch.manual_seed(s["seed"] + 1)
-    reward = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
-    reward.save_pretrained(paths["reward"])
-    del reward
+    with torch.device(s["device"]):  # random init of a 1B model is slow on CPU
+        torch.manual_seed(s["seed"])
+        policy = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        policy.generation_config.pad_token_id = tokenizer.pad_token_id
+        policy.save_pretrained(paths["policy"])
+        del policy
+        config.num_labels = 1
+        torch.manual_seed(s["seed"] + 1)
+        reward = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+        reward.save_pretrained(paths["reward"])
+        del reward
     for path in paths.values():
         tokenizer.save_pretrained(path)
 
@@ -282,10 +298,13 @@ def child_ours(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[st
     import torch
 
     from salsa_lightning import PromptDataModule, SALSAModule
+    from salsa_lightning.cli import return_freed_memory_to_os
     from salsa_lightning.salsa import GenerationSettings, KLSettings, PPOSettings
     from salsa_lightning.soup import SoupReference
 
     import_rss = rss_mib()
+    if s["malloc_tuning"]:  # as the `salsa` command does
+        return_freed_memory_to_os()
     device = s["device"]
 
     class Timer(L.Callback):
@@ -340,6 +359,7 @@ def child_ours(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[st
             epochs=s["ppo_epochs"],
             minibatch_size=s["batch_size"],
             micro_batch_size=s["micro_batch_size"],
+            max_grad_norm=None,  # TRL's PPO loop does not clip gradients
         ),
         dtype=s["dtype"],
         optimizer=lambda params: torch.optim.AdamW(
@@ -523,6 +543,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--no-fused-adamw", action="store_true", help="plain AdamW in both")
+    parser.add_argument(
+        "--no-malloc-tuning",
+        action="store_true",
+        help="ours without the glibc mmap threshold that the salsa command sets",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per child run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -531,7 +556,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def settings_from(args: argparse.Namespace) -> dict[str, Any]:
-    p = PRESETS[args.preset]
+    p = {**PRESETS[args.preset], **PRESETS[args.preset].get(args.device, {})}
 
     def pick(name: str) -> Any:
         value = getattr(args, name)
@@ -551,6 +576,7 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "threads": args.threads,
         "fused_adamw": not args.no_fused_adamw,
+        "malloc_tuning": not args.no_malloc_tuning,
         "ppo_minibatches": 1,
         "learning_rate": LEARNING_RATE,
         "kl_coef": KL_COEF,

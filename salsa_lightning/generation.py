@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from salsa_lightning import functional as F
+from salsa_lightning.errors import SalsaError
 
 
 @dataclass
@@ -24,6 +25,11 @@ class GenerationSettings:
             Off (benchmarks, so every system generates the same number of tokens), every
             response is ``max_new_tokens`` long and EOS is an ordinary token.
         do_sample: Sample (PPO's default); False decodes greedily (deterministic evaluation).
+        cache: KV cache for decoding. ``"static"``: a fixed-size cache, which ``generate``
+            compiles on a GPU (CUDA graphs), so decoding is not bound by Python overhead;
+            ``"dynamic"``: the default growing cache; ``"auto"``: static on one CUDA device,
+            dynamic on CPU and under FSDP (synced decoding). Both give the same tokens; the
+            log-probs used for training are always recomputed by a plain forward pass.
     """
 
     max_new_tokens: int = 16
@@ -32,6 +38,38 @@ class GenerationSettings:
     missing_eos_penalty: float = 1.0
     stop_at_eos: bool = True
     do_sample: bool = True
+    cache: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.cache not in CACHES:
+            raise SalsaError(
+                f"generation.cache must be one of {', '.join(CACHES)}, got {self.cache!r}."
+            )
+
+
+CACHES = ("auto", "static", "dynamic")
+# Prompts are left-padded to a multiple of this under the static cache, so that batches of
+# slightly different prompt lengths reuse one compiled decoding graph.
+STATIC_PROMPT_BUCKET = 32
+
+
+def use_static_cache(cache: str, device: torch.device, sharded: bool) -> bool:
+    """Whether ``sample`` decodes with the static (compiled on GPU) KV cache: under ``"auto"``,
+    only for a model on one CUDA device that no FSDP wrapper shards."""
+    if cache == "auto":
+        return device.type == "cuda" and not sharded
+    return cache == "static"
+
+
+def pad_left(ids: Tensor, mask: Tensor, multiple: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad [B, P] ids and mask to a length that is a multiple of ``multiple``."""
+    extra = -ids.shape[1] % multiple
+    if not extra:
+        return ids, mask
+    return (
+        torch.nn.functional.pad(ids, (extra, 0), value=pad_id),
+        torch.nn.functional.pad(mask, (extra, 0), value=0),
+    )
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -47,6 +85,7 @@ def sample(
     query_mask: Tensor,
     settings: GenerationSettings,
     synced: bool = False,
+    sharded: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Sample one response per left-padded prompt with the KV cache.
 
@@ -57,6 +96,8 @@ def sample(
         query_mask: [B, P] attention mask of the prompts.
         settings: Sampling settings.
         synced: Keep every rank decoding until all are done (required under FSDP).
+        sharded: The model is wrapped by FSDP (even on one rank): ``cache="auto"`` then keeps
+            the dynamic cache, as FSDP's hooks do not compile into CUDA graphs.
 
     Returns:
         ``(response, mask)``: [B, R] ids with pad after the first EOS, and the [B, R] float mask
@@ -64,6 +105,11 @@ def sample(
     """
     s = settings
     sampling = {"temperature": s.temperature, "top_p": s.top_p, "top_k": 0} if s.do_sample else {}
+    if use_static_cache(s.cache, query.device, sharded or synced):
+        sampling["cache_implementation"] = "static"
+        query, query_mask = pad_left(
+            query, query_mask, STATIC_PROMPT_BUCKET, tokenizer.pad_token_id
+        )
     out = model.generate(
         input_ids=query,
         attention_mask=query_mask,

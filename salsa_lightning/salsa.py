@@ -26,6 +26,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -485,7 +486,10 @@ class SALSAModule(L.LightningModule):
         tok = self.tokenizer
         query, query_mask = batch["input_ids"], batch["attention_mask"]
         synced = self.trainer.world_size > 1
-        response, mask = sample(self.policy, tok, query, query_mask, self.generation, synced)
+        sharded = not isinstance(self.trainer.strategy, SingleDeviceStrategy)
+        response, mask = sample(
+            self.policy, tok, query, query_mask, self.generation, synced, sharded
+        )
         texts = tok.batch_decode(response, skip_special_tokens=True)
         return Rollout(query, query_mask, response, mask, list(batch["prompt"]), texts)
 
