@@ -76,7 +76,7 @@ def fit(
         limit_train_batches=min(rollouts, per_epoch),
         max_epochs=-(-rollouts // per_epoch),  # ceil: as many epochs as the rollouts need
         limit_val_batches=0,
-        callbacks=[recorder],
+        callbacks=[recorder, *kwargs.pop("callbacks", [])],
         **kwargs,
     )
     trainer.fit(module, datamodule=data)
