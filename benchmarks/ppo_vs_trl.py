@@ -238,6 +238,8 @@ def make_inputs(root: Path, p: dict[str, Any], s: dict[str, Any]) -> dict[str, s
         reward = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
         reward.save_pretrained(paths["reward"])
         del reward
+    if s["device"] == "cuda":
+        torch.cuda.empty_cache()  # the children get the whole GPU
     for path in paths.values():
         tokenizer.save_pretrained(path)
 

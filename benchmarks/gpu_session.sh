@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 6 and 7, as run on a rented single-GPU machine (H100/H200) that has
+# torch, transformers, lightning and peft but not datasets, trl or jsonargparse: those travel
+# as wheels in .whl/ (see ../shared/ENVIRONMENT.md). Everything it measures lands in $OUT.
+#   bash benchmarks/gpu_session.sh            (OUT defaults to ./gpu-out)
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export SALSA_GPU_REPORT="$OUT/gpu_report.jsonl"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
+  || export PYTHONPATH="${PYTHONPATH:-}:$PWD"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, transformers, lightning, peft, datasets, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__, 'peft', peft.__version__, 'datasets', datasets.__version__, 'trl', trl.__version__)"
+} 2>&1 | tee "$OUT/device.txt"
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "=== $name: exit $? after $((SECONDS - t0)) s"
+  grep -v -E "Loading weights|Writing model|it/s\]|examples/s\]" "$OUT/$name.log" | tail -n 25
+}
+
+step gpu_tests 150 python3 -m pytest -m gpu -p no:cacheprovider -p no:warnings -q -s tests/
+step bench_gpt2 150 python3 benchmarks/ppo_vs_trl.py --preset gpt2-small --device cuda --timeout 120
+step bench_1b 200 python3 benchmarks/ppo_vs_trl.py --preset 1b --device cuda --timeout 150
