@@ -115,16 +115,17 @@ def sample(
         attention_mask=query_mask,
         do_sample=s.do_sample,
         max_new_tokens=s.max_new_tokens,
-        min_new_tokens=0 if s.stop_at_eos else s.max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
+        # No stop: EOS is an ordinary token and every response is max_new_tokens long.
+        eos_token_id=tokenizer.eos_token_id if s.stop_at_eos else None,
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
         synced_gpus=synced,
         **sampling,
     )
-    return F.truncate_after_eos(
-        out[:, query.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id
-    )
+    response = out[:, query.shape[1] :]
+    if not s.stop_at_eos:
+        return response, torch.ones_like(response, dtype=torch.float32)
+    return F.truncate_after_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
 
 
 def response_logits(

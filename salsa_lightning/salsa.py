@@ -193,6 +193,12 @@ class ValueModel(nn.Module):
 # ----------------------------------------------------------------------------- module
 
 
+def mean_stats(totals: dict[str, list[Tensor]]) -> dict[str, float]:
+    """The mean of each stat's scalar tensors, read from the device in one transfer."""
+    means = [torch.stack(v).mean() for v in totals.values()]
+    return dict(zip(totals, torch.stack(means).tolist(), strict=True)) if means else {}
+
+
 def default_ppo_optimizer(params: Any) -> torch.optim.Optimizer:
     """AdamW at 1e-5, no weight decay: the default when the YAML names no optimizer."""
     return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
@@ -558,24 +564,32 @@ class SALSAModule(L.LightningModule):
         rollout.advantages = advantages
 
     def update(self, rollout: Rollout) -> dict[str, float]:
-        """K epochs of clipped PPO over minibatches with gradient accumulation."""
+        """K epochs of clipped PPO over minibatches with gradient accumulation.
+
+        The GPU is synchronised once per optimizer step (is every micro-batch's loss finite?)
+        and once at the end (the stats), so the host queues the next passes while it computes.
+        """
         ppo = self.ppo
         optimizer = self.optimizers()
         rows = rollout.query.shape[0]
         accumulate = max(1, ppo.minibatch_size // ppo.micro_batch_size)
-        totals: dict[str, list[float]] = {}
+        totals: dict[str, list[Tensor]] = {}
         for _ in range(ppo.epochs):
             order = torch.randperm(rows, device=self.device)
             for start in range(0, rows, ppo.minibatch_size):
                 minibatch = order[start : start + ppo.minibatch_size]
+                finite = torch.ones((), device=self.device)
                 for micro in minibatch.split(ppo.micro_batch_size):
                     loss, stats = self.ppo_loss(rollout.select(micro))
-                    if not torch.isfinite(loss):
-                        optimizer.zero_grad()
-                        return self._skip("loss", totals)
+                    finite = finite * torch.isfinite(loss)
                     self.manual_backward(loss / accumulate)
                     for k, v in stats.items():
-                        totals.setdefault(k, []).append(float(v))
+                        totals.setdefault(k, []).append(v.detach().float())
+                if self.trainer.world_size > 1:  # every rank skips, or none does
+                    finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+                if not finite:  # the non-finite gradients are dropped with the update
+                    optimizer.zero_grad()
+                    return self._skip("loss", totals)
                 if ppo.max_grad_norm is not None:
                     self.clip_gradients(
                         optimizer,
@@ -585,7 +599,7 @@ class SALSAModule(L.LightningModule):
                 optimizer.step()
                 optimizer.zero_grad()
         self.skips = 0
-        return {k: sum(v) / len(v) for k, v in totals.items()}
+        return mean_stats(totals)
 
     def ppo_loss(self, mb: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
         """Clipped policy loss + vf_coef * clipped value loss (- entropy bonus, + KL term)."""
@@ -621,7 +635,7 @@ class SALSAModule(L.LightningModule):
             stats["loss/kl"] = kl_loss.detach()
         return loss, stats
 
-    def _skip(self, what: str, totals: dict[str, list[float]]) -> dict[str, float]:
+    def _skip(self, what: str, totals: dict[str, list[Tensor]]) -> dict[str, float]:
         self.skips += 1
         self.log("train/skipped_updates", float(self.skips))
         warnings.warn(
@@ -632,7 +646,7 @@ class SALSAModule(L.LightningModule):
                 f"{self.skips} PPO updates in a row were skipped for a non-finite {what} "
                 f"(model.max_skips={self.hparams.max_skips}); lower the learning rate or check the reward."
             )
-        return {k: sum(v) / len(v) for k, v in totals.items() if v}
+        return mean_stats(totals)
 
     # ------------------------------------------------------------------ Lightning hooks
 

@@ -47,7 +47,12 @@ class Recorder(L.Callback):
 
 
 def build(
-    out: dict[str, Path], checkpoints=("sft-1", "sft-2"), weights=(0.5, 0.5), lr=1e-4, **kwargs
+    out: dict[str, Path],
+    checkpoints=("sft-1", "sft-2"),
+    weights=(0.5, 0.5),
+    lr=1e-4,
+    cls=SALSAModule,
+    **kwargs,
 ) -> SALSAModule:
     kwargs.setdefault("reward_model", str(out["reward"]))
     kwargs.setdefault("generation", GenerationSettings(max_new_tokens=8))
@@ -55,9 +60,7 @@ def build(
     reference = SoupReference(
         [str(out[c]) for c in checkpoints], None if weights is None else list(weights)
     )
-    return SALSAModule(
-        reference=reference, optimizer=lambda p: torch.optim.AdamW(p, lr=lr), **kwargs
-    )
+    return cls(reference=reference, optimizer=lambda p: torch.optim.AdamW(p, lr=lr), **kwargs)
 
 
 def prompts(out: dict[str, Path], task_dir: Path, **kwargs) -> PromptDataModule:
@@ -308,6 +311,43 @@ def test_a_skipped_update_leaves_the_policy_unchanged(stage_outputs, task_dir, t
     assert recorder.metrics[-1]["train/skipped_updates"] == 2.0
     assert "loss/policy" not in trainer.callback_metrics  # no update ran
     assert same(snapshot(module), recorder.start)
+
+
+class NaNLossOnSecondMicroBatch(SALSAModule):
+    """A SALSA module whose PPO loss turns NaN on the second micro-batch of the first update."""
+
+    micro_batches = 0
+
+    def ppo_loss(self, mb):
+        loss, stats = super().ppo_loss(mb)
+        type(self).micro_batches += 1
+        return (loss * float("nan") if type(self).micro_batches == 2 else loss), stats
+
+
+def test_a_non_finite_loss_drops_the_whole_optimizer_step(stage_outputs, task_dir, tmp_path):
+    """The first micro-batch's gradients were already accumulated when the second one's loss
+    turned NaN: the step is skipped, both are dropped, and the next rollout updates again."""
+
+    class AfterFirstRollout(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            if batch_idx == 0:
+                self.weights = snapshot(module)
+
+    L.seed_everything(0)
+    NaNLossOnSecondMicroBatch.micro_batches = 0
+    module = build(
+        stage_outputs,
+        cls=NaNLossOnSecondMicroBatch,
+        ppo=PPOSettings(epochs=1, minibatch_size=8, micro_batch_size=4),
+    )
+    after_first = AfterFirstRollout()
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        _, recorder = fit(
+            module, prompts(stage_outputs, task_dir), tmp_path, 2, callbacks=[after_first]
+        )
+    assert recorder.metrics[0]["train/skipped_updates"] == 1.0
+    assert same(after_first.weights, recorder.start)  # nothing of the first rollout applied
+    assert module.skips == 0 and not same(snapshot(module), recorder.start)
 
 
 # ----------------------------------------------------------------------------- bad inputs
