@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,11 +26,12 @@ class GenerationSettings:
             Off (benchmarks, so every system generates the same number of tokens), every
             response is ``max_new_tokens`` long and EOS is an ordinary token.
         do_sample: Sample (PPO's default); False decodes greedily (deterministic evaluation).
-        cache: KV cache for decoding. ``"static"``: a fixed-size cache, which ``generate``
-            compiles on a GPU (CUDA graphs), so decoding is not bound by Python overhead;
-            ``"dynamic"``: the default growing cache; ``"auto"``: static on one CUDA device,
-            dynamic on CPU and under FSDP (synced decoding). Both give the same tokens; the
-            log-probs used for training are always recomputed by a plain forward pass.
+        cache: KV cache for decoding. ``"static"``: :class:`StaticDecoder`, a fixed-size
+            cache and, on a GPU, one compiled forward per token replayed as a CUDA graph, so
+            decoding is not bound by Python overhead; ``"dynamic"``: ``generate`` with its
+            growing cache; ``"auto"``: static on one CUDA device, dynamic on CPU and under FSDP.
+            Both decode the same tokens; the log-probs used for training are always recomputed
+            by a plain forward pass.
     """
 
     max_new_tokens: int = 16
@@ -48,8 +50,8 @@ class GenerationSettings:
 
 
 CACHES = ("auto", "static", "dynamic")
-# Prompts are left-padded to a multiple of this under the static cache, so that batches of
-# slightly different prompt lengths reuse one compiled decoding graph.
+# The static cache's prompt length is a multiple of this (shorter prompts are left-padded), so
+# batches of slightly different prompt lengths reuse one compiled decoding graph.
 STATIC_PROMPT_BUCKET = 32
 
 
@@ -61,11 +63,9 @@ def use_static_cache(cache: str, device: torch.device, sharded: bool) -> bool:
     return cache == "static"
 
 
-def pad_left(ids: Tensor, mask: Tensor, multiple: int, pad_id: int) -> tuple[Tensor, Tensor]:
-    """Left-pad [B, P] ids and mask to a length that is a multiple of ``multiple``."""
-    extra = -ids.shape[1] % multiple
-    if not extra:
-        return ids, mask
+def pad_left(ids: Tensor, mask: Tensor, length: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad [B, P] ids and mask to [B, length] (P <= length)."""
+    extra = length - ids.shape[1]
     return (
         torch.nn.functional.pad(ids, (extra, 0), value=pad_id),
         torch.nn.functional.pad(mask, (extra, 0), value=0),
@@ -104,28 +104,158 @@ def sample(
         that is 1 up to and including that EOS.
     """
     s = settings
-    sampling = {"temperature": s.temperature, "top_p": s.top_p, "top_k": 0} if s.do_sample else {}
-    if use_static_cache(s.cache, query.device, sharded or synced):
-        sampling["cache_implementation"] = "static"
-        query, query_mask = pad_left(
-            query, query_mask, STATIC_PROMPT_BUCKET, tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id if s.stop_at_eos else None
+    response = None
+    if use_static_cache(s.cache, query.device, sharded or synced) and not static_failed(model):
+        try:
+            response = static_decoder(model, query.shape[0], s.max_new_tokens)(
+                query, query_mask, s, eos, tokenizer.pad_token_id
+            )
+        except Exception as err:  # compiling depends on the model and the torch build
+            model.__dict__[STATIC_FAILED] = repr(err)
+            warnings.warn(
+                f"static-cache decoding failed for {type(model).__name__} ({err!r}); this "
+                "model decodes with generate's dynamic cache from now on "
+                "(set generation.cache: dynamic to silence this).",
+                stacklevel=2,
+            )
+    if response is None:
+        sampling = {"temperature": s.temperature, "top_p": s.top_p, "top_k": 0}
+        out = model.generate(
+            input_ids=query,
+            attention_mask=query_mask,
+            do_sample=s.do_sample,
+            max_new_tokens=s.max_new_tokens,
+            eos_token_id=eos,  # None: EOS is an ordinary token, every response is full length
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+            synced_gpus=synced,
+            **(sampling if s.do_sample else {}),
         )
-    out = model.generate(
-        input_ids=query,
-        attention_mask=query_mask,
-        do_sample=s.do_sample,
-        max_new_tokens=s.max_new_tokens,
-        # No stop: EOS is an ordinary token and every response is max_new_tokens long.
-        eos_token_id=tokenizer.eos_token_id if s.stop_at_eos else None,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-        synced_gpus=synced,
-        **sampling,
-    )
-    response = out[:, query.shape[1] :]
-    if not s.stop_at_eos:
+        response = out[:, query.shape[1] :]
+    if eos is None:
         return response, torch.ones_like(response, dtype=torch.float32)
-    return F.truncate_after_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return F.truncate_after_eos(response, eos, tokenizer.pad_token_id)
+
+
+def next_tokens(logits: Tensor, settings: GenerationSettings) -> Tensor:
+    """[B, V] next-token logits -> [B] tokens: greedy, or sampled at ``temperature`` from the
+    smallest set of tokens whose probability reaches ``top_p`` (as ``generate`` samples)."""
+    if not settings.do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / settings.temperature
+    if settings.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1)  # ascending, as transformers' top-p warper
+        mass_below = sorted_logits.softmax(-1).cumsum(-1)
+        drop = mass_below <= 1 - settings.top_p
+        drop[:, -1] = False  # keep at least the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+
+
+class StaticDecoder:
+    """Decode with a fixed-size KV cache and fixed shapes, so that on a GPU the forward of each
+    new token is compiled once and replayed as a CUDA graph (no per-token Python overhead in
+    the model). Prompts are left-padded to the cache's prompt length, so one compiled graph
+    serves every batch of ``batch`` prompts up to that length.
+
+    The cache stays allocated between calls (``2 x layers x batch x length x kv width``); a
+    longer prompt re-creates it (and compiles again).
+    """
+
+    def __init__(self, model: nn.Module, batch: int, new_tokens: int) -> None:
+        self.model, self.batch, self.new_tokens = model, batch, new_tokens
+        self.prompt_length = 0
+        self.cache: Any = None
+        self.step = self.forward
+
+    def forward(
+        self, ids: Tensor, mask: Tensor, position: Tensor, cache_position: Tensor
+    ) -> Tensor:
+        """One forward through the cache -> [B, V] logits of the last position."""
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position,
+            cache=self.cache,
+            cache_position=cache_position,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1]
+
+    def _fit(self, prompt_length: int, device: torch.device) -> None:
+        """Make the cache hold ``prompt_length`` prompt tokens (re-created, larger, if needed)."""
+        if self.cache is not None and prompt_length <= self.prompt_length:
+            self.cache.reset()
+            return
+        from transformers import StaticCache
+
+        self.prompt_length = -(-prompt_length // STATIC_PROMPT_BUCKET) * STATIC_PROMPT_BUCKET
+        self.cache = StaticCache(
+            config=self.model.config, max_cache_len=self.prompt_length + self.new_tokens
+        )
+        if device.type == "cuda":
+            self.step = torch.compile(self.forward, mode="reduce-overhead", dynamic=False)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        query: Tensor,
+        query_mask: Tensor,
+        settings: GenerationSettings,
+        eos: int | None,
+        pad: int,
+    ) -> Tensor:
+        """[B, P] left-padded prompts -> [B, new_tokens] tokens; after an EOS (when ``eos`` is
+        given) a row continues with ``pad``, as ``generate`` pads finished rows."""
+        self._fit(query.shape[1], query.device)
+        query, query_mask = pad_left(query, query_mask, self.prompt_length, pad)
+        n, length = self.new_tokens, self.prompt_length
+        mask = torch.cat([query_mask, query_mask.new_ones(self.batch, n)], 1)  # causal covers
+        position = position_ids(query_mask)[:, -1:]
+        logits = self.forward(
+            query, mask, position_ids(query_mask), torch.arange(length, device=query.device)
+        )
+        tokens = query.new_full((self.batch, n), pad)
+        finished = torch.zeros(self.batch, dtype=torch.bool, device=query.device)
+        for i in range(n):
+            token = next_tokens(logits, settings)
+            if eos is not None:
+                token = token.masked_fill(finished, pad)
+                finished |= token == eos
+            tokens[:, i] = token
+            # Every row done? Asked every 16 tokens only, as asking waits for the GPU.
+            if i + 1 == n or (eos is not None and i % 16 == 15 and bool(finished.all())):
+                break
+            position = position + 1
+            if self.step is not self.forward:
+                torch.compiler.cudagraph_mark_step_begin()
+            cache_position = torch.tensor([length + i], device=query.device)
+            logits = self.step(token[:, None], mask, position, cache_position)
+        if eos is None:
+            return tokens
+        # As generate: stop after the step where the last row emitted its EOS.
+        ended = (tokens == eos).int().cumsum(-1) == 0  # before each row's first EOS
+        return tokens[:, : min(n, int(ended.sum(-1).max()) + 1)]
+
+
+STATIC_FAILED = "_salsa_static_decoder_failed"
+
+
+def static_failed(model: nn.Module) -> str | None:
+    """The error that made ``model`` fall back from static-cache decoding, if one did."""
+    return model.__dict__.get(STATIC_FAILED)
+
+
+def static_decoder(model: nn.Module, batch: int, new_tokens: int) -> StaticDecoder:
+    """The model's :class:`StaticDecoder` for this batch size and response length (kept on the
+    model, so its cache and compiled graph are reused by the next rollout)."""
+    decoder = model.__dict__.get("_salsa_static_decoder")
+    if decoder is None or (decoder.batch, decoder.new_tokens) != (batch, new_tokens):
+        decoder = StaticDecoder(model, batch, new_tokens)
+        model.__dict__["_salsa_static_decoder"] = decoder
+    return decoder
 
 
 def response_logits(

@@ -12,8 +12,11 @@ from salsa_lightning.data import left_padded_prompts
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.generation import (
     GenerationSettings,
+    next_tokens,
     response_logprobs,
     sample,
+    static_decoder,
+    static_failed,
     use_static_cache,
 )
 
@@ -55,21 +58,64 @@ def test_response_logprobs_match_a_full_forward():
     assert torch.allclose(fast, naive, atol=1e-5)
 
 
-def decode_both_caches(model, tok, query, mask, device):
+def decode_both_caches(model, tok, query, mask, device, **settings):
     model, query, mask = model.to(device), query.to(device), mask.to(device)
     out = {}
     for cache in ("dynamic", "static"):
-        settings = GenerationSettings(max_new_tokens=10, do_sample=False, cache=cache)
-        out[cache] = sample(model, tok, query, mask, settings)
+        torch.manual_seed(0)
+        kwargs = {"max_new_tokens": 10, "do_sample": False, **settings}
+        out[cache] = sample(model, tok, query, mask, GenerationSettings(cache=cache, **kwargs))
     return out
 
 
-def test_static_cache_decodes_the_same_tokens_as_the_dynamic_one():
-    """The static cache (padded prompt bucket, GPU-compiled) is an optimisation only."""
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"stop_at_eos": False},
+        {"do_sample": True},
+        {"do_sample": True, "top_p": 0.8, "temperature": 0.7, "max_new_tokens": 24},
+    ],
+)
+def test_static_decoder_decodes_the_same_tokens_as_generate(settings):
+    """The static cache is an optimisation only: greedy or sampled under the same seed, the
+    tokens, the EOS truncation and the response length are generate's."""
     tok, model, query, mask = setup()
-    out = decode_both_caches(model, tok, query, mask, "cpu")
+    out = decode_both_caches(model, tok, query, mask, "cpu", **settings)
     assert torch.equal(out["static"][0], out["dynamic"][0])
     assert torch.equal(out["static"][1], out["dynamic"][1])
+
+
+def test_static_decoder_reuses_its_cache_for_shorter_prompts():
+    tok, model, _, _ = setup()
+    settings = GenerationSettings(max_new_tokens=6, do_sample=False, cache="static")
+    long_q, long_m = left_padded_prompts(tok, [p * 3 for p in PROMPTS])
+    short_q, short_m = left_padded_prompts(tok, PROMPTS)
+    sample(model, tok, long_q, long_m, settings)
+    decoder = static_decoder(model, len(PROMPTS), 6)
+    cache = decoder.cache
+    assert decoder.prompt_length >= long_q.shape[1] and decoder.prompt_length % 32 == 0
+    static = sample(model, tok, short_q, short_m, settings)
+    assert static_decoder(model, len(PROMPTS), 6).cache is cache
+    dynamic = sample(
+        model,
+        tok,
+        short_q,
+        short_m,
+        GenerationSettings(max_new_tokens=6, do_sample=False, cache="dynamic"),
+    )
+    assert torch.equal(static[0], dynamic[0])
+
+
+def test_next_tokens_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
+    settings = GenerationSettings(top_p=0.75)
+    torch.manual_seed(0)
+    draws = torch.stack([next_tokens(logits, settings) for _ in range(2000)])
+    assert set(draws[:, 0].tolist()) == {0, 1} and set(draws[:, 1].tolist()) == {2, 3}
+    assert (draws[:, 0] == 0).float().mean() == pytest.approx(0.5 / 0.8, abs=0.04)
+    greedy = GenerationSettings(do_sample=False)
+    assert next_tokens(logits, greedy).tolist() == [0, 3]
 
 
 @pytest.mark.gpu
@@ -77,6 +123,7 @@ def test_static_cache_decodes_the_same_tokens_as_the_dynamic_one():
 def test_compiled_static_cache_on_gpu_matches_dynamic_decoding():
     tok, model, query, mask = setup()
     out = decode_both_caches(model, tok, query, mask, "cuda")  # fp32: no bf16 argmax ties
+    assert static_failed(model) is None  # compiled, not fallen back to generate
     assert torch.equal(out["static"][0], out["dynamic"][0])
 
 

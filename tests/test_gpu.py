@@ -65,6 +65,7 @@ def test_static_cache_rollout_equals_dynamic_in_training(
             module, prompts(stage_outputs, task_dir), tmp_path / cache, 2, accelerator="gpu"
         )
         metrics[cache] = rec.metrics
+        assert generation.static_failed(module.policy) is None
     assert used == [False, False, True, True]  # "auto" picked the static cache on one GPU
     for key in ("objective/scores", "objective/kl", "objective/rlhf_reward"):
         for a, b in zip(metrics["auto"], metrics["dynamic"], strict=True):
