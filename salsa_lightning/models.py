@@ -236,7 +236,7 @@ def keep_frozen_out_of_state_dict(module: nn.Module) -> None:
 
     Frozen weights (the soup reference, the reward model, a LoRA policy's base) are rebuilt
     from their recipe, so training checkpoints hold only what training changes. Applied as a
-    state-dict hook, it holds for Lightning's plain and sharded (FSDP2) checkpoints alike; pair
+    state-dict hook, it holds for Lightning's plain and sharded (FSDP2, FSDP1) checkpoints alike; pair
     it with ``strict_loading = False``.
     """
 
@@ -245,6 +245,10 @@ def keep_frozen_out_of_state_dict(module: nn.Module) -> None:
     ) -> None:
         for name, param in mod.named_parameters():
             if not param.requires_grad:
+                # FSDP1 and activation checkpointing name their wrappers in parameter names,
+                # not in state-dict keys.
+                for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+                    name = name.replace(wrapper, "")
                 state_dict.pop(prefix + name, None)
 
     module.register_state_dict_post_hook(drop_frozen)
@@ -290,14 +294,21 @@ def shard(
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The full, unsharded state dict of an FSDP2-sharded model, offloaded to CPU (a collective:
-    call it on every rank); None for a model that is not sharded."""
+    """The full, unsharded state dict of a model sharded by FSDP2 (DTensor parameters) or FSDP1
+    (``FullyShardedDataParallel`` units inside it), offloaded to CPU; under FSDP1 only rank 0
+    gets the tensors, other ranks an empty dict. A collective: call it on every rank. None for
+    a model that is not sharded."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
+    if not any(isinstance(p, DTensor) for p in model.parameters()) and not any(
+        isinstance(m, FullyShardedDataParallel) for m in model.modules()
+    ):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    # FSDP1 offloading tensors that already live on the CPU crashes (gloo runs in tests).
+    offload = next(model.parameters()).device.type != "cpu"
     return get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=offload)
     )

@@ -159,3 +159,16 @@ def test_lora_from_yaml_builds_adapter(tmp_path, monkeypatch):
     trainable = [n for n, p in cli.model.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert cli.model.model.peft_config["default"].r == 4
+
+
+@pytest.mark.parametrize("stage", ["sft.yaml", "reward.yaml", "salsa.yaml", "ppo.yaml"])
+def test_fsdp1_config_stacks_on_every_stage(stage, tmp_path, monkeypatch):
+    from salsa_lightning.strategies import FSDP1Strategy
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(CONFIGS / stage), "--config", str(CONFIGS / "fsdp1.yaml")]
+    cli = SalsaCLI(args=[*args, "--trainer.accelerator", "cpu"], run=False)
+    strategy = cli.trainer.strategy
+    assert type(strategy) is FSDP1Strategy
+    assert strategy.kwargs["use_orig_params"] is True
+    assert strategy._state_dict_type == "sharded"
