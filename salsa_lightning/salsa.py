@@ -780,7 +780,8 @@ class SALSAModule(L.LightningModule):
         return out
 
     def on_validation_epoch_end(self) -> None:
-        means = {k: torch.cat(v).mean() for k, v in self._eval.items()}
+        # On the module's device: NCCL cannot reduce CPU tensors (sync_dist on GPUs).
+        means = {k: torch.cat(v).mean().to(self.device) for k, v in self._eval.items()}
         self.log_dict(means, prog_bar=False, sync_dist=True)
         self.last_eval = {k: float(v) for k, v in means.items()}
         log_dir = self.trainer.log_dir  # a collective under FSDP: read it on every rank
