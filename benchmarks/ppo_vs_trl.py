@@ -301,6 +301,7 @@ def child_ours(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[st
 
     from salsa_lightning import PromptDataModule, SALSAModule
     from salsa_lightning.cli import return_freed_memory_to_os
+    from salsa_lightning.generation import static_failed, use_static_cache
     from salsa_lightning.salsa import GenerationSettings, KLSettings, PPOSettings
     from salsa_lightning.soup import SoupReference
 
@@ -386,6 +387,11 @@ def child_ours(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[st
     )
     trainer.fit(module, datamodule=data)
     result = summarize("ours", timer.records, s)
+    result["decoding"] = (
+        "static (compiled)" if use_static_cache("auto", torch.device(device), False) else "generate"
+    )
+    if failed := static_failed(module.policy):
+        result["decoding"] = f"generate (static decoding failed: {failed})"
     result.update(peak_memory_mib=peak_memory_mib(device), rss_after_imports_mib=import_rss)
     result.update(
         rss_models_built_mib=timer.models_rss[0], peak_rss_before_train_mib=timer.models_rss[1]
@@ -672,6 +678,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"{run['rss_models_built_mib']:.0f}",
                 ]
                 print(fmt_row(cells, widths), flush=True)
+                if "decoding" in run:
+                    print(f"        ours decoded with {run['decoding']}", flush=True)
 
         keys = ("tokens_per_s", "tokens_per_cpu_s", "generation_tokens_per_s", "iteration_s")
         keys += ("generation_s",)

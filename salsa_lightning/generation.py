@@ -105,8 +105,9 @@ def sample(
     """
     s = settings
     eos = tokenizer.eos_token_id if s.stop_at_eos else None
+    static = use_static_cache(s.cache, query.device, sharded or synced)
     response = None
-    if use_static_cache(s.cache, query.device, sharded or synced) and not static_failed(model):
+    if static and not static_failed(model):
         try:
             response = static_decoder(model, query.shape[0], s.max_new_tokens)(
                 query, query_mask, s, eos, tokenizer.pad_token_id
@@ -114,13 +115,14 @@ def sample(
         except Exception as err:  # compiling depends on the model and the torch build
             model.__dict__[STATIC_FAILED] = repr(err)
             warnings.warn(
-                f"static-cache decoding failed for {type(model).__name__} ({err!r}); this "
-                "model decodes with generate's dynamic cache from now on "
-                "(set generation.cache: dynamic to silence this).",
+                f"StaticDecoder failed for {type(model).__name__} ({err!r}); this model decodes "
+                "with generate (and its own static cache) from now on.",
                 stacklevel=2,
             )
     if response is None:
-        sampling = {"temperature": s.temperature, "top_p": s.top_p, "top_k": 0}
+        kwargs = {"temperature": s.temperature, "top_p": s.top_p, "top_k": 0} if s.do_sample else {}
+        if static:  # generate compiles its forward for a static cache on a GPU
+            kwargs["cache_implementation"] = "static"
         out = model.generate(
             input_ids=query,
             attention_mask=query_mask,
@@ -130,7 +132,7 @@ def sample(
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,
             synced_gpus=synced,
-            **(sampling if s.do_sample else {}),
+            **kwargs,
         )
         response = out[:, query.shape[1] :]
     if eos is None:

@@ -134,3 +134,25 @@ def test_cache_setting_is_checked_and_auto_picks_static_only_on_one_gpu():
     assert not use_static_cache("auto", torch.device("cuda", 0), sharded=True)
     assert not use_static_cache("auto", torch.device("cpu"), sharded=False)
     assert use_static_cache("static", torch.device("cpu"), sharded=False)
+
+
+def test_a_model_the_static_decoder_cannot_run_falls_back_to_generate():
+    """Mamba keeps no attention KV cache: the StaticDecoder fails once, says so, and the model
+    decodes with generate from then on (the same tokens as the dynamic path)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("mamba", hidden_size=32, num_hidden_layers=2, vocab_size=100)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    tok = type("Tok", (), {"eos_token_id": 2, "pad_token_id": 0})
+    query = torch.randint(3, 100, (2, 5))
+    mask = torch.ones_like(query)
+    static = GenerationSettings(max_new_tokens=4, do_sample=False, cache="static")
+    with pytest.warns(UserWarning, match="StaticDecoder failed for MambaForCausalLM"):
+        first = sample(model, tok, query, mask, static)
+    assert static_failed(model) is not None
+    second = sample(model, tok, query, mask, static)  # no second attempt, no second warning
+    dynamic = sample(
+        model, tok, query, mask, GenerationSettings(**{**vars(static), "cache": "dynamic"})
+    )
+    assert torch.equal(first[0], dynamic[0]) and torch.equal(second[0], dynamic[0])
