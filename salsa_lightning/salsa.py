@@ -357,9 +357,22 @@ class SALSAModule(L.LightningModule):
             )
         if stage == "fit":
             check_export_dir(hp.export_dir, hp.overwrite)
+            self._check_batch_sizes(data.hparams.batch_size)
 
     def _first_model_dir(self) -> str:
         return str(config_dir(self.reference.checkpoints[0]))
+
+    def _check_batch_sizes(self, rows: int) -> None:
+        """Each rank rolls out ``data.batch_size`` prompts (the global batch is world size times
+        that): it must split into whole minibatches, and those into whole micro-batches."""
+        ppo = self.ppo
+        if rows % ppo.minibatch_size or ppo.minibatch_size % ppo.micro_batch_size:
+            raise SalsaError(
+                f"data.batch_size ({rows} prompts per rank and PPO iteration, "
+                f"{rows * self.trainer.world_size} over {self.trainer.world_size} rank(s)) must be "
+                f"a multiple of model.ppo.minibatch_size ({ppo.minibatch_size}), and that a "
+                f"multiple of model.ppo.micro_batch_size ({ppo.micro_batch_size})."
+            )
 
     @staticmethod
     def _check_reward_model(path: str) -> None:

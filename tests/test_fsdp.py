@@ -145,6 +145,32 @@ def test_salsa_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp_
     assert (sharded / "policy-resumed" / "model.safetensors").exists()
 
 
+def test_ppo_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp_path):
+    """Classic PPO (configs/ppo.yaml: one SFT model as the reference) under FSDP2: the first
+    rollout agrees with one process to 1e-4, as SALSA's does, and the export loads."""
+
+    def ppo_args(root: Path, per_rank_batch: int) -> list[str]:
+        args = salsa_args(stage_outputs, task_dir, root, per_rank_batch)
+        args[args.index(str(CONFIGS / "salsa.yaml"))] = str(CONFIGS / "ppo.yaml")
+        args[args.index("--model.init_args.reference.checkpoints") + 1] = (
+            f"[{stage_outputs['sft-1']}]"
+        )
+        return args + ["--trainer.limit_train_batches", "1", "--trainer.val_check_interval", "1"]
+
+    single, sharded = tmp_path / "single", tmp_path / "fsdp"
+    run(ppo_args(single, 8), tmp_path)
+    run(ppo_args(sharded, 4) + FSDP2, tmp_path)
+    one, two = metrics(single), metrics(sharded)
+    for key in ("objective/scores", "objective/raw_scores", "objective/kl"):
+        assert first(two, key) == pytest.approx(first(one, key), abs=1e-4), key
+    assert first(one, "objective/kl") == 0.0  # the policy starts as the reference
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(single / "policy")
+    b = AutoModelForCausalLM.from_pretrained(sharded / "policy")
+    assert a.state_dict().keys() == b.state_dict().keys()
+
+
 # ----------------------------------------------------------------------------- SFT and reward
 #
 # Each stage runs 4 steps from the same start twice: one process with batches of 16, and two

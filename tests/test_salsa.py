@@ -375,6 +375,7 @@ def tiny_llama(path: Path, vocab_size: int) -> Path:
         "weights-not-summing-to-1",
         "reward-without-head",
         "context-too-long",
+        "batch-not-whole-minibatches",
     ],
 )
 def test_bad_inputs_fail_before_training(case, stage_outputs, task_dir, tmp_path):
@@ -393,6 +394,12 @@ def test_bad_inputs_fail_before_training(case, stage_outputs, task_dir, tmp_path
     elif case == "reward-without-head":
         kw = dict(reward_model=str(out["sft-1"]))
         match = rf"model.reward_model '{out['sft-1']}' has no one-label score head"
+    elif case == "batch-not-whole-minibatches":
+        kw = dict(ppo=PPOSettings(minibatch_size=6, micro_batch_size=3))
+        match = (
+            r"data.batch_size \(8 prompts per rank and PPO iteration, 8 over 1 rank\(s\)\) "
+            r"must be a multiple of model.ppo.minibatch_size \(6\)"
+        )
     else:
         kw = dict(generation=GenerationSettings(max_new_tokens=100))
         data_kw = dict(max_length=48)
