@@ -16,10 +16,8 @@ Both systems run classic PPO (the reference is one checkpoint) on the same work:
   settings; no gradient clipping (TRL's PPO loop has none), no gradient checkpointing, no
   autocast (TRL's ``bf16`` default is turned off).
 
-Ours runs as the ``salsa`` command runs it: with glibc's mmap threshold fixed, so freed
-tensor memory goes back to the OS (``--no-malloc-tuning`` turns that off, to show its share).
-On a GPU our generation uses the static KV cache, which ``generate`` compiles (the first,
-untimed iteration pays for the compilation).
+On a GPU ours decodes with its StaticDecoder (a fixed-size KV cache, each token's forward
+compiled once and replayed as a CUDA graph; the first, untimed iteration pays for compiling).
 
 Each run is a fresh subprocess, so its peak memory is its own: peak RSS
 (``getrusage(RUSAGE_SELF).ru_maxrss``) on CPU, ``torch.cuda.max_memory_allocated`` on GPU. The
@@ -300,14 +298,11 @@ def child_ours(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[st
     import torch
 
     from salsa_lightning import PromptDataModule, SALSAModule
-    from salsa_lightning.cli import return_freed_memory_to_os
     from salsa_lightning.generation import static_failed, use_static_cache
     from salsa_lightning.salsa import GenerationSettings, KLSettings, PPOSettings
     from salsa_lightning.soup import SoupReference
 
     import_rss = rss_mib()
-    if s["malloc_tuning"]:  # as the `salsa` command does
-        return_freed_memory_to_os()
     device = s["device"]
 
     class Timer(L.Callback):
@@ -551,11 +546,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--no-fused-adamw", action="store_true", help="plain AdamW in both")
-    parser.add_argument(
-        "--no-malloc-tuning",
-        action="store_true",
-        help="ours without the glibc mmap threshold that the salsa command sets",
-    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per child run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -584,7 +574,6 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "threads": args.threads,
         "fused_adamw": not args.no_fused_adamw,
-        "malloc_tuning": not args.no_malloc_tuning,
         "ppo_minibatches": 1,
         "learning_rate": LEARNING_RATE,
         "kl_coef": KL_COEF,

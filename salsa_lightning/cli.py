@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 from collections.abc import Callable
@@ -37,26 +36,6 @@ class SalsaCLI(LightningCLI):
         )
 
 
-def return_freed_memory_to_os() -> bool:
-    """Fix glibc malloc's mmap threshold (128 KiB unless ``SALSA_MALLOC_MMAP_THRESHOLD`` says
-    otherwise; 0 leaves malloc alone), so that freed tensor buffers above it go back to the OS.
-
-    By default glibc raises the threshold each time a large mmapped block is freed, after which
-    blocks of that size come from the heap and stay there once freed: on CPU a PPO step then
-    holds about a gradient's worth of freed memory at rest (950 MiB for GPT-2 small). Returns
-    whether the threshold was set (False off glibc).
-    """
-    threshold = int(os.environ.get("SALSA_MALLOC_MMAP_THRESHOLD", 1 << 17))
-    if threshold <= 0:
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_mmap_threshold = -3  # from glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, threshold))
-
-
 def _subcommands() -> dict[str, Callable[[list[str]], int]]:
     from salsa_lightning.evaluate import evaluate_main
     from salsa_lightning.landscape import landscape_main
@@ -76,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``salsa`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return_freed_memory_to_os()
     try:
         commands = _subcommands()
         if args and args[0] in commands:
