@@ -170,6 +170,7 @@ class StaticDecoder:
         self.prompt_length = 0
         self.cache: Any = None
         self.step = self.forward
+        self.compiled = False  # CUDA graphs: each replay overwrites the last one's outputs
 
     def forward(
         self, ids: Tensor, mask: Tensor, position: Tensor, cache_position: Tensor
@@ -199,6 +200,7 @@ class StaticDecoder:
         )
         if device.type == "cuda":
             self.step = torch.compile(self.forward, mode="reduce-overhead", dynamic=False)
+            self.compiled = True
 
     @torch.no_grad()
     def __call__(
@@ -231,7 +233,7 @@ class StaticDecoder:
             if i + 1 == n or (eos is not None and i % 16 == 15 and bool(finished.all())):
                 break
             position = position + 1
-            if self.step is not self.forward:
+            if self.compiled:
                 torch.compiler.cudagraph_mark_step_begin()
             cache_position = torch.tensor([length + i], device=query.device)
             logits = self.step(token[:, None], mask, position, cache_position)
