@@ -1,4 +1,5 @@
-"""SALSA-PPO under FSDP2 in 2 processes on CPU (gloo), against the single-process run.
+"""Every stage under FSDP2 (and SALSA under FSDP1 too) in 2 processes on CPU (gloo), against
+the single-process run.
 
 Both runs decode greedily so that they see the same responses: the single process takes the
 global batch of 8 prompts, each FSDP rank a disjoint half of it (the sampler deals rows out
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CONFIGS
 
 pytestmark = pytest.mark.slow
@@ -104,16 +106,25 @@ FSDP2 = [
     "2",
 ]
 
+FSDP1 = [
+    "--config",
+    str(CONFIGS / "fsdp1.yaml"),
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.devices",
+    "2",
+]
 
-def test_salsa_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp_path):
-    single, sharded = tmp_path / "single", tmp_path / "fsdp"
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1"])
+def test_salsa_sharded_two_processes_agrees_with_one(strategy, stage_outputs, task_dir, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    single, sharded = tmp_path / "single", tmp_path / strategy
     run(salsa_args(stage_outputs, task_dir, single, per_rank_batch=8), tmp_path)
-    fsdp = [
-        *FSDP2,
-        "--trainer.callbacks+=ModelCheckpoint",
-        "--trainer.callbacks.save_last",
-        "true",
-    ]
+    flags = FSDP2 if strategy == "fsdp2" else FSDP1
+    fsdp = [*flags, "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last", "true"]
     args = salsa_args(stage_outputs, task_dir, sharded, per_rank_batch=4)
     run(args + fsdp, tmp_path)
 
@@ -129,20 +140,35 @@ def test_salsa_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp_
     for key in ("eval/score", "eval/kl", "eval/gold"):
         assert first(two, key) == pytest.approx(first(one, key), abs=0.05), key
 
-    # The export gathered from shards loads in plain transformers, like the single-process one.
-    from transformers import AutoModelForCausalLM
+    # The gathered export is the single-device directory: same files, keys, shapes, dtypes;
+    # it loads in plain transformers, and the two trained policies are close.
+    a, b = single / "policy", sharded / "policy"
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert all(wa[k].shape == wb[k].shape and wa[k].dtype == wb[k].dtype for k in wa)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-2
+    assert AutoModelForCausalLM.from_pretrained(b).state_dict().keys() == wa.keys()
 
-    a = AutoModelForCausalLM.from_pretrained(single / "policy")
-    b = AutoModelForCausalLM.from_pretrained(sharded / "policy")
-    assert a.state_dict().keys() == b.state_dict().keys()
-
-    # The sharded checkpoint is a directory of shards and resumes on the same world size.
+    # The sharded checkpoint holds the trainable policy and critic, not the frozen soup
+    # reference and reward model, and resumes on the same world size.
     last = next(sharded.rglob("last.ckpt"))
     assert last.is_dir() and any(last.glob("*.distcp"))
-    resume = args + fsdp + ["--trainer.limit_train_batches", "3", "--ckpt_path", str(last)]
-    resume[resume.index("--model.init_args.export_dir") + 1] = str(sharded / "policy-resumed")
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = [k for k in FileSystemReader(str(last)).read_metadata().state_dict_metadata]
+    prefix = "state_dict." if strategy == "fsdp2" else "model."  # the strategies' layouts
+    weights = [k[len(prefix) :] for k in keys if k.startswith(prefix)]
+    assert any(k.startswith("policy.") for k in weights)
+    assert any(k.startswith("critic.") for k in weights)
+    assert not any(k.startswith(("ref_models.", "reward.")) for k in weights)
+    resume = args + fsdp + ["--ckpt_path", str(last)]
+    resume[resume.index("--model.init_args.export_dir") + 1] = str(sharded / "resumed")
     run(resume, tmp_path)
-    assert (sharded / "policy-resumed" / "model.safetensors").exists()
+    # The checkpoint closed the epoch, so the resumed run trains no further: its export is the
+    # restored policy, which must be the trained one exactly (not the soup it started from).
+    wc = load_file(sharded / "resumed" / "model.safetensors")
+    assert wc.keys() == wb.keys() and all(torch.equal(wc[k], wb[k]) for k in wb)
 
 
 def test_ppo_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp_path):

@@ -1,13 +1,9 @@
 """FSDP1 (``configs/fsdp1.yaml``, ``salsa_lightning.strategies.FSDP1Strategy``) against one process.
 
 The CPU tests run 2 processes with gloo through the ``salsa`` command, with the settings and
-the stated tolerances of ``test_fsdp.py`` (whose helpers they reuse):
-
-- SALSA: the first rollout's scores, KL and response length agree with one process to 1e-4;
-  after two PPO updates the evaluation agrees to 0.05 (seen: 5e-3 on eval/kl, 1e-7 on the
-  scores).
-- reward: the validation metrics and reward stats agree to 1e-4, the exported weights lie
-  within 1e-3 of the update.
+the stated tolerances of ``test_fsdp.py`` (whose helpers they reuse; SALSA under FSDP1 is
+tested there, beside FSDP2): the reward stage's validation metrics and reward stats agree to
+1e-4, the exported weights lie within 1e-3 of the update.
 
 The GPU test runs every stage on one GPU in bf16 under FSDP1 and FSDP2 and reports the peak
 memory of a PPO step; it is skipped without CUDA.
@@ -25,71 +21,11 @@ import lightning as L
 import pytest
 import torch
 from conftest import CONFIGS
-from test_fsdp import check_exports, first, metrics, run, salsa_args, stage_args
+from test_fsdp import FSDP1, check_exports, first, metrics, run, salsa_args, stage_args
 
 pytestmark = pytest.mark.slow
 
 TESTS = Path(__file__).resolve().parent
-
-FSDP1 = [
-    "--config",
-    str(CONFIGS / "fsdp1.yaml"),
-    "--trainer.accelerator",
-    "cpu",
-    "--trainer.devices",
-    "2",
-]
-
-
-def test_salsa_fsdp1_two_processes_agrees_with_one(stage_outputs, task_dir, tmp_path):
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    single, sharded = tmp_path / "single", tmp_path / "fsdp1"
-    run(salsa_args(stage_outputs, task_dir, single, per_rank_batch=8), tmp_path)
-    fsdp = [*FSDP1, "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last", "true"]
-    args = salsa_args(stage_outputs, task_dir, sharded, per_rank_batch=4)
-    run(args + fsdp, tmp_path)
-
-    one, two = metrics(single), metrics(sharded)
-    for key in (
-        "objective/scores",
-        "objective/raw_scores",
-        "objective/kl",
-        "rollout/response_length",
-    ):
-        assert first(two, key) == pytest.approx(first(one, key), abs=1e-4), key
-    for key in ("eval/score", "eval/kl", "eval/gold"):
-        assert first(two, key) == pytest.approx(first(one, key), abs=0.05), key
-
-    # The gathered export is the single-device directory: same files, keys, shapes, dtypes;
-    # it loads in plain transformers, and the two trained policies are close.
-    a, b = single / "policy", sharded / "policy"
-    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    assert all(wa[k].shape == wb[k].shape and wa[k].dtype == wb[k].dtype for k in wa)
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-2
-    assert AutoModelForCausalLM.from_pretrained(b).state_dict().keys() == wa.keys()
-
-    # The sharded checkpoint holds the trainable policy and critic, not the frozen soup
-    # reference and reward model, and resumes on the same world size.
-    last = next(sharded.rglob("last.ckpt"))
-    assert last.is_dir() and any(last.glob("*.distcp"))
-    from torch.distributed.checkpoint import FileSystemReader
-
-    keys = [k for k in FileSystemReader(str(last)).read_metadata().state_dict_metadata]
-    weights = [k for k in keys if k.startswith("model.")]
-    assert any(k.startswith("model.policy.") for k in weights)
-    assert any(k.startswith("model.critic.") for k in weights)
-    assert not any(k.startswith(("model.ref_models.", "model.reward.")) for k in weights)
-    resume = args + fsdp + ["--ckpt_path", str(last)]
-    resume[resume.index("--model.init_args.export_dir") + 1] = str(sharded / "resumed")
-    run(resume, tmp_path)
-    # The checkpoint closed the epoch, so the resumed run trains no further: its export is the
-    # restored policy, which must be the trained one exactly (not the soup it started from).
-    wc = load_file(sharded / "resumed" / "model.safetensors")
-    assert wc.keys() == wb.keys() and all(torch.equal(wc[k], wb[k]) for k in wb)
 
 
 def test_reward_fsdp1_two_processes_agrees_with_one(stage_outputs, task_dir, tmp_path):
