@@ -29,7 +29,8 @@ class GenerationSettings:
         cache: KV cache for decoding. ``"static"``: :class:`StaticDecoder`, a fixed-size
             cache and, on a GPU, one compiled forward per token replayed as a CUDA graph, so
             decoding is not bound by Python overhead; ``"dynamic"``: ``generate`` with its
-            growing cache; ``"auto"``: static on one CUDA device, dynamic on CPU and under FSDP.
+            growing cache; ``"auto"``: static on one CUDA device, dynamic on CPU. Under FSDP ranks
+            decode in lockstep through ``generate`` whatever this says.
             Both decode the same tokens; the log-probs used for training are always recomputed
             by a plain forward pass.
     """
@@ -56,11 +57,11 @@ STATIC_PROMPT_BUCKET = 32
 
 
 def use_static_cache(cache: str, device: torch.device, sharded: bool) -> bool:
-    """Whether ``sample`` decodes with the static (compiled on GPU) KV cache: under ``"auto"``,
-    only for a model on one CUDA device that no FSDP wrapper shards."""
-    if cache == "auto":
-        return device.type == "cuda" and not sharded
-    return cache == "static"
+    """Whether ``sample`` decodes with the :class:`StaticDecoder`: never for a model that FSDP
+    shards (its ranks decode in lockstep through ``generate``), under ``"auto"`` only on CUDA."""
+    if sharded or cache == "dynamic":
+        return False
+    return cache == "static" or device.type == "cuda"
 
 
 def pad_left(ids: Tensor, mask: Tensor, length: int, pad_id: int) -> tuple[Tensor, Tensor]:

@@ -134,6 +134,7 @@ def test_cache_setting_is_checked_and_auto_picks_static_only_on_one_gpu():
     assert not use_static_cache("auto", torch.device("cuda", 0), sharded=True)
     assert not use_static_cache("auto", torch.device("cpu"), sharded=False)
     assert use_static_cache("static", torch.device("cpu"), sharded=False)
+    assert not use_static_cache("static", torch.device("cuda", 0), sharded=True)
 
 
 def test_a_model_the_static_decoder_cannot_run_falls_back_to_generate():
