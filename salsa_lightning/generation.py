@@ -97,12 +97,12 @@ def sample(
         query_mask: [B, P] attention mask of the prompts.
         settings: Sampling settings.
         synced: Keep every rank decoding until all are done (required under FSDP).
-        sharded: The model is wrapped by FSDP (even on one rank): ``cache="auto"`` then keeps
-            the dynamic cache, as FSDP's hooks do not compile into CUDA graphs.
+        sharded: The model is wrapped by FSDP (even on one rank): it decodes through
+            ``generate``, whose steps FSDP's hooks gather (no StaticDecoder, no CUDA graphs).
 
     Returns:
         ``(response, mask)``: [B, R] ids with pad after the first EOS, and the [B, R] float mask
-        that is 1 up to and including that EOS.
+        that is 1 up to and including that EOS (all ones when ``stop_at_eos`` is off).
     """
     s = settings
     eos = tokenizer.eos_token_id if s.stop_at_eos else None
