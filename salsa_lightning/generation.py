@@ -212,10 +212,16 @@ class StaticDecoder:
         eos: int | None,
         pad: int,
     ) -> Tensor:
-        """[B, P] left-padded prompts -> [B, new_tokens] tokens; after an EOS (when ``eos`` is
-        given) a row continues with ``pad``, as ``generate`` pads finished rows."""
+        """[B, P] left-padded prompts (B <= ``batch``) -> [B, new_tokens] tokens; after an
+        EOS (when ``eos`` is given) a row continues with ``pad``, as ``generate`` pads
+        finished rows."""
+        rows = query.shape[0]
         self._fit(query.shape[1], query.device)
         query, query_mask = pad_left(query, query_mask, self.prompt_length, pad)
+        if rows < self.batch:  # copies of the first prompt fill the fixed batch, then are dropped
+            fill = self.batch - rows
+            query = torch.cat([query, query[:1].expand(fill, -1)])
+            query_mask = torch.cat([query_mask, query_mask[:1].expand(fill, -1)])
         n, length = self.new_tokens, self.prompt_length
         mask = torch.cat([query_mask, query_mask.new_ones(self.batch, n)], 1)  # causal covers
         position = position_ids(query_mask)[:, -1:]
@@ -223,7 +229,7 @@ class StaticDecoder:
             query, mask, position_ids(query_mask), torch.arange(length, device=query.device)
         )
         tokens = query.new_full((self.batch, n), pad)
-        finished = torch.zeros(self.batch, dtype=torch.bool, device=query.device)
+        finished = torch.arange(self.batch, device=query.device) >= rows  # the fillers: done
         for i in range(n):
             token = next_tokens(logits, settings)
             if eos is not None:
@@ -238,6 +244,7 @@ class StaticDecoder:
                 torch.compiler.cudagraph_mark_step_begin()
             cache_position = torch.tensor([length + i], device=query.device)
             logits = self.step(token[:, None], mask, position, cache_position)
+        tokens = tokens[:rows]
         if eos is None:
             return tokens
         # As generate: stop after the step where the last row emitted its EOS.
@@ -254,13 +261,15 @@ def static_failed(model: nn.Module) -> str | None:
 
 
 def static_decoder(model: nn.Module, batch: int, new_tokens: int) -> StaticDecoder:
-    """The model's :class:`StaticDecoder` for this batch size and response length (kept on the
-    model, so its cache and compiled graph are reused by the next rollout)."""
-    decoder = model.__dict__.get("_salsa_static_decoder")
-    if decoder is None or (decoder.batch, decoder.new_tokens) != (batch, new_tokens):
-        decoder = StaticDecoder(model, batch, new_tokens)
-        model.__dict__["_salsa_static_decoder"] = decoder
-    return decoder
+    """A :class:`StaticDecoder` of the model for ``batch`` prompts (or more: a smaller batch,
+    such as an epoch's last, is padded up to it) and this response length. Decoders stay on the
+    model, so caches and compiled graphs serve every later rollout and validation batch."""
+    decoders = model.__dict__.setdefault("_salsa_static_decoders", {})
+    fits = [d for d in decoders.values() if d.new_tokens == new_tokens and d.batch >= batch]
+    if fits:
+        return min(fits, key=lambda d: d.batch)
+    decoders[batch, new_tokens] = StaticDecoder(model, batch, new_tokens)
+    return decoders[batch, new_tokens]
 
 
 def response_logits(

@@ -107,6 +107,26 @@ def test_static_decoder_reuses_its_cache_for_shorter_prompts():
     assert torch.equal(static[0], dynamic[0])
 
 
+def test_static_decoder_serves_a_smaller_batch_without_a_new_graph():
+    """An epoch's last, smaller batch is padded up to the decoder's batch: no second cache or
+    compiled graph, and its rows decode as generate decodes them."""
+    tok, model, query, mask = setup()
+    settings = GenerationSettings(max_new_tokens=10, do_sample=False, cache="static")
+    sample(model, tok, query, mask, settings)
+    decoder = static_decoder(model, len(PROMPTS), 10)
+    small = sample(model, tok, query[1:3], mask[1:3], settings)
+    assert static_decoder(model, 2, 10) is decoder
+    assert list(model.__dict__["_salsa_static_decoders"]) == [(len(PROMPTS), 10)]
+    dynamic = sample(
+        model,
+        tok,
+        query[1:3],
+        mask[1:3],
+        GenerationSettings(**{**vars(settings), "cache": "dynamic"}),
+    )
+    assert torch.equal(small[0], dynamic[0]) and torch.equal(small[1], dynamic[1])
+
+
 def test_next_tokens_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
     settings = GenerationSettings(top_p=0.75)
