@@ -72,8 +72,9 @@ def salsa_args(out: dict[str, Path], task_dir: Path, root: Path, per_rank_batch:
     ]
 
 
-def run(args: list[str], cwd: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    """``salsa <args>`` in a subprocess (which fails the test if it fails); its stdout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "salsa_lightning.cli", *args],
         cwd=cwd,
@@ -82,7 +83,8 @@ def run(args: list[str], cwd: Path) -> None:
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
 
 
 def metrics(root: Path) -> list[dict[str, float]]:
@@ -342,14 +344,13 @@ def test_sft_fsdp2_two_processes_agrees_with_one(task_dir, tmp_path):
 def test_reward_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp_path):
     """Starts from the session's reward model, so the score head is not randomly initialised
     and the first step can be recomputed here."""
-    import json
 
     import torch
     from transformers import AutoModelForSequenceClassification
 
     from salsa_lightning import PreferenceDataModule
     from salsa_lightning.functional import bradley_terry_loss, reward_centering_loss
-    from salsa_lightning.reward import REWARD_STATS, score
+    from salsa_lightning.reward import score
 
     extra = [
         "--model.init_args.model",
@@ -378,13 +379,23 @@ def test_reward_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp
     assert first(one, "train/loss") == pytest.approx(sum(losses) / 2, abs=1e-4)
     assert abs(losses[0] - losses[1]) > 1e-3
 
+    check_reward_runs(single, sharded, stage_outputs["reward"])
+
+
+def check_reward_runs(single: Path, sharded: Path, start: Path) -> None:
+    """A sharded reward run against the single one: validation metrics and the reward stats
+    (measured after fit on every rank over the whole validation set) to 1e-4, the exports as
+    ``check_exports`` compares them (weights within 1e-3 of the update)."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    from salsa_lightning.reward import REWARD_STATS
+
+    one, two = metrics(single), metrics(sharded)
     for key in ("val/accuracy", "val/margin", "val/reward_mean", "val/reward_std"):
         assert first(two, key) == pytest.approx(first(one, key), abs=1e-4), key
-
-    check_exports(
-        single, sharded, AutoModelForSequenceClassification, stage_outputs["reward"], rel=1e-3
-    )
-    # Measured at the end on every rank over the whole validation set: the same statistics.
+    check_exports(single, sharded, AutoModelForSequenceClassification, start, rel=1e-3)
     sa = json.loads((single / "model" / REWARD_STATS).read_text())
     sb = json.loads((sharded / "model" / REWARD_STATS).read_text())
     assert sa.keys() == sb.keys() == {"mean", "std", "accuracy"}
