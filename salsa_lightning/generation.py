@@ -224,10 +224,9 @@ class StaticDecoder:
             query_mask = torch.cat([query_mask, query_mask[:1].expand(fill, -1)])
         n, length = self.new_tokens, self.prompt_length
         mask = torch.cat([query_mask, query_mask.new_ones(self.batch, n)], 1)  # causal covers
-        position = position_ids(query_mask)[:, -1:]
-        logits = self.forward(
-            query, mask, position_ids(query_mask), torch.arange(length, device=query.device)
-        )
+        positions = position_ids(query_mask)
+        logits = self.forward(query, mask, positions, torch.arange(length, device=query.device))
+        position = positions[:, -1:]
         tokens = query.new_full((self.batch, n), pad)
         finished = torch.arange(self.batch, device=query.device) >= rows  # the fillers: done
         for i in range(n):
@@ -248,8 +247,7 @@ class StaticDecoder:
         if eos is None:
             return tokens
         # As generate: stop after the step where the last row emitted its EOS.
-        ended = (tokens == eos).int().cumsum(-1) == 0  # before each row's first EOS
-        return tokens[:, : min(n, int(ended.sum(-1).max()) + 1)]
+        return tokens[:, : int(F.response_mask(tokens, eos).sum(-1).max())]
 
 
 STATIC_FAILED = "_salsa_static_decoder_failed"
