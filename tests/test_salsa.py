@@ -20,7 +20,7 @@ from transformers import (
 
 from salsa_lightning import PromptDataModule, SalsaError, SALSAModule
 from salsa_lightning.data import encode_chat
-from salsa_lightning.embedded import train_tokenizer
+from salsa_lightning.embedded import tiny_llama_config, train_tokenizer
 from salsa_lightning.models import LoraSettings
 from salsa_lightning.salsa import GenerationSettings, PPOSettings
 from salsa_lightning.soup import SoupReference, load_soup
@@ -417,17 +417,10 @@ def test_bad_inputs_fail_before_training(case, stage_outputs, task_dir, tmp_path
 def other_tokenizer_reward(tmp_path_factory) -> Path:
     """A one-label reward model whose tokenizer has another (smaller) vocabulary."""
     tokenizer = train_tokenizer(corpus(TaskConfig()), vocab_size=300)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
+    config = tiny_llama_config(
+        tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32
     )
+    config.num_labels = 1
     torch.manual_seed(0)
     reward_dir = tmp_path_factory.mktemp("reward-other-tokenizer")
     LlamaForSequenceClassification(config).save_pretrained(reward_dir)
