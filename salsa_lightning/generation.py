@@ -274,17 +274,17 @@ def response_logits(
     model: nn.Module, sequence: Tensor, attention_mask: Tensor, n: int, **kwargs: Any
 ) -> Any:
     """Run ``model`` on [B, P + n] ids keeping only the logits that predict the last ``n``
-    tokens: the output's ``logits`` are [B, n, V] (never the whole sequence's)."""
-    out = model(
+    tokens: the output's ``logits`` are [B, n, V] (never the whole sequence's, nor the last
+    position's, which predicts past the response)."""
+    length = sequence.shape[1]
+    return model(
         input_ids=sequence,
         attention_mask=attention_mask,
         position_ids=position_ids(attention_mask),
-        logits_to_keep=n + 1,
+        logits_to_keep=torch.arange(length - n - 1, length - 1, device=sequence.device),
         use_cache=False,
         **kwargs,
     )
-    out.logits = out.logits[:, :-1]
-    return out
 
 
 @torch.no_grad()

@@ -96,6 +96,10 @@ class PPOSettings:
         whiten_advantages: Whiten advantages over the rollout's response tokens.
         max_grad_norm: Gradient clipping norm (None: off).
         max_log_ratio: Clamp of the log-ratio before ``exp``.
+        score_in_first_pass: When one micro-batch holds the whole rollout, take the old
+            log-probs and values from the first update pass instead of a scoring pass of their
+            own: the same weights on the same rows give the same numbers, one policy and one
+            critic forward fewer per iteration.
     """
 
     epochs: int = 4
@@ -110,6 +114,7 @@ class PPOSettings:
     whiten_advantages: bool = True
     max_grad_norm: float | None = 1.0
     max_log_ratio: float = 20.0
+    score_in_first_pass: bool = True
 
 
 # The settings and the reference recipe are saved in checkpoints' hyper_parameters when the
@@ -512,18 +517,27 @@ class SALSAModule(L.LightningModule):
         texts = tok.batch_decode(response, skip_special_tokens=True)
         return Rollout(query, query_mask, response, mask, list(batch["prompt"]), texts)
 
-    @torch.no_grad()
-    def score(self, rollout: Rollout) -> None:
-        """Old log-probs, reference log-probs, values and rewards of a rollout, no grad."""
+    def policy_pass(self, rollout: Rollout) -> tuple[Tensor, Tensor, Tensor]:
+        """Response logits [B, R, V], log-probs [B, R] and values [B, R] of a rollout's rows."""
         n = rollout.response.shape[1]
         logits, hidden = self.policy_forward(
             rollout.sequence, rollout.attention_mask, n, self.value_head_layer is not None
         )
-        rollout.logprobs = F.logprobs_from_logits(
-            logits, rollout.response, self.generation.temperature
-        )
-        del logits
-        rollout.values = self.values(rollout, hidden) * rollout.mask
+        logprobs = F.logprobs_from_logits(logits, rollout.response, self.generation.temperature)
+        return logits, logprobs, self.values(rollout, hidden)
+
+    def scores_in_first_pass(self, rollout: Rollout) -> bool:
+        """Whether the first update pass is also the policy's and critic's scoring pass: only
+        when it runs on the whole rollout (one micro-batch), before any weight changes."""
+        return self.ppo.score_in_first_pass and self.ppo.micro_batch_size >= len(rollout.query)
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout, policy: bool = True) -> None:
+        """Reference log-probs and rewards of a rollout, and (``policy``) its old log-probs and
+        values; no grad."""
+        if policy:
+            _, rollout.logprobs, values = self.policy_pass(rollout)
+            rollout.values = values * rollout.mask
         rollout.ref_logprobs = self.reference_logprobs(rollout)
         rollout.raw_scores = self.raw_scores(rollout)
         rollout.scores = self.shape_scores(rollout)
@@ -593,7 +607,11 @@ class SALSAModule(L.LightningModule):
                 minibatch = order[start : start + ppo.minibatch_size]
                 finite = torch.ones((), device=self.device)
                 for micro in minibatch.split(ppo.micro_batch_size):
-                    loss, stats = self.ppo_loss(rollout.select(micro))
+                    mb = rollout.select(micro)
+                    outputs = self.policy_pass(mb)
+                    if rollout.advantages is None:  # the first pass scores the rollout
+                        mb = self.score_from_pass(rollout, micro, outputs)
+                    loss, stats = self.ppo_loss(mb, outputs)
                     finite = finite * torch.isfinite(loss)
                     self.manual_backward(loss / accumulate)
                     for k, v in stats.items():
@@ -614,14 +632,26 @@ class SALSAModule(L.LightningModule):
         self.skips = 0
         return mean_stats(totals)
 
-    def ppo_loss(self, mb: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
-        """Clipped policy loss + vf_coef * clipped value loss (- entropy bonus, + KL term)."""
-        ppo, n = self.ppo, mb.response.shape[1]
-        logits, hidden = self.policy_forward(
-            mb.sequence, mb.attention_mask, n, self.value_head_layer is not None
-        )
-        logprobs = F.logprobs_from_logits(logits, mb.response, self.generation.temperature)
-        values = self.values(mb, hidden)
+    @torch.no_grad()
+    def score_from_pass(
+        self, rollout: Rollout, rows: Tensor, outputs: tuple[Tensor, Tensor, Tensor]
+    ) -> Rollout:
+        """Old log-probs and values from the first update pass over all ``rows`` (the rollout
+        in a shuffled order), then the advantages; returns those rows of the scored rollout."""
+        _, logprobs, values = outputs
+        unshuffle = torch.argsort(rows)
+        rollout.logprobs = logprobs[unshuffle]
+        rollout.values = values[unshuffle] * rollout.mask
+        self.advantages(rollout)
+        return rollout.select(rows)
+
+    def ppo_loss(
+        self, mb: Rollout, outputs: tuple[Tensor, Tensor, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Clipped policy loss + vf_coef * clipped value loss (- entropy bonus, + KL term) of
+        ``mb`` given its :meth:`policy_pass` ``outputs``."""
+        ppo = self.ppo
+        logits, logprobs, values = outputs
         pg_loss, clipfrac, approxkl = F.ppo_policy_loss(
             logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.clip_range, ppo.max_log_ratio
         )
@@ -667,13 +697,15 @@ class SALSAModule(L.LightningModule):
         t0 = time.perf_counter()
         rollout = self.generate(batch)
         t1 = time.perf_counter()
-        self.score(rollout)
+        in_first_pass = self.scores_in_first_pass(rollout)
+        self.score(rollout, policy=not in_first_pass)
         if not torch.isfinite(rollout.scores).all():
             self._skip("reward", {})
             return
-        self.advantages(rollout)
+        if not in_first_pass:
+            self.advantages(rollout)
         t2 = time.perf_counter()
-        stats = self.update(rollout)
+        stats = self.update(rollout)  # scores the rollout in its first pass when in_first_pass
         t3 = time.perf_counter()
         self.log_rollout(rollout, stats, (t0, t1, t2, t3))
         self.kl_ctl.update(

@@ -105,6 +105,66 @@ def training_metrics(recorder: Recorder) -> list[dict[str, float]]:
     return [{k: v for k, v in m.items() if not k.startswith(NOISY)} for m in recorder.metrics]
 
 
+class KeepRollouts(SALSAModule):
+    """Keeps each rollout once updated (everything PPO computed about it) and counts the
+    policy passes (scoring and update forwards, generation aside)."""
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.rollouts, self.policy_passes = [], 0
+
+    def policy_pass(self, rollout):
+        self.policy_passes += 1
+        return super().policy_pass(rollout)
+
+    def update(self, rollout):
+        stats = super().update(rollout)
+        self.rollouts.append(rollout)
+        return stats
+
+
+@pytest.mark.parametrize("value_head", [False, True], ids=["critic", "value_head"])
+def test_scoring_in_the_first_update_pass_changes_no_number(
+    value_head, stage_outputs, task_dir, tmp_path
+):
+    """One micro-batch holds the rollout: the first update pass doubles as the scoring pass.
+    Same old log-probs, values, advantages, losses and trained weights as a separate scoring
+    pass, with one policy pass fewer per rollout."""
+    runs = {}
+    for in_first_pass in (False, True):
+        L.seed_everything(0)
+        ppo = PPOSettings(
+            epochs=2, minibatch_size=8, micro_batch_size=8, score_in_first_pass=in_first_pass
+        )
+        module = build(stage_outputs, cls=KeepRollouts, value_head=value_head, ppo=ppo)
+        _, recorder = fit(
+            module, prompts(stage_outputs, task_dir), tmp_path / str(in_first_pass), 2
+        )
+        runs[in_first_pass] = module, recorder
+    (plain, plain_rec), (fused, fused_rec) = runs[False], runs[True]
+    assert (plain.policy_passes, fused.policy_passes) == (2 * 3, 2 * 2)
+    for a, b in zip(plain.rollouts, fused.rollouts, strict=True):
+        assert torch.equal(a.response, b.response)
+        for name in ("logprobs", "values", "kl", "rewards", "advantages", "returns"):
+            torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-5, atol=1e-6)
+    for a, b in zip(training_metrics(plain_rec), training_metrics(fused_rec), strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    trained = [
+        (snapshot(m.policy), snapshot(m.critic or m.value_head_layer)) for m in (plain, fused)
+    ]
+    for a, b in zip(*trained, strict=True):
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    moved = [
+        k
+        for k in trained[1][0]
+        if not torch.equal(trained[1][0][k], fused_rec.start[f"policy.{k}"])
+    ]
+    assert moved  # and the policy did train
+
+
 # ----------------------------------------------------------------------------- soup run
 
 
@@ -318,8 +378,8 @@ class NaNLossOnSecondMicroBatch(SALSAModule):
 
     micro_batches = 0
 
-    def ppo_loss(self, mb):
-        loss, stats = super().ppo_loss(mb)
+    def ppo_loss(self, mb, outputs):
+        loss, stats = super().ppo_loss(mb, outputs)
         type(self).micro_batches += 1
         return (loss * float("nan") if type(self).micro_batches == 2 else loss), stats
 
