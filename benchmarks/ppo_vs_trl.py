@@ -388,6 +388,7 @@ def child_ours(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[st
     if failed := static_failed(module.policy):
         result["decoding"] = f"generate (static decoding failed: {failed})"
     result.update(peak_memory_mib=peak_memory_mib(device), rss_after_imports_mib=import_rss)
+    result.update(rss_anon_end_mib=rss_mib("RssAnon"), rss_file_end_mib=rss_mib("RssFile"))
     result.update(
         rss_models_built_mib=timer.models_rss[0], peak_rss_before_train_mib=timer.models_rss[1]
     )
@@ -509,6 +510,7 @@ def child_trl(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[str
     trainer.train()
     result = summarize("trl", timer.records, s)
     result.update(peak_memory_mib=peak_memory_mib(device), rss_after_imports_mib=import_rss)
+    result.update(rss_anon_end_mib=rss_mib("RssAnon"), rss_file_end_mib=rss_mib("RssFile"))
     result.update(
         rss_models_built_mib=timer.models_rss[0], peak_rss_before_train_mib=timer.models_rss[1]
     )

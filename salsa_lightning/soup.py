@@ -916,10 +916,15 @@ def load_soup(
 ):
     """Build the soup as a model, without writing it to disk.
 
+    The first checkpoint (LoRA: the base) is loaded by ``from_pretrained``, memory-mapped,
+    with its config, buffers and tied weights; each weight is then overwritten in place by the
+    soup's, one tensor at a time. Memory stays at one model (no random initialisation, no
+    second copy of the weights).
+
     Args:
         checkpoints: Full checkpoint or LoRA adapter directories (see :func:`write_soup`).
         weights: One weight per checkpoint summing to 1, or None for uniform.
-        model_class: A transformers auto class or model class with ``from_config``
+        model_class: A transformers auto class or model class with ``from_pretrained``
             (default ``AutoModelForCausalLM``; e.g. ``AutoModelForSequenceClassification``).
         dtype: Model dtype; default the checkpoints' dtype.
 
@@ -930,29 +935,49 @@ def load_soup(
     Raises:
         SalsaError: Bad inputs, or soup tensors that do not fit ``model_class``.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    state = soup_state_dict(checkpoints, weights)
-    first = Path(checkpoints[0])
-    config = AutoConfig.from_pretrained(str(config_dir(first)))
-    if dtype is None:
-        dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    weights = check_weights(weights, len(checkpoints))
+    plan = _plan(checkpoints)
+    layout = _layout(plan)
     cls = model_class or AutoModelForCausalLM
+    _check_fits(cls, plan, layout)
+    if dtype is None:
+        dtype = next(
+            (_ST_DTYPES[d] for _, d in layout.meta.values() if _ST_DTYPES[d].is_floating_point),
+            torch.float32,
+        )
+    model = cls.from_pretrained(str(layout.root), dtype=dtype)
+    if plan.kind == "full" and len(plan.sources) == 1:
+        return model.eval()  # a soup of one is that checkpoint
+    params = model.state_dict()
+    with torch.no_grad():
+        for name in layout.meta:
+            params[name].copy_(_merged_tensor(plan, name, weights))
+    return model.eval()
+
+
+def _check_fits(cls: Any, plan: _Plan, layout: _Tensors) -> None:
+    """The soup's tensors are exactly ``cls``'s weights (tied copies aside), checked on a model
+    built on the meta device, before any weight is read."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(plan.config_dir))
     # Auto classes have from_config; concrete model classes only the private _from_config.
     build = getattr(cls, "from_config", None) or cls._from_config
-    model = build(config, dtype=dtype)
-    result = model.load_state_dict(state, strict=False)
+    with torch.device("meta"):
+        model = build(config)
+    expected = set(model.state_dict())
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
+    missing = sorted(k for k in expected - set(layout.meta) if k not in tied)
+    unexpected = [k for k in layout.meta if k not in expected]
+    if missing or unexpected:
         problems = [f"the soup lacks its weight '{k}'" for k in missing[:1]]
-        problems += [f"it has no place for soup tensor '{k}'" for k in result.unexpected_keys[:1]]
+        problems += [f"it has no place for soup tensor '{k}'" for k in unexpected[:1]]
         raise SalsaError(
-            f"{first}: cannot load the soup into {type(model).__name__}: "
+            f"{plan.given[0]}: cannot load the soup into {type(model).__name__}: "
             f"{' and '.join(problems)}; pass the model_class the checkpoints were saved with"
         )
-    model.tie_weights()
-    return model.eval()
 
 
 @dataclass
