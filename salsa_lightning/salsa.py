@@ -518,13 +518,18 @@ class SALSAModule(L.LightningModule):
         return Rollout(query, query_mask, response, mask, list(batch["prompt"]), texts)
 
     def policy_pass(self, rollout: Rollout) -> tuple[Tensor, Tensor, Tensor]:
-        """Response logits [B, R, V], log-probs [B, R] and values [B, R] of a rollout's rows."""
-        n = rollout.response.shape[1]
+        """Response logits [B, R, V], log-probs [B, R] and values [B, R] of a rollout's rows.
+
+        A separate critic runs first, so that backward (newest nodes first) finishes the
+        policy's gradients before it allocates the critic's: the peak then holds one model's
+        gradients and the tied-embedding gradient's temporaries, not both."""
+        n, critic = rollout.response.shape[1], self.value_head_layer is None
+        values = self.values(rollout) if critic else None
         logits, hidden = self.policy_forward(
-            rollout.sequence, rollout.attention_mask, n, self.value_head_layer is not None
+            rollout.sequence, rollout.attention_mask, n, with_hidden=not critic
         )
         logprobs = F.logprobs_from_logits(logits, rollout.response, self.generation.temperature)
-        return logits, logprobs, self.values(rollout, hidden)
+        return logits, logprobs, values if critic else self.values(rollout, hidden)
 
     def scores_in_first_pass(self, rollout: Rollout) -> bool:
         """Whether the first update pass is also the policy's and critic's scoring pass: only
