@@ -90,7 +90,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "prompt_length": 16,
         "batch_size": 4,
         "new_tokens": 16,
-        "iterations": 1,
+        "iterations": 3,
         "ppo_epochs": 1,
         "repeats": 2,
         # On a GPU: the run that ../shared/ENVIRONMENT.md reports for TRL on an H200.
