@@ -4,7 +4,10 @@ Creates two random ~370 MB fp32 Llama checkpoints in a temporary directory under
 runs, each in a fresh subprocess so its peak RSS (VmHWM) is its own:
 
 * ``stream``: :func:`salsa_lightning.soup.write_soup`;
-* ``baseline``: ``from_pretrained`` both models, average the state dicts, ``save_pretrained``.
+* ``baseline``: ``from_pretrained`` both models, average the state dicts, ``save_pretrained``;
+* ``load``: :func:`salsa_lightning.soup.load_soup`, the soup as a model in memory (how SALSA
+  builds its policy and reference);
+* ``load_baseline``: ``from_pretrained`` both models and average them into the first.
 
 Time and peak RSS are reported for the work itself, after the imports (whose time and RSS
 are reported apart), and the stream time includes hashing inputs and output for the recipe.
@@ -26,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+SYSTEMS = ("stream", "baseline", "load", "load_baseline")
 
 
 def rss_mb(field: str = "VmHWM") -> float:
@@ -68,18 +73,21 @@ def child(system: str, inputs: list[str], output: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from salsa_lightning.soup import write_soup
+    from salsa_lightning.soup import load_soup, write_soup
 
     import_seconds, import_rss = time.perf_counter() - start, rss_mb("VmRSS")
     start = time.perf_counter()
     if system == "stream":
         write_soup(inputs, [0.5, 0.5], output)
+    elif system == "load":
+        load_soup(inputs, [0.5, 0.5], dtype=torch.float32)
     else:
         models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32) for p in inputs]
         sds = [m.state_dict() for m in models]
         avg = {k: 0.5 * sds[0][k] + 0.5 * sds[1][k] for k in sds[0]}
         models[0].load_state_dict(avg)
-        models[0].save_pretrained(output)
+        if system == "baseline":
+            models[0].save_pretrained(output)
     seconds, peak = time.perf_counter() - start, rss_mb("VmHWM")
     result = {
         "system": system,
@@ -110,7 +118,7 @@ def main() -> None:
         print(f"2 checkpoints of {size_mb:.0f} MiB each in {root}", flush=True)
         runs = []
         for i in range(args.repeats):
-            for system in ("stream", "baseline"):
+            for system in SYSTEMS:
                 out = root / f"out-{system}-{i}"
                 cmd = [sys.executable, __file__, "--child", system, str(out), *map(str, inputs)]
                 env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -124,22 +132,16 @@ def main() -> None:
                     f"{run['import_rss_mb']:.0f} MiB after imports)",
                     flush=True,
                 )
-                shutil.rmtree(out)
+                shutil.rmtree(out, ignore_errors=True)  # the load systems write nothing
 
         def best(system: str, key: str) -> float:
             return min(r[key] for r in runs if r["system"] == system)
 
-        summary = {
-            "checkpoint_mib": round(size_mb, 1),
-            "cpus": os.cpu_count(),
-            "runs": runs,
-            "stream_peak_rss_mb": best("stream", "peak_rss_mb"),
-            "baseline_peak_rss_mb": best("baseline", "peak_rss_mb"),
-            "stream_peak_above_imports_mb": best("stream", "peak_above_imports_mb"),
-            "baseline_peak_above_imports_mb": best("baseline", "peak_above_imports_mb"),
-            "stream_seconds": best("stream", "seconds"),
-            "baseline_seconds": best("baseline", "seconds"),
-        }
+        summary = {"checkpoint_mib": round(size_mb, 1), "cpus": os.cpu_count(), "runs": runs}
+        for system in SYSTEMS:
+            summary[f"{system}_peak_rss_mb"] = best(system, "peak_rss_mb")
+            summary[f"{system}_peak_above_imports_mb"] = best(system, "peak_above_imports_mb")
+            summary[f"{system}_seconds"] = best(system, "seconds")
         summary["rss_ratio_baseline_over_stream"] = round(
             summary["baseline_peak_rss_mb"] / summary["stream_peak_rss_mb"], 2
         )
@@ -156,6 +158,17 @@ def main() -> None:
             f"x{summary['rss_above_imports_ratio']}); time: stream "
             f"{summary['stream_seconds']:.2f} s, baseline {summary['baseline_seconds']:.2f} s "
             f"(x{summary['time_ratio_baseline_over_stream']})"
+        )
+        summary["load_rss_above_imports_ratio"] = round(
+            summary["load_baseline_peak_above_imports_mb"] / summary["load_peak_above_imports_mb"],
+            2,
+        )
+        print(
+            f"in memory: load_soup peak {summary['load_peak_above_imports_mb']:.0f} MiB above "
+            f"imports, from_pretrained x2 + average "
+            f"{summary['load_baseline_peak_above_imports_mb']:.0f} MiB "
+            f"(x{summary['load_rss_above_imports_ratio']}); time {summary['load_seconds']:.2f} s "
+            f"vs {summary['load_baseline_seconds']:.2f} s"
         )
         print(json.dumps(summary))
     finally:
