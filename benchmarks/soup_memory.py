@@ -126,7 +126,7 @@ def main() -> None:
                 run = json.loads(res.stdout.strip().splitlines()[-1])
                 runs.append(run)
                 print(
-                    f"{system:9s} run {i + 1}: {run['seconds']:6.2f} s, "
+                    f"{system:13s} run {i + 1}: {run['seconds']:6.2f} s, "
                     f"peak RSS {run['peak_rss_mb']:6.0f} MiB "
                     f"({run['peak_above_imports_mb']:5.0f} MiB above the "
                     f"{run['import_rss_mb']:.0f} MiB after imports)",
