@@ -226,6 +226,16 @@ def test_load_soup_single_checkpoint_is_exact(ckpts):
         assert all(torch.equal(model.state_dict()[k], ref[k]) for k in ref)
 
 
+def test_load_soup_builds_no_random_model_first(ckpts):
+    """The soup is written into the first checkpoint's loaded weights: no random initialisation,
+    so building a reference or policy leaves the random stream that sampling uses untouched."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    load_soup([ckpts["b"], ckpts["c"]], [0.3, 0.7])
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_load_soup_other_model_classes(tmp_path):
     """Reward models soup too (AutoModelForSequenceClassification), as do concrete classes."""
     dirs = []
