@@ -227,6 +227,7 @@ class StaticDecoder:
         positions = position_ids(query_mask)
         logits = self.forward(query, mask, positions, torch.arange(length, device=query.device))
         position = positions[:, -1:]
+        cache_position = torch.full((1,), length - 1, device=query.device)
         tokens = query.new_full((self.batch, n), pad)
         finished = torch.arange(self.batch, device=query.device) >= rows  # the fillers: done
         for i in range(n):
@@ -238,10 +239,9 @@ class StaticDecoder:
             # Every row done? Asked every 16 tokens only, as asking waits for the GPU.
             if i + 1 == n or (eos is not None and i % 16 == 15 and bool(finished.all())):
                 break
-            position = position + 1
+            position, cache_position = position + 1, cache_position + 1  # on the device
             if self.compiled:
                 torch.compiler.cudagraph_mark_step_begin()
-            cache_position = torch.tensor([length + i], device=query.device)
             logits = self.step(token[:, None], mask, position, cache_position)
         tokens = tokens[:rows]
         if eos is None:
