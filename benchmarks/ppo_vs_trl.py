@@ -148,6 +148,19 @@ def peak_memory_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def memory_report(device: str, import_rss: float, models_rss: tuple[float, float]) -> dict:
+    """A run's memory figures: its peak, its RSS after imports and with the models built (and
+    the peak by then), and its anonymous and file-backed RSS at the end."""
+    return {
+        "peak_memory_mib": peak_memory_mib(device),
+        "rss_after_imports_mib": import_rss,
+        "rss_models_built_mib": models_rss[0],
+        "peak_rss_before_train_mib": models_rss[1],
+        "rss_anon_end_mib": rss_mib("RssAnon"),
+        "rss_file_end_mib": rss_mib("RssFile"),
+    }
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         import torch
@@ -387,11 +400,7 @@ def child_ours(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[st
     )
     if failed := static_failed(module.policy):
         result["decoding"] = f"generate (static decoding failed: {failed})"
-    result.update(peak_memory_mib=peak_memory_mib(device), rss_after_imports_mib=import_rss)
-    result.update(rss_anon_end_mib=rss_mib("RssAnon"), rss_file_end_mib=rss_mib("RssFile"))
-    result.update(
-        rss_models_built_mib=timer.models_rss[0], peak_rss_before_train_mib=timer.models_rss[1]
-    )
+    result.update(memory_report(device, import_rss, timer.models_rss))
     return result
 
 
@@ -509,11 +518,7 @@ def child_trl(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[str
     )
     trainer.train()
     result = summarize("trl", timer.records, s)
-    result.update(peak_memory_mib=peak_memory_mib(device), rss_after_imports_mib=import_rss)
-    result.update(rss_anon_end_mib=rss_mib("RssAnon"), rss_file_end_mib=rss_mib("RssFile"))
-    result.update(
-        rss_models_built_mib=timer.models_rss[0], peak_rss_before_train_mib=timer.models_rss[1]
-    )
+    result.update(memory_report(device, import_rss, timer.models_rss))
     return result
 
 
