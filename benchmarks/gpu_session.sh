@@ -2,8 +2,9 @@
 # The GPU checks of issues 6 and 7, as run on a rented single-GPU machine (H100/H200) that has
 # torch, transformers, lightning and peft but not datasets, trl or jsonargparse: those travel
 # as wheels in .whl/ (see ../shared/ENVIRONMENT.md). Everything it measures lands in $OUT.
-#   bash benchmarks/gpu_session.sh [tests|bench|all]     (OUT defaults to ./gpu-out)
-# tests: the GPU tests (about 4 min on an H200); bench: both GPU presets (about 3 min).
+#   bash benchmarks/gpu_session.sh [bench] [tests] [fsdp]     (none: all three; OUT: ./gpu-out)
+# bench: both GPU presets (about 3 min on an H200); tests: the single-GPU tests (static-cache
+# decoding, bf16 SALSA); fsdp: every stage under fsdp.yaml and fsdp1.yaml (about 3 min).
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -30,11 +31,14 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
   grep -v -E "Loading weights|Writing model|it/s\]|examples/s\]" "$OUT/$name.log" | tail -n 25
 }
 
-what=${1:-all}
-if [ "$what" != bench ]; then
-  step gpu_tests 330 python3 -m pytest -m gpu -p no:cacheprovider -p no:warnings -q -s tests/
-fi
-if [ "$what" != tests ]; then
-  step bench_gpt2 150 python3 benchmarks/ppo_vs_trl.py --preset gpt2-small --device cuda --timeout 120
-  step bench_1b 200 python3 benchmarks/ppo_vs_trl.py --preset 1b --device cuda --timeout 150
-fi
+pytest_gpu=(python3 -m pytest -m gpu -p no:cacheprovider -p no:warnings -q -s)
+for what in ${@:-bench tests fsdp}; do
+  case $what in
+    bench)
+      step bench_gpt2 170 python3 benchmarks/ppo_vs_trl.py --preset gpt2-small --device cuda --timeout 140
+      step bench_1b 230 python3 benchmarks/ppo_vs_trl.py --preset 1b --device cuda --timeout 170 ;;
+    tests) step gpu_tests 180 "${pytest_gpu[@]}" tests/test_gpu.py tests/test_generation.py ;;
+    fsdp) step gpu_fsdp 240 "${pytest_gpu[@]}" tests/test_fsdp1.py ;;
+    *) echo "unknown part $what (bench, tests, fsdp)"; exit 2 ;;
+  esac
+done

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -168,6 +169,7 @@ class StaticDecoder:
 
     def __init__(self, model: nn.Module, batch: int, new_tokens: int) -> None:
         self.model, self.batch, self.new_tokens = model, batch, new_tokens
+        self.cache_argument = cache_argument(model)
         self.prompt_length = 0
         self.cache: Any = None
         self.step = self.forward
@@ -181,8 +183,8 @@ class StaticDecoder:
             input_ids=ids,
             attention_mask=mask,
             position_ids=position,
-            cache=self.cache,
             cache_position=cache_position,
+            **{self.cache_argument: self.cache},
             use_cache=True,
             logits_to_keep=1,
         )
@@ -226,6 +228,11 @@ class StaticDecoder:
         mask = torch.cat([query_mask, query_mask.new_ones(self.batch, n)], 1)  # causal covers
         positions = position_ids(query_mask)
         logits = self.forward(query, mask, positions, torch.arange(length, device=query.device))
+        if not self.cache.get_seq_length():  # the model ignored the cache: decoding would be wrong
+            raise SalsaError(
+                f"{type(self.model).__name__} did not write the prompt into the StaticCache "
+                f"passed as {self.cache_argument}="
+            )
         position = positions[:, -1:]
         cache_position = torch.full((1,), length - 1, device=query.device)
         tokens = query.new_full((self.batch, n), pad)
@@ -248,6 +255,14 @@ class StaticDecoder:
             return tokens
         # As generate: stop after the step where the last row emitted its EOS.
         return tokens[:, : int(F.response_mask(tokens, eos).sum(-1).max())]
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name of the KV-cache argument of ``model``'s forward: ``cache`` in recent
+    transformers 5 releases, ``past_key_values`` in earlier ones (whose forward silently drops an
+    unknown ``cache=`` into its keyword arguments and decodes with no cache at all)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 STATIC_FAILED = "_salsa_static_decoder_failed"

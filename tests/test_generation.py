@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from conftest import BASE
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from salsa_lightning import functional as F
 from salsa_lightning.data import left_padded_prompts
@@ -214,3 +216,45 @@ def test_static_decoder_matches_generate_across_model_families(arch):
     out = decode_both_caches(model, tok, query, mask, "cpu", max_new_tokens=12, do_sample=True)
     assert static_failed(model) is None
     assert torch.equal(out["static"][0], out["dynamic"][0])
+
+
+# The forward's own name for its KV cache in the installed transformers: ``cache`` in recent 5.x
+# releases, ``past_key_values`` before (where an unknown ``cache=`` vanishes into **kwargs).
+CACHE_NAME = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else None
+
+
+class OldCacheName(LlamaForCausalLM):
+    """The shipped Llama with its forward's cache argument named ``past_key_values``."""
+
+    def forward(self, *args, past_key_values=None, **kwargs):
+        return super().forward(
+            *args, **{CACHE_NAME or "past_key_values": past_key_values}, **kwargs
+        )
+
+
+class DropsCache(LlamaForCausalLM):
+    """The shipped Llama with a forward that takes a cache and never uses it."""
+
+    def forward(self, *args, cache=None, past_key_values=None, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+def test_static_decoder_passes_the_cache_under_the_forwards_own_name():
+    tok, model, query, mask = setup()
+    old = OldCacheName.from_pretrained(BASE).eval()
+    settings = GenerationSettings(max_new_tokens=10, do_sample=False)
+    static = sample(
+        old, tok, query, mask, GenerationSettings(**{**vars(settings), "cache": "static"})
+    )
+    assert static_failed(old) is None
+    assert torch.equal(static[0], sample(model, tok, query, mask, settings)[0])
+
+
+def test_the_static_decoder_refuses_a_model_that_ignores_its_cache():
+    """Decoding token by token with a cache the model never fills would be silently wrong: the
+    decoder checks after the prompt and raises, which ``sample`` turns into a fallback."""
+    tok, _, query, mask = setup()
+    model = DropsCache.from_pretrained(BASE).eval()
+    decoder = static_decoder(model, len(PROMPTS), 4)
+    with pytest.raises(SalsaError, match="did not write the prompt into the StaticCache"):
+        decoder(query, mask, GenerationSettings(do_sample=False), tok.eos_token_id, 0)
