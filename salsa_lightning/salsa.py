@@ -605,6 +605,7 @@ class SALSAModule(L.LightningModule):
         optimizer = self.optimizers()
         rows = rollout.query.shape[0]
         accumulate = max(1, ppo.minibatch_size // ppo.micro_batch_size)
+        policy_first = self.steps_policy_first()
         totals: dict[str, list[Tensor]] = {}
         for _ in range(ppo.epochs):
             order = torch.randperm(rows, device=self.device)
@@ -616,9 +617,12 @@ class SALSAModule(L.LightningModule):
                     outputs = self.policy_pass(mb)
                     if rollout.advantages is None:  # the first pass scores the rollout
                         mb = self.score_from_pass(rollout, micro, outputs)
-                    loss, stats = self.ppo_loss(mb, outputs)
-                    finite = finite * torch.isfinite(loss)
-                    self.manual_backward(loss / accumulate)
+                    policy_loss, value_loss, stats = self.ppo_loss(mb, outputs)
+                    finite = finite * torch.isfinite(policy_loss + value_loss)
+                    if policy_first:
+                        self.manual_backward(policy_loss)
+                    else:
+                        self.manual_backward((policy_loss + value_loss) / accumulate)
                     for k, v in stats.items():
                         totals.setdefault(k, []).append(v.detach().float())
                 if self.trainer.world_size > 1:  # every rank skips, or none does
@@ -626,6 +630,10 @@ class SALSAModule(L.LightningModule):
                 if not finite:  # the non-finite gradients are dropped with the update
                     optimizer.zero_grad()
                     return self._skip("loss", totals)
+                if policy_first:  # the critic's parameters have no gradient yet: not stepped
+                    self.trainer.strategy.optimizer_step(optimizer.optimizer, lambda: None)
+                    optimizer.zero_grad()
+                    self.manual_backward(value_loss)
                 if ppo.max_grad_norm is not None:
                     self.clip_gradients(
                         optimizer,
@@ -636,6 +644,23 @@ class SALSAModule(L.LightningModule):
                 optimizer.zero_grad()
         self.skips = 0
         return mean_stats(totals)
+
+    def steps_policy_first(self) -> bool:
+        """Whether each optimizer step applies (and frees) the policy's gradients before the
+        critic's backward allocates its own, so the peak holds one model's gradients, not both.
+
+        Only when nothing couples the two models' updates, so the weights are the same as with
+        one joint step: a separate critic, one micro-batch per minibatch, no global-norm
+        clipping, no gradient scaler, one unsharded device. Callbacks' ``on_before_optimizer_step``
+        then runs twice per step, seeing the policy's gradients, then the critic's."""
+        ppo = self.ppo
+        return (
+            self.value_head_layer is None
+            and ppo.micro_batch_size >= ppo.minibatch_size
+            and ppo.max_grad_norm is None
+            and getattr(self.trainer.precision_plugin, "scaler", None) is None
+            and isinstance(self.trainer.strategy, SingleDeviceStrategy)
+        )
 
     @torch.no_grad()
     def score_from_pass(
@@ -652,9 +677,10 @@ class SALSAModule(L.LightningModule):
 
     def ppo_loss(
         self, mb: Rollout, outputs: tuple[Tensor, Tensor, Tensor]
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Clipped policy loss + vf_coef * clipped value loss (- entropy bonus, + KL term) of
-        ``mb`` given its :meth:`policy_pass` ``outputs``."""
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The policy's terms (clipped policy loss, - entropy bonus, + KL term) and the critic's
+        (vf_coef * clipped value loss) of ``mb`` given its :meth:`policy_pass` ``outputs``; the
+        PPO loss is their sum."""
         ppo = self.ppo
         logits, logprobs, values = outputs
         pg_loss, clipfrac, approxkl = F.ppo_policy_loss(
@@ -663,7 +689,7 @@ class SALSAModule(L.LightningModule):
         vf_loss, vf_clipfrac = F.ppo_value_loss(
             values, mb.values, mb.returns, mb.mask, ppo.value_clip_range
         )
-        loss = pg_loss + ppo.vf_coef * vf_loss
+        policy_loss = pg_loss
         stats = {
             "loss/policy": pg_loss.detach(),
             "loss/value": vf_loss.detach(),
@@ -675,13 +701,13 @@ class SALSAModule(L.LightningModule):
             entropy = F.masked_mean(
                 F.entropy_from_logits(logits / self.generation.temperature), mb.mask
             )
-            loss = loss - ppo.entropy_coef * entropy
+            policy_loss = policy_loss - ppo.entropy_coef * entropy
             stats["policy/entropy"] = entropy.detach()
         if not self.kl_settings.in_reward:
             kl_loss = F.masked_mean(self.kl(logprobs, mb.ref_logprobs, "k3"), mb.mask)
-            loss = loss + self.kl_ctl.value * kl_loss
+            policy_loss = policy_loss + self.kl_ctl.value * kl_loss
             stats["loss/kl"] = kl_loss.detach()
-        return loss, stats
+        return policy_loss, ppo.vf_coef * vf_loss, stats
 
     def _skip(self, what: str, totals: dict[str, list[Tensor]]) -> dict[str, float]:
         self.skips += 1

@@ -165,6 +165,80 @@ def test_scoring_in_the_first_update_pass_changes_no_number(
     assert moved  # and the policy did train
 
 
+class JointStep(KeepRollouts):
+    """Always one optimizer step over the policy's and the critic's gradients together."""
+
+    def steps_policy_first(self) -> bool:
+        return False
+
+
+class GradientsAtCriticBackward(KeepRollouts):
+    """Records, when each of the critic's gradients is accumulated, how many of the policy's
+    parameters still hold a gradient."""
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.policy_grads_seen = []
+
+        def count(_):
+            held = sum(p.grad is not None for p in self.policy.parameters())
+            self.policy_grads_seen.append(held)
+
+        for p in self.critic.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(count)
+
+
+@pytest.mark.parametrize("minibatch", [4, 8], ids=["2-minibatches", "scored-in-first-pass"])
+def test_stepping_the_policy_before_the_critics_backward_changes_no_number(
+    minibatch, stage_outputs, task_dir, tmp_path
+):
+    """No clipping and one micro-batch per minibatch: the policy's gradients are applied and
+    freed before the critic's exist. Same losses and trained weights as one joint step, and
+    the same optimizer step count."""
+    runs = {}
+    for cls in (JointStep, GradientsAtCriticBackward):
+        L.seed_everything(0)
+        ppo = PPOSettings(
+            epochs=2, minibatch_size=minibatch, micro_batch_size=minibatch, max_grad_norm=None
+        )
+        module = build(stage_outputs, cls=cls, ppo=ppo)
+        trainer, recorder = fit(
+            module, prompts(stage_outputs, task_dir), tmp_path / cls.__name__, 2
+        )
+        runs[cls] = module, recorder, trainer.global_step
+    (joint, joint_rec, joint_steps), (split, split_rec, split_steps) = runs.values()
+    assert not joint.steps_policy_first() and split.steps_policy_first()
+    assert split.policy_grads_seen and not any(split.policy_grads_seen)
+    assert split_steps == joint_steps == 2 * 2 * (8 // minibatch)  # rollouts x epochs x minibatches
+    for a, b in zip(training_metrics(joint_rec), training_metrics(split_rec), strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    for model in ("policy", "critic"):
+        a, b = snapshot(getattr(joint, model)), snapshot(getattr(split, model))
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+        assert any(not torch.equal(a[k], split_rec.start[f"{model}.{k}"]) for k in a)
+
+
+def test_the_policy_steps_first_only_when_nothing_couples_the_two_updates(
+    stage_outputs, task_dir, tmp_path
+):
+    """Clipping by the global norm, accumulated micro-batches or a value head on the policy need
+    both models' gradients at once: one joint step."""
+    free = dict(epochs=1, minibatch_size=8, micro_batch_size=8, max_grad_norm=None)
+    module = build(stage_outputs, ppo=PPOSettings(**free))
+    fit(module, prompts(stage_outputs, task_dir), tmp_path / "critic", 1)
+    assert module.steps_policy_first()
+    for coupled in (dict(max_grad_norm=1.0), dict(micro_batch_size=4)):
+        module.ppo = PPOSettings(**{**free, **coupled})
+        assert not module.steps_policy_first(), coupled
+    with_head = build(stage_outputs, ppo=PPOSettings(**free), value_head=True)
+    fit(with_head, prompts(stage_outputs, task_dir), tmp_path / "value_head", 1)
+    assert not with_head.steps_policy_first()
+
+
 # ----------------------------------------------------------------------------- soup run
 
 
@@ -379,9 +453,10 @@ class NaNLossOnSecondMicroBatch(SALSAModule):
     micro_batches = 0
 
     def ppo_loss(self, mb, outputs):
-        loss, stats = super().ppo_loss(mb, outputs)
+        policy_loss, value_loss, stats = super().ppo_loss(mb, outputs)
         type(self).micro_batches += 1
-        return (loss * float("nan") if type(self).micro_batches == 2 else loss), stats
+        nan = type(self).micro_batches == 2
+        return (policy_loss * float("nan") if nan else policy_loss), value_loss, stats
 
 
 def test_a_non_finite_loss_drops_the_whole_optimizer_step(stage_outputs, task_dir, tmp_path):
