@@ -94,7 +94,9 @@ class PPOSettings:
         gamma: GAE discount.
         lam: GAE lambda.
         whiten_advantages: Whiten advantages over the rollout's response tokens.
-        max_grad_norm: Gradient clipping norm (None: off).
+        max_grad_norm: Gradient clipping norm over the policy and critic together (None: off;
+            with a separate critic and one micro-batch per minibatch, the policy then steps
+            before the critic's backward, which lowers peak memory: ``steps_policy_first``).
         max_log_ratio: Clamp of the log-ratio before ``exp``.
         score_in_first_pass: When one micro-batch holds the whole rollout, take the old
             log-probs and values from the first update pass instead of a scoring pass of their
