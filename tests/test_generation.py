@@ -220,16 +220,18 @@ def test_static_decoder_matches_generate_across_model_families(arch):
 
 # The forward's own name for its KV cache in the installed transformers: ``cache`` in recent 5.x
 # releases, ``past_key_values`` before (where an unknown ``cache=`` vanishes into **kwargs).
-CACHE_NAME = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else None
+LLAMA_CACHE = (
+    "cache"
+    if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
+    else "past_key_values"
+)
 
 
 class OldCacheName(LlamaForCausalLM):
     """The shipped Llama with its forward's cache argument named ``past_key_values``."""
 
     def forward(self, *args, past_key_values=None, **kwargs):
-        return super().forward(
-            *args, **{CACHE_NAME or "past_key_values": past_key_values}, **kwargs
-        )
+        return super().forward(*args, **{LLAMA_CACHE: past_key_values}, **kwargs)
 
 
 class DropsCache(LlamaForCausalLM):
