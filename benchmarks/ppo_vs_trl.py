@@ -312,7 +312,7 @@ def child_ours(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[st
 
     from salsa_lightning import PromptDataModule, SALSAModule
     from salsa_lightning.generation import static_failed, use_static_cache
-    from salsa_lightning.salsa import GenerationSettings, KLSettings, PPOSettings
+    from salsa_lightning.ppo import GenerationSettings, KLSettings, PPOSettings
     from salsa_lightning.soup import SoupReference
 
     import_rss = rss_mib()

@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 
 from salsa_lightning.data import PreferenceDataModule, PromptDataModule, SFTDataModule
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.ppo import SALSAModule
 from salsa_lightning.reward import RewardModule
-from salsa_lightning.salsa import SALSAModule
 from salsa_lightning.sft import SFTModule
 
 __all__ = [

@@ -11,9 +11,14 @@
 
 from __future__ import annotations
 
+import argparse
+import inspect
+import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -36,19 +41,151 @@ class SalsaCLI(LightningCLI):
         )
 
 
-def _subcommands() -> dict[str, Callable[[list[str]], int]]:
-    from salsa_lightning.evaluate import evaluate_main
-    from salsa_lightning.landscape import landscape_main
-    from salsa_lightning.pipeline import pipeline_main, quickstart_main
-    from salsa_lightning.soup import soup_main
+# ----------------------------------------------------------------------------- functions as commands
 
-    return {
-        "soup": soup_main,
-        "evaluate": evaluate_main,
-        "landscape": landscape_main,
-        "pipeline": pipeline_main,
-        "quickstart": quickstart_main,
+
+def join_list_flags(fn: Callable[..., Any], argv: list[str] | None) -> list[str] | None:
+    """Let list arguments be written shell-style, ``--checkpoints a b``, as well as ``'[a, b]'``."""
+    if argv is None:
+        return None
+    lists = {
+        name
+        for name, p in inspect.signature(fn).parameters.items()
+        if str(p.annotation).startswith("list[")
     }
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        out.append(token)
+        i += 1
+        if token.startswith("--") and token[2:] in lists:
+            values = []
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+            out.append(
+                values[0] if len(values) == 1 and values[0].startswith("[") else json.dumps(values)
+            )
+    return out
+
+
+def function_main(fn: Callable[..., Any], argv: list[str] | None, prog: str) -> int:
+    """A command line for ``fn``: its arguments as flags, or from a YAML with ``--config``."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog=prog, description=fn.__doc__.splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(fn)
+    cfg = parser.instantiate_classes(parser.parse_args(join_list_flags(fn, argv)))
+    fn(**{k: v for k, v in vars(cfg).items() if k != "config"})
+    return 0
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    """``salsa evaluate`` (flags or ``--config``: the arguments of ``evaluate.evaluate``)."""
+    from salsa_lightning.evaluate import evaluate
+
+    return function_main(evaluate, argv, "salsa evaluate")
+
+
+def landscape_main(argv: list[str] | None = None) -> int:
+    """``salsa landscape`` (flags or ``--config``: the arguments of ``landscape.landscape``)."""
+    from salsa_lightning.landscape import landscape
+
+    return function_main(landscape, argv, "salsa landscape")
+
+
+# ----------------------------------------------------------------------------- soup
+
+
+def _soup_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    p = ArgumentParser(
+        prog="salsa soup",
+        description="Average SFT checkpoints (or LoRA adapters) into a model soup.",
+        exit_on_error=False,
+    )
+    p.add_argument("--config", action=ActionConfigFile, help="YAML file with these options")
+    p.add_argument("--checkpoints", type=str, nargs="+", required=True, help="input dirs")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="default: uniform")
+    p.add_argument("--output", type=str, required=True, help="output directory")
+    p.add_argument("--normalize", action="store_true", help="rescale weights to sum to 1")
+    p.add_argument("--lora_output", choices=["merged", "adapter"], default="merged")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    return p
+
+
+def soup_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``salsa soup``.
+
+    Args:
+        argv: Arguments after ``soup`` (default ``sys.argv[1:]``).
+
+    Returns:
+        0 on success, 2 on a bad input (the message is printed as ``error: ...``).
+    """
+    from salsa_lightning.soup import write_soup
+
+    try:
+        args = _soup_parser().parse_args(argv)
+        write_soup(
+            args.checkpoints,
+            args.weights,
+            args.output,
+            normalize=args.normalize,
+            lora_output=args.lora_output,
+            overwrite=args.overwrite,
+            log=lambda s: print(s, flush=True),
+        )
+    except (SalsaError, argparse.ArgumentError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+def pipeline_main(argv: list[str] | None = None) -> int:
+    """``salsa pipeline --config PIPELINE.yaml [--output DIR]``."""
+    from salsa_lightning.pipeline import run_pipeline
+
+    parser = argparse.ArgumentParser(
+        prog="salsa pipeline", description="Run the stages of a pipeline YAML in order."
+    )
+    parser.add_argument("--config", required=True, help="pipeline YAML")
+    parser.add_argument("--output", default=".", help="directory the stages run in (default: here)")
+    args = parser.parse_args(argv)
+    run_pipeline(args.config, args.output)
+    return 0
+
+
+def quickstart_main(argv: list[str] | None = None) -> int:
+    """``salsa quickstart [--output DIR]``: the whole experiment on the embedded default."""
+    from salsa_lightning.pipeline import find_config, run_with_report
+
+    parser = argparse.ArgumentParser(
+        prog="salsa quickstart", description="The whole SALSA experiment on the embedded task."
+    )
+    parser.add_argument("--output", default=".", help="directory for artifacts/ (default: here)")
+    parser.add_argument(
+        "--config", default=None, help="pipeline YAML (default configs/quickstart.yaml)"
+    )
+    args = parser.parse_args(argv)
+    run_with_report(
+        Path(args.config) if args.config else find_config("quickstart.yaml"), args.output
+    )
+    return 0
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "soup": soup_main,
+    "evaluate": evaluate_main,
+    "landscape": landscape_main,
+    "pipeline": pipeline_main,
+    "quickstart": quickstart_main,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,9 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        commands = _subcommands()
-        if args and args[0] in commands:
-            return commands[args[0]](args[1:]) or 0
+        if args and args[0] in SUBCOMMANDS:
+            return SUBCOMMANDS[args[0]](args[1:]) or 0
         SalsaCLI(args=argv)  # None: LightningCLI reads sys.argv itself
     except (SalsaError, ValueError) as err:
         cause = salsa_cause(err)

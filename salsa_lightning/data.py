@@ -36,10 +36,11 @@ from transformers import PreTrainedTokenizerBase
 
 from salsa_lightning import embedded
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.models import load_tokenizer
+from salsa_lightning.pretrained import load_tokenizer
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)
-_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# File extension -> ``datasets`` builder of every data file the project reads.
+DATA_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 Messages = list[dict[str, str]]
 
@@ -112,6 +113,23 @@ def split_conversation(value: Any, column: str) -> tuple[Messages, str]:
     if messages[-1]["role"] != "assistant":
         raise SalsaError(f"column {column!r}: the conversation must end with an assistant turn.")
     return messages[:-1], messages[-1]["content"]
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def read_data_files(files: Sequence[str | os.PathLike]) -> datasets.Dataset:
+    """Local data files of one format (json, jsonl, parquet or csv, by extension) as one dataset."""
+    files = [str(f) for f in files]
+    for f in files:
+        if not Path(f).is_file():
+            raise SalsaError(f"data file {f!r} does not exist.")
+    kinds = {DATA_FORMATS.get(Path(f).suffix.lower()) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise SalsaError(
+            f"data files {files} must all be one of {sorted(DATA_FORMATS)} (by their extension)."
+        )
+    return datasets.load_dataset(kinds.pop(), data_files=files, split="train")
 
 
 # ----------------------------------------------------------------------------- base class
@@ -207,20 +225,9 @@ class _ChatDataModule(L.LightningDataModule):
         as_list = lambda f: None if f is None else ([f] if isinstance(f, str) else list(f))  # noqa: E731
         return as_list(hp.train_files), as_list(hp.val_files)
 
-    def _read_files(self, files: list[str]) -> datasets.Dataset:
-        for f in files:
-            if not Path(f).is_file():
-                raise SalsaError(f"data file {f!r} does not exist.")
-        kinds = {_FORMATS.get(Path(f).suffix.lower()) for f in files}
-        if None in kinds or len(kinds) != 1:
-            raise SalsaError(
-                f"data files {files} must all be one of {sorted(_FORMATS)} (by their extension)."
-            )
-        return datasets.load_dataset(kinds.pop(), data_files=files, split="train")
-
     def _read_hub(self, split: str) -> datasets.Dataset:
         hp = self.hparams
-        local = os.path.isdir(hp.dataset) or hp.dataset in set(_FORMATS.values())
+        local = os.path.isdir(hp.dataset) or hp.dataset in set(DATA_FORMATS.values())
         try:
             return datasets.load_dataset(hp.dataset, hp.dataset_config, split=split)
         except (ConnectionError, FileNotFoundError, ValueError, OSError) as err:
@@ -246,8 +253,8 @@ class _ChatDataModule(L.LightningDataModule):
             val_source = f"{hp.dataset}[{hp.val_split}]"
         else:
             train_files, val_files = self._files()
-            train, source = self._read_files(train_files), ", ".join(train_files)
-            val = self._read_files(val_files) if val_files else None
+            train, source = read_data_files(train_files), ", ".join(train_files)
+            val = read_data_files(val_files) if val_files else None
             val_source = ", ".join(val_files or [])
         if val is None and hp.val_fraction > 0:
             if math.ceil(len(train) * hp.val_fraction) >= len(

@@ -15,7 +15,6 @@ reference model on the sampled answers, and writes:
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -24,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM
 
-from salsa_lightning import functional as F
-from salsa_lightning.data import left_padded_prompts, right_padded_chats
+from salsa_lightning.data import left_padded_prompts, read_data_files
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.functional import bootstrap_mean_ci, kl_estimate, win_rate
 from salsa_lightning.generation import GenerationSettings, response_logprobs, sample
-from salsa_lightning.models import check_model_source, load_tokenizer
+from salsa_lightning.pretrained import check_model_source, load_tokenizer
+from salsa_lightning.scoring import Scorer, gold_scores
 
 PROMPT_COLUMNS = ("prompt", "question", "instruction")
 
@@ -42,17 +42,7 @@ def load_prompts(path: str | os.PathLike, column: str | None = None) -> list[dic
         path: The file.
         column: The prompt column; default the first of ``prompt``, ``question``, ``instruction``.
     """
-    import datasets
-
-    path = Path(path)
-    if not path.is_file():
-        raise SalsaError(f"prompt file {str(path)!r} does not exist.")
-    kind = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(
-        path.suffix
-    )
-    if kind is None:
-        raise SalsaError(f"prompt file {str(path)!r} must be .json, .jsonl, .csv or .parquet.")
-    data = datasets.load_dataset(kind, data_files=str(path), split="train")
+    data = read_data_files([path])
     names = [column] if column else list(PROMPT_COLUMNS)
     found = next((c for c in names if c in data.column_names), None)
     if found is None:
@@ -61,43 +51,6 @@ def load_prompts(path: str | os.PathLike, column: str | None = None) -> list[dic
             f"{data.column_names}; name it with --prompt_column."
         )
     return [{**row, "prompt": row[found]} for row in data]
-
-
-def gold_or_none(
-    reward_fn: Callable | None, prompts: list[str], answers: list[str]
-) -> torch.Tensor | None:
-    """The reward function's scores; with none, the embedded task's gold reward if it applies."""
-    if reward_fn is not None:
-        return reward_fn(prompts, answers).float().cpu()
-    from salsa_lightning.task import GoldReward
-
-    try:
-        return GoldReward()(prompts, answers).float()
-    except ValueError:
-        return None
-
-
-class Scorer:
-    """Scores (prompt, answer) texts with a reward model, re-tokenising in its own chat format."""
-
-    def __init__(self, path: str, device: torch.device, batch_size: int = 64) -> None:
-        check_model_source(path, "reward_model")
-        self.tokenizer = load_tokenizer(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
-        self.device, self.batch_size = device, batch_size
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str], answers: list[str]) -> torch.Tensor:
-        out = []
-        for i in range(0, len(prompts), self.batch_size):
-            ids, mask = right_padded_chats(
-                self.tokenizer, prompts[i : i + self.batch_size], answers[i : i + self.batch_size]
-            )
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            out.append(
-                self.model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float().cpu()
-            )
-        return torch.cat(out)
 
 
 @torch.no_grad()
@@ -127,7 +80,7 @@ def sample_answers(
             attn = torch.cat([query_mask, mask.long()], 1)
             lp = response_logprobs(model, seq, attn, response, generation.temperature)
             ref_lp = response_logprobs(reference, seq, attn, response, generation.temperature)
-            kls.append((F.kl_estimate(lp, ref_lp, "k1") * mask).sum(1).cpu())
+            kls.append((kl_estimate(lp, ref_lp, "k1") * mask).sum(1).cpu())
     return answers, (torch.cat(kls) if kls else None)
 
 
@@ -148,7 +101,7 @@ def generate_answers(
 
 
 def summarize(values: torch.Tensor, seed: int) -> dict[str, float]:
-    mean, low, high = F.bootstrap_mean_ci(values, seed=seed)
+    mean, low, high = bootstrap_mean_ci(values, seed=seed)
     return {"mean": mean, "ci_low": low, "ci_high": high}
 
 
@@ -222,7 +175,7 @@ def evaluate(
             item = {"length": torch.tensor([len(a) for a in answers], dtype=torch.float)}
             if scorer is not None:
                 item["score"] = scorer(texts, answers)
-            gold = gold_or_none(reward_fn, texts, answers)
+            gold = gold_scores(reward_fn, texts, answers)
             if gold is not None:
                 item["gold"] = gold
             if kl is not None:
@@ -257,7 +210,7 @@ def win_rates(
     for a, b in pairs:
         for judge in ("score", "gold"):
             if judge in items[a] and judge in items[b]:
-                wins = F.win_rate(items[a][judge], items[b][judge])
+                wins = win_rate(items[a][judge], items[b][judge])
                 out[f"{a}_vs_{b}/{judge}"] = summarize(wins, seed)
     return out
 
@@ -338,45 +291,3 @@ def plot_rewards(per_item: dict[str, dict[str, dict[str, torch.Tensor]]], path: 
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def join_list_flags(fn: Callable[..., Any], argv: list[str] | None) -> list[str] | None:
-    """Let list arguments be written shell-style, ``--checkpoints a b``, as well as ``'[a, b]'``."""
-    if argv is None:
-        return None
-    lists = {
-        name
-        for name, p in inspect.signature(fn).parameters.items()
-        if str(p.annotation).startswith("list[")
-    }
-    out, i = [], 0
-    while i < len(argv):
-        token = argv[i]
-        out.append(token)
-        i += 1
-        if token.startswith("--") and token[2:] in lists:
-            values = []
-            while i < len(argv) and not argv[i].startswith("--"):
-                values.append(argv[i])
-                i += 1
-            out.append(
-                values[0] if len(values) == 1 and values[0].startswith("[") else json.dumps(values)
-            )
-    return out
-
-
-def function_main(fn: Callable[..., Any], argv: list[str] | None, prog: str) -> int:
-    """A command line for ``fn``: its arguments as flags, or from a YAML with ``--config``."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(prog=prog, description=fn.__doc__.splitlines()[0])
-    parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(fn)
-    cfg = parser.instantiate_classes(parser.parse_args(join_list_flags(fn, argv)))
-    fn(**{k: v for k, v in vars(cfg).items() if k != "config"})
-    return 0
-
-
-def evaluate_main(argv: list[str] | None = None) -> int:
-    """Entry point of ``salsa evaluate`` (flags or ``--config``: the arguments of ``evaluate``)."""
-    return function_main(evaluate, argv, "salsa evaluate")

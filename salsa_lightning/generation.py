@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from salsa_lightning import functional as F
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.functional import logprobs_from_logits, response_mask, truncate_after_eos
 
 
 @dataclass
@@ -139,7 +139,7 @@ def sample(
         response = out[:, query.shape[1] :]
     if eos is None:
         return response, torch.ones_like(response, dtype=torch.float32)
-    return F.truncate_after_eos(response, eos, tokenizer.pad_token_id)
+    return truncate_after_eos(response, eos, tokenizer.pad_token_id)
 
 
 def next_tokens(logits: Tensor, settings: GenerationSettings) -> Tensor:
@@ -254,7 +254,7 @@ class StaticDecoder:
         if eos is None:
             return tokens
         # As generate: stop after the step where the last row emitted its EOS.
-        return tokens[:, : int(F.response_mask(tokens, eos).sum(-1).max())]
+        return tokens[:, : int(response_mask(tokens, eos).sum(-1).max())]
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -312,4 +312,4 @@ def response_logprobs(
 ) -> Tensor:
     """[B, R] log-probs of the response tokens (the last R of ``sequence``) under ``model``."""
     logits = response_logits(model, sequence, attention_mask, response.shape[1]).logits
-    return F.logprobs_from_logits(logits, response, temperature)
+    return logprobs_from_logits(logits, response, temperature)

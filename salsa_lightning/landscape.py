@@ -17,16 +17,43 @@ from typing import Any
 import torch
 
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.evaluate import (
-    Scorer,
-    function_main,
-    gold_or_none,
-    load_prompts,
-    sample_answers,
-)
+from salsa_lightning.evaluate import load_prompts, sample_answers
 from salsa_lightning.generation import GenerationSettings
-from salsa_lightning.models import load_tokenizer
-from salsa_lightning.soup import SoupReference, alpha_line, barycentric_grid, load_soup
+from salsa_lightning.pretrained import load_tokenizer
+from salsa_lightning.scoring import Scorer, gold_scores
+from salsa_lightning.soup import SoupReference, load_soup
+
+
+def alpha_line(n_points: int) -> list[list[float]]:
+    """Weights ``[a, 1 - a]`` for ``n_points`` values of ``a`` from 0 to 1 inclusive.
+
+    Args:
+        n_points: Number of points on the line between two models (>= 2).
+
+    Returns:
+        The list of weight pairs, starting at ``[0, 1]`` and ending at ``[1, 0]``.
+    """
+    if n_points < 2:
+        raise SalsaError(f"alpha_line needs n_points >= 2, got {n_points}")
+    return [[k / (n_points - 1), 1.0 - k / (n_points - 1)] for k in range(n_points)]
+
+
+def barycentric_grid(resolution: int) -> list[list[float]]:
+    """All weights ``[w1, w2, w3]`` with ``w_i = k_i / resolution`` and ``sum = 1``.
+
+    Args:
+        resolution: Number of steps along each edge of the simplex (>= 1).
+
+    Returns:
+        ``(resolution + 1) * (resolution + 2) / 2`` weight triples.
+    """
+    if resolution < 1:
+        raise SalsaError(f"barycentric_grid needs resolution >= 1, got {resolution}")
+    return [
+        [i / resolution, j / resolution, (resolution - i - j) / resolution]
+        for i in range(resolution + 1)
+        for j in range(resolution + 1 - i)
+    ]
 
 
 @torch.no_grad()
@@ -45,7 +72,7 @@ def mean_rewards(
     out = {}
     if scorer is not None:
         out["score"] = float(scorer(prompts, answers).mean())
-    gold = gold_or_none(reward_fn, prompts, answers)
+    gold = gold_scores(reward_fn, prompts, answers)
     if gold is not None:
         out["gold"] = float(gold.mean())
     return out
@@ -146,8 +173,3 @@ def plot_landscape(result: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{judge} of the soup")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def landscape_main(argv: list[str] | None = None) -> int:
-    """Entry point of ``salsa landscape`` (flags or ``--config``)."""
-    return function_main(landscape, argv, "salsa landscape")

@@ -210,43 +210,24 @@ def write_report(root: Path, runs: dict[str, str], eval_dir: str, out: str) -> P
     return out_dir / "report.md"
 
 
-def pipeline_main(argv: list[str] | None = None) -> int:
-    """``salsa pipeline --config PIPELINE.yaml [--output DIR]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="salsa pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="pipeline YAML")
-    parser.add_argument("--output", default=".", help="directory the stages run in (default: here)")
-    args = parser.parse_args(argv)
-    run_pipeline(args.config, args.output)
-    return 0
-
-
-def quickstart_main(argv: list[str] | None = None) -> int:
-    """``salsa quickstart [--output DIR]``: the whole experiment on the embedded default."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="salsa quickstart", description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default=".", help="directory for artifacts/ (default: here)")
-    parser.add_argument(
-        "--config", default=None, help="pipeline YAML (default configs/quickstart.yaml)"
-    )
-    args = parser.parse_args(argv)
-    config = Path(args.config) if args.config else find_config("quickstart.yaml")
-    start = time.perf_counter()
-    root = run_pipeline(config, args.output)
-    import yaml
-
-    report = (yaml.safe_load(config.read_text()) or {}).get("report", {})
-    if report:
-        write_report(root, report["runs"], report["evaluation"], report["output"])
-    print(f"quickstart finished in {time.perf_counter() - start:.0f} s", flush=True)
-    return 0
-
-
 def find_config(name: str) -> Path:
     """A YAML from ./configs, else from the configs/ of the source checkout."""
     for base in (Path.cwd() / "configs", REPO_CONFIGS):
         if (base / name).is_file():
             return base / name
     raise SalsaError(f"configs/{name} not found here or in {REPO_CONFIGS}; pass --config.")
+
+
+def run_with_report(config: str | os.PathLike, output: str | os.PathLike = ".") -> Path:
+    """Run a pipeline YAML, then write the report its ``report:`` section names (the quickstart);
+    returns the output directory."""
+    import yaml
+
+    config = Path(config)
+    start = time.perf_counter()
+    root = run_pipeline(config, output)
+    report = (yaml.safe_load(config.read_text()) or {}).get("report", {})
+    if report:
+        write_report(root, report["runs"], report["evaluation"], report["output"])
+    print(f"quickstart finished in {time.perf_counter() - start:.0f} s", flush=True)
+    return root

@@ -8,17 +8,9 @@ import torch
 from torchmetrics import MeanMetric
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
+from salsa_lightning.finetune import FineTuneModule
 from salsa_lightning.functional import bradley_terry_loss, reward_centering_loss
-from salsa_lightning.stage import FineTuneModule
-
-REWARD_STATS = "reward_stats.json"  # written beside the exported reward model; read by PPO
-
-
-def score(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """Scalar rewards [B] of a one-label sequence classifier for [B, T] token ids."""
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+from salsa_lightning.scoring import REWARD_STATS, sequence_scores
 
 
 class RewardModule(FineTuneModule):
@@ -64,7 +56,7 @@ class RewardModule(FineTuneModule):
 
     def pair_scores(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores of the chosen [B] and rejected [B] halves of a [2B, T] preference batch."""
-        rewards = score(self.model, batch["input_ids"], batch["attention_mask"])
+        rewards = sequence_scores(self.model, batch["input_ids"], batch["attention_mask"])
         return rewards.chunk(2)
 
     def loss(self, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -133,4 +125,4 @@ class RewardModule(FineTuneModule):
     def export_extras(self) -> dict[str, Any]:
         # Measured again at the end: the last validation may predate the final weights.
         stats = self.measure_reward_stats()
-        return {REWARD_STATS: stats} if stats else {}
+        return {**super().export_extras(), **({REWARD_STATS: stats} if stats else {})}

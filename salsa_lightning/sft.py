@@ -9,7 +9,7 @@ from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM
 
 from salsa_lightning.data import IGNORE_INDEX
-from salsa_lightning.stage import FineTuneModule
+from salsa_lightning.finetune import FineTuneModule
 
 
 def token_stats(

@@ -29,7 +29,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.models import decoder_layers
+from salsa_lightning.sharding import decoder_layers
 
 
 def top_level_models(module: nn.Module) -> list[nn.Module]:

@@ -5,6 +5,7 @@ and settings it names. Files that are not LightningCLI configs (no top-level ``m
 from __future__ import annotations
 
 import importlib
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,7 @@ from conftest import BASE, CONFIGS
 
 from salsa_lightning import embedded
 from salsa_lightning.cli import SalsaCLI
-from salsa_lightning.models import dataclass_dict
-from salsa_lightning.stage import FineTuneModule
+from salsa_lightning.finetune import FineTuneModule
 
 
 def load_yaml(path: Path) -> dict:
@@ -43,7 +43,7 @@ def resolve(class_path: str) -> type:
 def assert_subset(expected, actual, where: str) -> None:
     """Every setting the YAML names is in ``actual`` (which may add defaults)."""
     if isinstance(expected, dict):
-        actual = dataclass_dict(actual)
+        actual = asdict(actual) if is_dataclass(actual) else actual
         assert isinstance(actual, dict), where
         for key, value in expected.items():
             assert key in actual, f"{where}.{key}"

@@ -31,7 +31,7 @@ from salsa_lightning.data import (
 )
 from salsa_lightning.embedded import ASSISTANT
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.models import load_tokenizer
+from salsa_lightning.pretrained import load_tokenizer
 
 TOK = str(BASE)
 

@@ -350,7 +350,7 @@ def test_reward_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp
 
     from salsa_lightning import PreferenceDataModule
     from salsa_lightning.functional import bradley_terry_loss, reward_centering_loss
-    from salsa_lightning.reward import score
+    from salsa_lightning.scoring import sequence_scores
 
     extra = [
         "--model.init_args.model",
@@ -372,7 +372,9 @@ def test_reward_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp
     losses = []
     with torch.no_grad():
         for batch in first_batches(data):
-            chosen, rejected = score(start, batch["input_ids"], batch["attention_mask"]).chunk(2)
+            chosen, rejected = sequence_scores(
+                start, batch["input_ids"], batch["attention_mask"]
+            ).chunk(2)
             loss = bradley_terry_loss(chosen, rejected, 0.0)
             losses.append(float(loss + 0.01 * reward_centering_loss(chosen, rejected)))
     assert first(two, "train/loss") == pytest.approx(losses[0], abs=1e-4)
@@ -390,7 +392,7 @@ def check_reward_runs(single: Path, sharded: Path, start: Path) -> None:
 
     from transformers import AutoModelForSequenceClassification
 
-    from salsa_lightning.reward import REWARD_STATS
+    from salsa_lightning.scoring import REWARD_STATS
 
     one, two = metrics(single), metrics(sharded)
     for key in ("val/accuracy", "val/margin", "val/reward_mean", "val/reward_std"):

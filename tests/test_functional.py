@@ -1,11 +1,13 @@
 """Tests for salsa_lightning.functional: hand-worked values and naive reference loops."""
 
 import math
+import statistics
 
 import pytest
 import torch
 
 from salsa_lightning import functional as Fn
+from salsa_lightning.errors import SalsaError
 
 # --------------------------------------------------------------------------- helpers
 
@@ -469,3 +471,412 @@ def test_win_rate_with_ties():
     wins = Fn.win_rate(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.0, 2.0, 4.0, 4.0]))
     torch.testing.assert_close(wins, torch.tensor([1.0, 0.5, 0.0, 0.5]))
     assert wins.mean().item() == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------- group estimators
+
+
+def random_groups(k, n_groups=4, seed=0):
+    """float64 scores, ``n_groups`` groups of ``k``, one group with all-equal scores."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(n_groups * k, generator=gen, dtype=torch.float64) * 3
+    scores[:k] = 1.5  # dyadic, so the group mean is exact
+    return scores
+
+
+def naive_group_advantages(scores, k, scale_by_std=True, eps=1e-4):
+    """GRPO per group with the statistics module: (r - mean) / (stdev + eps)."""
+    out = []
+    for g in range(len(scores) // k):
+        group = [float(x) for x in scores[g * k : (g + 1) * k]]
+        mean = statistics.fmean(group)
+        std = statistics.stdev(group) if k > 1 else 0.0
+        out += [(r - mean) / (std + eps) if scale_by_std else r - mean for r in group]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def naive_leave_one_out(scores, k):
+    """RLOO as an explicit loop: r_i minus the mean of r_j over j != i in i's group."""
+    out = []
+    for i in range(len(scores)):
+        g = i // k
+        others = [float(scores[j]) for j in range(g * k, (g + 1) * k) if j != i]
+        out.append(float(scores[i]) - sum(others) / len(others))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def naive_group_centred(scores, k):
+    out = []
+    for g in range(len(scores) // k):
+        group = [float(x) for x in scores[g * k : (g + 1) * k]]
+        out += [r - sum(group) / k for r in group]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_group_advantages_by_hand():
+    scores = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 16.0], dtype=torch.float64)
+    # group 0: mean 2, deviations [-1, 0, 1], Bessel std sqrt(2 / 2) = 1
+    # group 1: mean 12, deviations [-2, -2, 4], Bessel std sqrt((4 + 4 + 16) / 2) = sqrt(12)
+    # GRPO (eps 1e-4): deviations / (std + 1e-4); Dr. GRPO: the deviations themselves
+    s12 = math.sqrt(12)
+    expected = torch.tensor(
+        [-1 / 1.0001, 0.0, 1 / 1.0001, -2 / (s12 + 1e-4), -2 / (s12 + 1e-4), 4 / (s12 + 1e-4)],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(Fn.group_advantages(scores, 3), expected)
+    unscaled = torch.tensor([-1.0, 0.0, 1.0, -2.0, -2.0, 4.0], dtype=torch.float64)
+    torch.testing.assert_close(Fn.group_advantages(scores, 3, scale_by_std=False), unscaled)
+    # eps 0: group 1 becomes [-2, -2, 4] / sqrt(12) exactly
+    torch.testing.assert_close(
+        Fn.group_advantages(scores, 3, eps=0.0)[3:], unscaled[3:] / s12, rtol=1e-12, atol=0
+    )
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 8])
+@pytest.mark.parametrize("scale_by_std", [True, False])
+def test_group_advantages_match_statistics_stdev(k, scale_by_std):
+    scores = random_groups(k, seed=k)
+    out = Fn.group_advantages(scores, k, scale_by_std=scale_by_std)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, naive_group_advantages(scores, k, scale_by_std))
+
+
+def test_group_advantages_zero_for_one_sample_or_equal_scores():
+    torch.manual_seed(0)
+    # k = 1: every sample is its own group, its score is its group's mean
+    assert torch.equal(Fn.group_advantages(torch.randn(5), 1), torch.zeros(5))
+    # all-equal groups (dyadic values: means are exact) next to a varied one
+    scores = torch.tensor([0.5, 0.5, 0.5, 0.5, -3.25, -3.25, -3.25, -3.25, 0.0, 1.0, 2.0, 3.0])
+    for scale_by_std in (True, False):
+        out = Fn.group_advantages(scores, 4, scale_by_std=scale_by_std)
+        assert torch.equal(out[:8], torch.zeros(8))
+        assert (out[8:] != 0).all()
+
+
+@pytest.mark.parametrize("eps", [1e-4, 0.0])
+def test_group_advantages_equal_non_dyadic_scores_are_zero(eps):
+    # The group mean of seven float32 0.1s is one ulp off: without the tie check the residual
+    # (~7e-9) over the std (~8e-9) + eps would give -7.4e-5 (eps 1e-4) and -0.93 (eps 0).
+    scores = torch.full((7,), 0.1)
+    assert torch.equal(Fn.group_advantages(scores, 7, eps=eps), torch.zeros(7))
+
+
+def test_leave_one_out_by_hand():
+    # group [1, 2, 6]: 1 - (2 + 6) / 2 = -3; 2 - (1 + 6) / 2 = -1.5; 6 - (1 + 2) / 2 = 4.5
+    # group [3, 7] with k = 2: 3 - 7 = -4; 7 - 3 = 4
+    scores = torch.tensor([1.0, 2.0, 6.0])
+    torch.testing.assert_close(
+        Fn.leave_one_out_advantages(scores, 3), torch.tensor([-3.0, -1.5, 4.5])
+    )
+    torch.testing.assert_close(
+        Fn.leave_one_out_advantages(torch.tensor([3.0, 7.0]), 2), torch.tensor([-4.0, 4.0])
+    )
+
+
+def test_group_centred_by_hand():
+    # groups [1, 2, 6] (mean 3) and [4, 4, 10] (mean 6): [-2, -1, 3, -2, -2, 4]
+    scores = torch.tensor([1.0, 2.0, 6.0, 4.0, 4.0, 10.0])
+    expected = torch.tensor([-2.0, -1.0, 3.0, -2.0, -2.0, 4.0])
+    torch.testing.assert_close(Fn.group_centred(scores, 3), expected)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 7])
+def test_leave_one_out_and_group_centred_match_loops(k):
+    scores = random_groups(k, seed=10 + k)
+    torch.testing.assert_close(
+        Fn.leave_one_out_advantages(scores, k), naive_leave_one_out(scores, k)
+    )
+    torch.testing.assert_close(Fn.group_centred(scores, k), naive_group_centred(scores, k))
+
+
+@pytest.mark.parametrize("k", [2, 3, 6])
+def test_leave_one_out_is_k_over_k_minus_one_times_centred(k):
+    # r_i - (S - r_i) / (k - 1) = (k r_i - S) / (k - 1) = k / (k - 1) * (r_i - S / k)
+    scores = random_groups(k, seed=20 + k)
+    torch.testing.assert_close(
+        Fn.leave_one_out_advantages(scores, k), k / (k - 1) * Fn.group_centred(scores, k)
+    )
+
+
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        lambda s, k: Fn.group_advantages(s, k, scale_by_std=False),
+        Fn.leave_one_out_advantages,
+        Fn.group_centred,
+    ],
+    ids=["dr_grpo", "rloo", "group_centred"],
+)
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_group_advantages_sum_to_zero_per_group(estimator, k):
+    scores = random_groups(k, n_groups=5, seed=30 + k)
+    sums = estimator(scores, k).reshape(-1, k).sum(dim=1)
+    torch.testing.assert_close(sums, torch.zeros(5, dtype=torch.float64), rtol=0, atol=1e-12)
+    # and not trivially: the advantages themselves are not all zero
+    assert estimator(scores, k).abs().max() > 0.1
+
+
+def test_group_estimators_reject_bad_group_sizes():
+    five = torch.zeros(5)
+    for fn in (Fn.group_advantages, Fn.leave_one_out_advantages, Fn.group_centred):
+        with pytest.raises(SalsaError, match="5 samples do not split into groups of 2"):
+            fn(five, 2)
+    for fn in (Fn.group_advantages, Fn.group_centred):
+        with pytest.raises(SalsaError, match="groups of 0"):
+            fn(torch.zeros(4), 0)
+    with pytest.raises(SalsaError, match="needs k >= 2 samples per prompt, got 1"):
+        Fn.leave_one_out_advantages(torch.zeros(4), 1)
+
+
+# --------------------------------------------------------------------------- REINFORCE returns
+
+
+def naive_returns_to_go(rewards, mask, gamma):
+    """Per-row loop over the real tokens only."""
+    B, T = rewards.shape
+    out = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        running = 0.0
+        for t in reversed(range(int(mask[b].sum()))):
+            running = float(rewards[b, t]) + gamma * running
+            out[b, t] = running
+    return out
+
+
+def test_returns_to_go_by_hand():
+    nan, inf = float("nan"), float("inf")
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 99.0], [0.5, 4.0, nan, inf]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    # gamma 0.5; row 0: G2 = 3, G1 = 2 + 0.5 * 3 = 3.5, G0 = 1 + 0.5 * 3.5 = 2.75
+    # row 1: G1 = 4, G0 = 0.5 + 0.5 * 4 = 2.5; padding (99, nan, inf) counts as 0
+    expected = torch.tensor([[2.75, 3.5, 3.0, 0.0], [2.5, 4.0, 0.0, 0.0]])
+    torch.testing.assert_close(Fn.returns_to_go(rewards, mask, gamma=0.5), expected)
+    torch.testing.assert_close(Fn.returns_to_go(rewards, mask.bool(), gamma=0.5), expected)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9, 0.0])
+def test_returns_to_go_matches_naive_loop(gamma):
+    torch.manual_seed(0)
+    T = 8
+    mask = ragged_mask([8, 5, 1, 0, 3], T).double()
+    rewards = torch.randn(5, T, dtype=torch.float64)  # garbage in padded positions
+    out = Fn.returns_to_go(rewards, mask, gamma)
+    torch.testing.assert_close(out, naive_returns_to_go(rewards, mask, gamma))
+
+
+def test_returns_to_go_gamma_one_is_reversed_cumsum_ignoring_padding():
+    torch.manual_seed(0)
+    mask = ragged_mask([6, 2, 4], 6).double()
+    clean = torch.randn(3, 6, dtype=torch.float64) * mask
+    expected = clean.flip(-1).cumsum(-1).flip(-1) * mask
+    # padding: 0 + 4 + 2 = 6 positions of inf, nan, -inf, 1e300, ...
+    garbage = [float("inf"), float("nan"), -float("inf"), 1e300, float("nan"), float("inf")]
+    dirty = clean.clone()
+    dirty[mask == 0] = torch.tensor(garbage, dtype=torch.float64)
+    out = Fn.returns_to_go(dirty, mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected)
+
+
+def test_per_token_by_hand_and_zero_outside_mask():
+    values = torch.tensor([2.0, -1.0, 0.5])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    expected = torch.tensor([[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
+    torch.testing.assert_close(Fn.per_token(values, mask), expected)
+    torch.testing.assert_close(Fn.per_token(values, mask.bool()), expected)
+
+    torch.manual_seed(0)
+    values = torch.randn(4, dtype=torch.float64)
+    mask = ragged_mask([5, 2, 0, 3], 5)
+    out = Fn.per_token(values, mask)
+    assert out.dtype == torch.float64
+    for b in range(4):
+        for t in range(5):
+            assert out[b, t].item() == (values[b].item() if mask[b, t] else 0.0)
+
+
+# --------------------------------------------------------------------------- shaped scores
+
+
+def test_shaped_scores_normalise_then_penalise_then_clip():
+    raw = torch.tensor([3.0, 1.0, 7.0, -5.0])
+    has_eos = torch.tensor([True, False, True, False])
+    stats = {"mean": 1.0, "std": 2.0}
+    # normalised (raw - 1) / 2 = [1, 0, 3, -3]; penalty 1 without EOS: [1, -1, 3, -4]
+    # clipped to +-2: [1, -1, 2, -2]
+    # the order matters: clip before the penalty gives [1, -1, 2, -3]; the penalty before
+    # normalising gives (raw - [0, 1, 0, 1] - 1) / 2 = [1, -0.5, 3, -3.5] -> [1, -0.5, 2, -2]
+    out = Fn.shaped_scores(raw, has_eos, stats, missing_eos_penalty=1.0, clip=2.0)
+    torch.testing.assert_close(out, torch.tensor([1.0, -1.0, 2.0, -2.0]))
+    # each step alone
+    torch.testing.assert_close(
+        Fn.shaped_scores(raw, has_eos, stats), torch.tensor([1.0, 0.0, 3.0, -3.0])
+    )
+    torch.testing.assert_close(
+        Fn.shaped_scores(raw, has_eos, missing_eos_penalty=1.0), torch.tensor([3.0, 0.0, 7.0, -6.0])
+    )
+    torch.testing.assert_close(
+        Fn.shaped_scores(raw, has_eos, clip=2.0), torch.tensor([2.0, 1.0, 2.0, -2.0])
+    )
+
+
+def test_shaped_scores_defaults_leave_scores_unchanged():
+    torch.manual_seed(0)
+    raw = torch.randn(6)
+    has_eos = torch.tensor([True, False] * 3)
+    assert torch.equal(Fn.shaped_scores(raw, has_eos), raw)
+    # a degenerate std is floored at 1e-6 instead of dividing by zero
+    out = Fn.shaped_scores(torch.tensor([1.0, 1.000001]), has_eos[:2], {"mean": 1.0, "std": 0.0})
+    assert torch.isfinite(out).all()
+    assert out[0].item() == 0.0
+
+
+# --------------------------------------------------------------------------- loss aggregation
+
+
+def naive_aggregate(per_tok, mask, mode, normalizer=None):
+    rows = []
+    for b in range(per_tok.shape[0]):
+        rows.append([float(per_tok[b, t]) for t in range(per_tok.shape[1]) if mask[b, t]])
+    if mode == "token_mean":
+        return sum(sum(r) for r in rows) / sum(len(r) for r in rows)
+    if mode == "sequence_mean":
+        return sum(sum(r) / max(len(r), 1) for r in rows) / len(rows)
+    return sum(sum(r) for r in rows) / (len(rows) * normalizer)
+
+
+def test_aggregate_by_hand():
+    per_tok = torch.tensor([[1.0, 1.0, 1.0, 1.0], [5.0, float("inf"), float("nan"), 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    # long answer: 4 tokens of loss 1; short answer: 1 token of loss 5; padding ignored
+    # token_mean (4 + 5) / 5 = 1.8; sequence_mean (1 + 5) / 2 = 3; constant 9 / (2 * 4) = 1.125
+    assert Fn.aggregate(per_tok, mask).item() == pytest.approx(1.8)
+    assert Fn.aggregate(per_tok, mask, "token_mean").item() == pytest.approx(1.8)
+    assert Fn.aggregate(per_tok, mask, "sequence_mean").item() == pytest.approx(3.0)
+    assert Fn.aggregate(per_tok, mask, "constant", normalizer=4).item() == pytest.approx(1.125)
+    # constant divides by B x normalizer, not by the token count: normalizer 10 -> 9 / 20
+    assert Fn.aggregate(per_tok, mask, "constant", normalizer=10).item() == pytest.approx(0.45)
+
+
+def test_aggregate_sequence_mean_weighs_answers_equally_token_mean_by_length():
+    # a long answer of L tokens with loss 1 and a short one of 1 token with loss 5
+    token_means = []
+    for L in (1, 3, 7):
+        per_tok = torch.tensor([[1.0] * L, [5.0] + [0.0] * (L - 1)])
+        mask = ragged_mask([L, 1], L)
+        # sequence_mean is (1 + 5) / 2 whatever L; token_mean is (L + 5) / (L + 1)
+        assert Fn.aggregate(per_tok, mask, "sequence_mean").item() == pytest.approx(3.0)
+        token_means.append(Fn.aggregate(per_tok, mask, "token_mean").item())
+    assert token_means == pytest.approx([3.0, 2.0, 1.5])
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "sequence_mean", "constant"])
+def test_aggregate_matches_naive_loop(mode):
+    torch.manual_seed(0)
+    mask = ragged_mask([7, 2, 5, 1], 7)
+    per_tok = torch.randn(4, 7, dtype=torch.float64)
+    out = Fn.aggregate(per_tok, mask, mode, normalizer=7 if mode == "constant" else None)
+    assert out.shape == ()
+    assert out.item() == pytest.approx(naive_aggregate(per_tok, mask, mode, 7), rel=1e-12)
+
+
+def test_aggregate_rejects_unknown_mode_and_bad_normalizer():
+    x, mask = torch.ones(2, 3), torch.ones(2, 3)
+    with pytest.raises(SalsaError, match="unknown loss aggregation 'mean'.*token_mean"):
+        Fn.aggregate(x, mask, "mean")
+    for normalizer in (None, 0, -3.0):
+        with pytest.raises(SalsaError, match="'constant' needs a positive normalizer"):
+            Fn.aggregate(x, mask, "constant", normalizer)
+    with pytest.raises(SalsaError, match="unknown loss aggregation"):
+        Fn.ppo_policy_loss(x, x, x, mask, aggregation="sum")
+    with pytest.raises(SalsaError, match="positive normalizer"):
+        Fn.ppo_policy_loss(x, x, x, mask, aggregation="constant")
+
+
+def previous_ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2):
+    """The policy loss before aggregation became an argument: a plain masked mean."""
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    return Fn.masked_mean(torch.maximum(unclipped, clipped), mask)
+
+
+def test_policy_loss_default_aggregation_is_previous_masked_mean():
+    torch.manual_seed(0)
+    lp = (torch.randn(4, 6) * 0.3).requires_grad_()
+    old = torch.randn(4, 6) * 0.3
+    adv = torch.randn(4, 6)
+    mask = ragged_mask([6, 3, 1, 4], 6)
+    loss, _, _ = Fn.ppo_policy_loss(lp, old, adv, mask)
+    loss.backward()
+    grad = lp.grad.clone()
+    lp.grad = None
+    previous = previous_ppo_policy_loss(lp, old, adv, mask)
+    previous.backward()
+    assert torch.equal(loss, previous)
+    assert torch.equal(grad, lp.grad)
+    explicit, _, _ = Fn.ppo_policy_loss(lp, old, adv, mask, aggregation="token_mean")
+    assert torch.equal(explicit, previous)
+
+
+def test_policy_loss_aggregations_by_hand():
+    # on-policy (ratio 1): the per-token loss is -A; row 0 has 3 tokens of A = 1, row 1 one
+    # token of A = 4. token_mean -(1 + 1 + 1 + 4) / 4 = -1.75; sequence_mean -(1 + 4) / 2 = -2.5;
+    # constant with normalizer 3: -7 / (2 * 3) = -7/6
+    lp = torch.zeros(2, 3, requires_grad=True)
+    adv = torch.tensor([[1.0, 1.0, 1.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    expected = {"token_mean": -1.75, "sequence_mean": -2.5, "constant": -7 / 6}
+    for mode, value in expected.items():
+        loss, clipfrac, approxkl = Fn.ppo_policy_loss(
+            lp, torch.zeros(2, 3), adv, mask, aggregation=mode, normalizer=3
+        )
+        assert loss.item() == pytest.approx(value), mode
+        assert clipfrac.item() == 0.0 and approxkl.item() == 0.0
+    # the last (constant) loss: d/dlogp = -A * ratio / (B * normalizer) = -A / 6 on real tokens
+    loss.backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([[-1 / 6, -1 / 6, -1 / 6], [-4 / 6, 0, 0]]))
+
+
+# --------------------------------------------------------------------------- reference KL
+
+
+def test_reference_kl_one_reference_is_kl_estimate():
+    torch.manual_seed(0)
+    lp, ref = torch.randn(2, 3, 5)
+    for est in Fn.KL_ESTIMATORS:
+        # one model (a checkpoint or a soup): the soup's mixing weights do not scale the KL
+        for weights in ([1.0], [0.3, 0.7]):
+            assert torch.equal(
+                Fn.reference_kl(lp, [ref], weights, est), Fn.kl_estimate(lp, ref, est)
+            )
+
+
+def test_reference_kl_several_references_is_weighted_sum():
+    lp = torch.tensor([[0.0, -1.0]])
+    refs = [torch.tensor([[-1.0, 0.0]]), torch.tensor([[0.0, 0.0]])]
+    # k1 = logprobs - ref: [1, -1] and [0, -1]; 0.5 * [1, -1] + 2 * [0, -1] = [0.5, -2.5]
+    torch.testing.assert_close(Fn.reference_kl(lp, refs, [0.5, 2.0]), torch.tensor([[0.5, -2.5]]))
+
+    torch.manual_seed(0)
+    lp, r1, r2, r3 = torch.randn(4, 3, 5)
+    for est in Fn.KL_ESTIMATORS:
+        assert torch.equal(
+            Fn.reference_kl(lp, [r1, r2, r3], [0.2, 0.3, 0.5], est),
+            Fn.weighted_kl_estimate(lp, [r1, r2, r3], [0.2, 0.3, 0.5], est),
+        )
+    with pytest.raises(SalsaError, match="one weight per reference"):
+        Fn.reference_kl(lp, [r1, r2], [1.0])
+    with pytest.raises(SalsaError, match="at least one reference"):
+        Fn.reference_kl(lp, [], [])
+
+
+def test_per_token_keeps_padding_zero_for_non_finite_values():
+    out = Fn.per_token(torch.tensor([float("inf"), 1.0]), torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    assert torch.equal(out, torch.tensor([[float("inf"), 0.0], [1.0, 1.0]]))
+
+
+def test_shaped_scores_read_an_integer_eos_flag_as_a_bool():
+    # has_eos [1, 0]: only the second score is penalised (a bitwise ~ on ints would add to both)
+    out = Fn.shaped_scores(torch.tensor([1.0, 2.0]), torch.tensor([1, 0]), None, 1.0)
+    assert torch.equal(out, torch.tensor([1.0, 1.0]))

@@ -9,9 +9,9 @@ import torch
 from conftest import BASE
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from salsa_lightning import functional as F
 from salsa_lightning.data import left_padded_prompts
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.functional import response_mask
 from salsa_lightning.generation import (
     GenerationSettings,
     next_tokens,
@@ -36,7 +36,7 @@ def test_stop_at_eos_masks_after_the_first_eos_and_off_decodes_every_token():
     tok, model, query, mask = setup()
     torch.manual_seed(0)
     response, rmask = sample(model, tok, query, mask, GenerationSettings(max_new_tokens=12))
-    assert torch.equal(rmask, F.response_mask(response, tok.eos_token_id))
+    assert torch.equal(rmask, response_mask(response, tok.eos_token_id))
     after = rmask == 0
     assert (response[after] == tok.pad_token_id).all()
     torch.manual_seed(0)

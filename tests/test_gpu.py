@@ -14,8 +14,9 @@ import pytest
 import torch
 from test_salsa import build, fit, prompts
 
-from salsa_lightning import generation, salsa
-from salsa_lightning.salsa import GenerationSettings, PPOSettings
+from salsa_lightning import generation
+from salsa_lightning.ppo import GenerationSettings, PPOSettings
+from salsa_lightning.ppo import module as salsa_module
 
 pytestmark = [
     pytest.mark.gpu,
@@ -55,7 +56,7 @@ def test_static_cache_rollout_equals_dynamic_in_training(
         used.append(generation.use_static_cache(settings.cache, query.device, sharded or synced))
         return generation.sample(model, tokenizer, query, query_mask, settings, synced, sharded)
 
-    monkeypatch.setattr(salsa, "sample", spy)
+    monkeypatch.setattr(salsa_module, "sample", spy)
     metrics = {}
     for cache in ("dynamic", "auto"):
         L.seed_everything(0)

@@ -28,9 +28,10 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from salsa_lightning import PreferenceDataModule, PromptDataModule, SFTDataModule
 from salsa_lightning.cli import SalsaCLI
-from salsa_lightning.models import load_tokenizer
-from salsa_lightning.reward import REWARD_STATS, RewardModule
-from salsa_lightning.salsa import SALSAModule
+from salsa_lightning.ppo import SALSAModule
+from salsa_lightning.pretrained import load_tokenizer
+from salsa_lightning.reward import RewardModule
+from salsa_lightning.scoring import REWARD_STATS
 from salsa_lightning.sft import SFTModule
 
 PAPER = CONFIGS / "paper"

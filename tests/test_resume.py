@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
 
 from salsa_lightning import PromptDataModule, SalsaError, SALSAModule
-from salsa_lightning.salsa import GenerationSettings, KLSettings, PPOSettings
+from salsa_lightning.ppo import GenerationSettings, KLSettings, PPOSettings
 from salsa_lightning.soup import SoupReference
 
 B = 8  # prompts per rollout; one PPO optimizer step per rollout (epochs 1, minibatch B)

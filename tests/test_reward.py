@@ -15,8 +15,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from salsa_lightning.cli import main
 from salsa_lightning.data import PreferenceDataModule
-from salsa_lightning.models import LoraSettings
-from salsa_lightning.reward import REWARD_STATS, RewardModule, score
+from salsa_lightning.lora import LoraSettings
+from salsa_lightning.reward import RewardModule
+from salsa_lightning.scoring import REWARD_STATS, sequence_scores
 
 TOK = str(BASE)
 
@@ -106,8 +107,8 @@ def test_export_is_plain_one_label_classifier_scoring_last_token(reward_run):
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         last = mask.sum(1) - 1
         by_hand = hidden[torch.arange(ids.shape[0]), last] @ model.score.weight[0]
-        got = score(model, ids, mask)
-        trained = score(reward_run.module.model.eval(), ids, mask)
+        got = sequence_scores(model, ids, mask)
+        trained = sequence_scores(reward_run.module.model.eval(), ids, mask)
     torch.testing.assert_close(got, by_hand, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, trained, rtol=1e-5, atol=1e-5)
     assert (ids[torch.arange(ids.shape[0]), last] == tok.eos_token_id).all()
@@ -189,8 +190,8 @@ def test_lora_reward_model_exports_adapter_with_score_head(task_files, tmp_path)
     loaded = PeftModel.from_pretrained(base, export).eval()
     batch = next(iter(dm.val_dataloader()))
     with torch.no_grad():
-        expected = score(module.model.eval(), batch["input_ids"], batch["attention_mask"])
-        got = score(loaded, batch["input_ids"], batch["attention_mask"])
+        expected = sequence_scores(module.model.eval(), batch["input_ids"], batch["attention_mask"])
+        got = sequence_scores(loaded, batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -1,4 +1,4 @@
-"""Tests for salsa_lightning.salsa (SALSA-PPO) on real tiny checkpoints, data and Trainers."""
+"""Tests for salsa_lightning.ppo (SALSA-PPO) on real tiny checkpoints, data and Trainers."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from transformers import (
 from salsa_lightning import PromptDataModule, SalsaError, SALSAModule
 from salsa_lightning.data import encode_chat
 from salsa_lightning.embedded import tiny_llama_config, train_tokenizer
-from salsa_lightning.models import LoraSettings
-from salsa_lightning.salsa import GenerationSettings, PPOSettings
+from salsa_lightning.lora import LoraSettings
+from salsa_lightning.ppo import GenerationSettings, PPOSettings
 from salsa_lightning.soup import SoupReference, load_soup
 from salsa_lightning.task import TaskConfig, corpus
 
@@ -117,9 +117,9 @@ class KeepRollouts(SALSAModule):
         self.policy_passes += 1
         return super().policy_pass(rollout)
 
-    def update(self, rollout):
-        stats = super().update(rollout)
-        self.rollouts.append(rollout)
+    def update(self, trajectory, first=None):
+        stats = super().update(trajectory, first)
+        self.rollouts.append(trajectory)
         return stats
 
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from salsa_lightning.cli import main
 from salsa_lightning.data import IGNORE_INDEX, SFTDataModule
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.models import LoraSettings
+from salsa_lightning.lora import LoraSettings
 from salsa_lightning.sft import SFTModule, token_stats
 
 TOK = str(BASE)

@@ -20,15 +20,14 @@ from transformers import (
 )
 
 import salsa_lightning
+from salsa_lightning.cli import soup_main
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.landscape import alpha_line, barycentric_grid
 from salsa_lightning.soup import (
     SoupReference,
-    alpha_line,
     average_state_dicts,
-    barycentric_grid,
     check_weights,
     load_soup,
-    soup_main,
     soup_state_dict,
     write_soup,
 )

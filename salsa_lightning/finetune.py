@@ -8,26 +8,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 from transformers import AutoConfig, PreTrainedModel, get_cosine_schedule_with_warmup
 
 from salsa_lightning import embedded
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.models import (
-    LoraSettings,
-    add_lora,
-    check_export_dir,
-    check_model_source,
-    check_world_size,
-    export_pretrained,
-    full_state_dict,
-    keep_frozen_out_of_state_dict,
-    shard,
-    torch_dtype,
-)
+from salsa_lightning.lora import LoraSettings, add_lora
+from salsa_lightning.pretrained import check_model_source, export_pretrained, torch_dtype
+from salsa_lightning.sharding import shard
+from salsa_lightning.stage_module import StageModule
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -35,7 +27,7 @@ def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
 
 
-class FineTuneModule(L.LightningModule):
+class FineTuneModule(StageModule):
     """Base of the SFT and reward modules.
 
     Args:
@@ -76,30 +68,21 @@ class FineTuneModule(L.LightningModule):
         overwrite: bool = False,
         fsdp_layer_class: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(lora)
         if model is None and model_config is None:
             raise SalsaError("set model.model (a path or hub id) or model.model_config.")
         self.save_hyperparameters(ignore=["optimizer"])
         self.model_name = embedded.resolve(model) if model_config is None else None
         self.optimizer_factory = optimizer
-        self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
-        self.model: torch.nn.Module | None = None
-        keep_frozen_out_of_state_dict(self)  # a LoRA run checkpoints its adapter only
-        self.strict_loading = False
+        self.model: nn.Module | None = None
 
     # -- building
-
-    @property
-    def tokenizer(self) -> Any:
-        """The data module's tokenizer (exported with the model)."""
-        return self.trainer.datamodule.tokenizer
 
     def setup(self, stage: str) -> None:
         # Fail before any training on inputs that cannot work.
         if self.model_name is not None:
             check_model_source(self.model_name, "model.model")
-        if stage == "fit":
-            check_export_dir(self.hparams.export_dir, self.hparams.overwrite)
+        super().setup(stage)
 
     def build_backbone(self) -> PreTrainedModel:
         """The Hugging Face model, from a checkpoint or from ``model_config``."""
@@ -129,16 +112,12 @@ class FineTuneModule(L.LightningModule):
         if self.model is not None:
             return
         model = self.build_backbone()
-        if self.hparams.gradient_checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-            model.config.use_cache = False
         if self.lora is not None:
             model = add_lora(model, self.lora, self.task_type)
+        model = self.trainable(model)
         if self.device_mesh is not None:  # FSDP2 (ModelParallelStrategy)
             shard(model, self.device_mesh, self.hparams.fsdp_layer_class)
-        self.model = model.train()  # from_pretrained returns eval mode
+        self.model = model
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         rank_zero_info(f"{type(self).__name__}: {n_train:,} trainable of {n_all:,} parameters")
@@ -157,33 +136,15 @@ class FineTuneModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    # -- checkpoints
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["world_size"] = self.trainer.world_size
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_world_size(checkpoint.get("world_size"), self._trainer)
-
     # -- export
 
-    def export_extras(self) -> dict[str, Any]:
-        """Extra JSON files written beside the exported model (stage-specific)."""
-        return {}
+    def export_model(self) -> nn.Module:
+        return self.model
 
-    def on_fit_end(self) -> None:
-        export_dir = self.hparams.export_dir
-        if export_dir is None or self.trainer.interrupted:
-            return
-        state_dict = full_state_dict(self.model)  # gathered on every rank under FSDP2
-        extras = {
-            "salsa_training.json": {"stage": type(self).__name__, "hparams": dict(self.hparams)}
-        }
-        extras.update(self.export_extras())  # may run forward passes: every rank takes part
-        if self.trainer.is_global_zero:
-            export_pretrained(self.model, self.tokenizer, export_dir, extras, state_dict)
-            if self.lora is not None and self.hparams.export_merged:
-                merged = copy.deepcopy(self.model).merge_and_unload()
-                export_pretrained(merged, self.tokenizer, Path(export_dir) / "merged")
-            rank_zero_info(f"{type(self).__name__}: exported to {export_dir}")
-        self.trainer.strategy.barrier("export")
+    def write_export(
+        self, model: nn.Module, state_dict: dict | None, extras: dict[str, Any]
+    ) -> None:
+        super().write_export(model, state_dict, extras)
+        if self.lora is not None and self.hparams.export_merged:
+            merged = copy.deepcopy(model).merge_and_unload()
+            export_pretrained(merged, self.tokenizer, Path(self.hparams.export_dir) / "merged")

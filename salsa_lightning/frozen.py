@@ -1,0 +1,56 @@
+"""Frozen models: never trained, never in train mode, never in a training checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+class Frozen(nn.Module):
+    """A submodule that stays frozen: no gradients, always in eval mode (dropout off).
+
+    Lightning calls ``.train()`` on the whole LightningModule after each validation loop;
+    this wrapper ignores it, so a frozen reference or reward model can never drift into
+    train mode.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> Frozen:  # noqa: ARG002 - always eval
+        return super().train(False)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+def keep_frozen_out_of_state_dict(module: nn.Module) -> None:
+    """Make ``module.state_dict()`` skip parameters that do not train.
+
+    Frozen weights (the soup reference, the reward model, a LoRA policy's base) are rebuilt
+    from their recipe, so training checkpoints hold only what training changes. Applied as a
+    state-dict hook, it holds for Lightning's plain and sharded (FSDP2, FSDP1) checkpoints alike; pair
+    it with ``strict_loading = False``.
+    """
+
+    def drop_frozen(
+        mod: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+    ) -> None:
+        for name, param in mod.named_parameters():
+            if not param.requires_grad:
+                # FSDP1 and activation checkpointing name their wrappers in parameter names,
+                # not in state-dict keys.
+                for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+                    name = name.replace(wrapper, "")
+                state_dict.pop(prefix + name, None)
+
+    module.register_state_dict_post_hook(drop_frozen)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """``model`` with no gradients, in eval mode (returned for chaining)."""
+    model.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,90 @@
+"""The RLHF math as plain functions on tensors.
+
+Nothing here knows about Lightning, models or tokenizers: every function takes and
+returns tensors (or floats), so each can be tested against a hand-worked example.
+
+Shapes use ``B`` for the batch, ``T`` for the response length (the tokens after the
+prompt) and ``V`` for the vocabulary. A ``mask`` is a float or bool tensor ``[B, T]``
+that is 1 on real response tokens (up to and including EOS) and 0 on the padding after.
+
+The PPO pieces follow Ziegler et al. 2019 / Stiennon et al. 2020 as implemented in
+TRL and torchtune: a per-token KL penalty, the sequence score added at the last real
+token, GAE over the response, and the clipped policy and value objectives.
+
+- ``masked``: masked sums, means, variances, whitening; response masks.
+- ``logits``: chunked log-probabilities and entropies.
+- ``kl``: KL estimators and the adaptive KL controller.
+- ``advantages``: per-token rewards and advantage estimators.
+- ``losses``: PPO's policy and value losses, the reward model's losses.
+- ``evaluation``: bootstrap intervals and win rates.
+"""
+
+from salsa_lightning.functional.advantages import (
+    gae,
+    group_advantages,
+    group_centred,
+    leave_one_out_advantages,
+    per_token,
+    returns_to_go,
+    shaped_scores,
+    token_rewards,
+)
+from salsa_lightning.functional.evaluation import bootstrap_mean_ci, win_rate
+from salsa_lightning.functional.kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    kl_estimate,
+    reference_kl,
+    weighted_kl_estimate,
+)
+from salsa_lightning.functional.logits import entropy_from_logits, logprobs_from_logits
+from salsa_lightning.functional.losses import (
+    LOSS_AGGREGATIONS,
+    aggregate,
+    bradley_terry_loss,
+    explained_variance,
+    ppo_policy_loss,
+    ppo_value_loss,
+    reward_centering_loss,
+)
+from salsa_lightning.functional.masked import (
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    response_mask,
+    truncate_after_eos,
+)
+
+__all__ = [
+    "KL_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
+    "AdaptiveKLController",
+    "aggregate",
+    "bootstrap_mean_ci",
+    "bradley_terry_loss",
+    "entropy_from_logits",
+    "explained_variance",
+    "gae",
+    "group_advantages",
+    "group_centred",
+    "kl_estimate",
+    "leave_one_out_advantages",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "per_token",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "response_mask",
+    "returns_to_go",
+    "reference_kl",
+    "reward_centering_loss",
+    "shaped_scores",
+    "token_rewards",
+    "truncate_after_eos",
+    "weighted_kl_estimate",
+    "win_rate",
+]

@@ -1,0 +1,53 @@
+"""Statistics of evaluation results: bootstrap intervals and win rates."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from salsa_lightning.errors import SalsaError
+
+
+def bootstrap_mean_ci(
+    values: Tensor, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """Percentile-bootstrap confidence interval of the mean.
+
+    Args:
+        values: 1-D tensor of per-item values ``[N]``.
+        n_resamples: Number of bootstrap resamples.
+        confidence: Coverage of the interval, in (0, 1).
+        seed: Seed of the ``torch.Generator`` drawing the resamples; same seed, same
+            interval.
+
+    Returns:
+        ``(mean, low, high)`` as floats.
+    """
+    values = values.detach().reshape(-1).to("cpu", torch.float64)
+    if values.numel() == 0:
+        raise SalsaError("bootstrap_mean_ci needs at least one value.")
+    if not 0.0 < confidence < 1.0:
+        raise SalsaError(f"confidence must be in (0, 1), got {confidence}.")
+    if n_resamples < 1:
+        raise SalsaError(f"n_resamples must be positive, got {n_resamples}.")
+    generator = torch.Generator().manual_seed(seed)
+    n = values.numel()
+    idx = torch.randint(0, n, (n_resamples, n), generator=generator)
+    means = values[idx].mean(dim=1)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = torch.quantile(means, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64))
+    return float(values.mean()), float(low), float(high)
+
+
+def win_rate(a: Tensor, b: Tensor) -> Tensor:
+    """Per-item wins of ``a`` over ``b``.
+
+    Args:
+        a: ``[N]`` scores.
+        b: ``[N]`` scores.
+
+    Returns:
+        ``[N]`` float32: 1 where ``a > b``, 0.5 where equal, 0 otherwise; its mean is the
+        win rate with ties counted as half.
+    """
+    return (a > b).float() + 0.5 * (a == b).float()

@@ -1,0 +1,127 @@
+"""Log-probabilities and entropies from logits, chunked so no full ``log_softmax`` is built."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from salsa_lightning.errors import SalsaError
+
+
+def _row_chunks(n_rows: int, chunk_size: int) -> list[slice]:
+    if chunk_size < 1:
+        raise SalsaError(f"chunk_size must be a positive integer, got {chunk_size}.")
+    return [slice(i, i + chunk_size) for i in range(0, n_rows, chunk_size)]
+
+
+def _scaled_float(chunk: Tensor, temperature: float) -> Tensor:
+    chunk = chunk.float()
+    return chunk / temperature if temperature != 1.0 else chunk
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """``log softmax(logits / temperature)[token]``, chunked over rows in forward and backward.
+
+    Only the input logits (no copy), the tokens and the float32 ``[B, T]`` logsumexp are
+    saved; backward recomputes the softmax one chunk at a time and writes the gradient
+    into a single tensor of the logits' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, chunk_size):
+        tokens = tokens.long().unsqueeze(-1)
+        out = logits.new_empty(logits.shape[:-1], dtype=torch.float32)
+        lse = torch.empty_like(out)
+        for rows in _row_chunks(logits.shape[0], chunk_size):
+            z = _scaled_float(logits[rows], temperature)
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            out[rows] = z.gather(-1, tokens[rows]).squeeze(-1) - lse[rows]
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        logits, tokens, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for rows in _row_chunks(logits.shape[0], ctx.chunk_size):
+            z = _scaled_float(logits[rows], ctx.temperature)
+            g_out = grad_out[rows].unsqueeze(-1)
+            # d/dz (z[tok] - lse(z)) = onehot(tok) - softmax(z)
+            g = torch.exp(z - lse[rows].unsqueeze(-1)).mul_(-g_out)
+            g.scatter_add_(-1, tokens[rows], g_out)
+            grad[rows] = g / ctx.temperature
+        return grad, None, None, None
+
+
+class _Entropy(torch.autograd.Function):
+    """Entropy of ``softmax(logits)``, chunked over rows like :class:`_TokenLogprobs`."""
+
+    @staticmethod
+    def forward(ctx, logits, chunk_size):
+        entropy = logits.new_empty(logits.shape[:-1], dtype=torch.float32)
+        lse = torch.empty_like(entropy)
+        for rows in _row_chunks(logits.shape[0], chunk_size):
+            z = logits[rows].float()
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            probs = torch.exp(z - lse[rows].unsqueeze(-1))
+            entropy[rows] = lse[rows] - (probs * z).sum(-1)
+        ctx.save_for_backward(logits, lse, entropy)
+        ctx.chunk_size = chunk_size
+        return entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        logits, lse, entropy = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for rows in _row_chunks(logits.shape[0], ctx.chunk_size):
+            # dH/dz_j = -p_j * (log p_j + H), with log p_j = z_j - lse
+            log_p = logits[rows].float() - lse[rows].unsqueeze(-1)
+            g = torch.exp(log_p).mul_(log_p.add_(entropy[rows].unsqueeze(-1)))
+            grad[rows] = g.mul_(-grad_out[rows].unsqueeze(-1))
+        return grad, None
+
+
+def logprobs_from_logits(
+    logits: Tensor, tokens: Tensor, temperature: float = 1.0, chunk_size: int = 8
+) -> Tensor:
+    """Log-probabilities of the given tokens under ``softmax(logits / temperature)``.
+
+    Computes ``logit[token] - logsumexp(logits)`` in float32, ``chunk_size`` rows of the
+    batch at a time, so no full-size ``log_softmax`` of ``[B, T, V]`` is ever built; the
+    backward pass is chunked the same way and only allocates the gradient itself.
+
+    Args:
+        logits: ``[B, T, V]``, any float dtype (bf16 is upcast per chunk).
+        tokens: ``[B, T]`` long, the token ids whose probability is wanted.
+        temperature: Sampling temperature; logits are divided by it first.
+        chunk_size: Batch rows processed at once; bounds the extra memory to about two
+            float32 copies of ``[chunk_size, T, V]``.
+
+    Returns:
+        ``[B, T]`` float32 log-probabilities (differentiable w.r.t. ``logits``).
+    """
+    if temperature <= 0:
+        raise SalsaError(f"temperature must be positive, got {temperature}.")
+    _row_chunks(0, chunk_size)  # validate before autograd wraps the error
+    return _TokenLogprobs.apply(logits, tokens, float(temperature), int(chunk_size))
+
+
+def entropy_from_logits(logits: Tensor, chunk_size: int = 8) -> Tensor:
+    """Entropy of ``softmax(logits)`` at each position.
+
+    Uses ``H = logsumexp(z) - sum(softmax(z) * z)`` in float32, ``chunk_size`` batch rows
+    at a time (forward and backward).
+
+    Args:
+        logits: ``[B, T, V]``, any float dtype.
+        chunk_size: Batch rows processed at once; bounds the extra memory.
+
+    Returns:
+        ``[B, T]`` float32 entropies in nats (differentiable w.r.t. ``logits``).
+    """
+    _row_chunks(0, chunk_size)
+    return _Entropy.apply(logits, int(chunk_size))

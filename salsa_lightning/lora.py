@@ -1,0 +1,58 @@
+"""LoRA settings and adapters (peft), shared by every trainable stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings, passed to ``peft.LoraConfig``.
+
+    Attributes:
+        r: Adapter rank.
+        alpha: Scaling numerator (the update is scaled by alpha / r).
+        dropout: Dropout on the adapter input.
+        target_modules: Module names to adapt; "all-linear" adapts every linear layer.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
+
+
+# Saved in checkpoints' hyper_parameters (Python API); resuming loads with weights_only=True.
+torch.serialization.add_safe_globals([LoraSettings])
+
+
+def add_lora(model: PreTrainedModel, lora: LoraSettings, task_type: str = "CAUSAL_LM") -> nn.Module:
+    """Wrap ``model`` in a peft LoRA model; only the adapter (and score head) stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task_type,
+    )
+    return get_peft_model(model, config)
+
+
+def as_lora(lora: LoraSettings | dict | None) -> LoraSettings | None:
+    """LoRA settings as given in Python (a dataclass) or by a YAML parsed without types (a dict)."""
+    return LoraSettings(**lora) if isinstance(lora, dict) else lora
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute activations in backward (non-reentrant, so frozen inputs work with LoRA)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.use_cache = False
+    return model

@@ -1,0 +1,99 @@
+"""The models of the SALSA-PPO stage, built in ``configure_model``: the policy (from the soup or a
+checkpoint), the frozen references, the frozen reward model and the critic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from salsa_lightning.frozen import Frozen
+from salsa_lightning.generation import position_ids
+from salsa_lightning.lora import LoraSettings, add_lora
+from salsa_lightning.pretrained import load_tokenizer
+from salsa_lightning.sharding import shard
+from salsa_lightning.soup import SoupReference, load_soup
+
+
+class ValueModel(nn.Module):
+    """A critic: a sequence classifier's backbone and score head applied at every position.
+
+    A module of its own so that FSDP's hooks run when it is called.
+    """
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        inner = classifier.get_base_model() if hasattr(classifier, "get_base_model") else classifier
+        self.classifier = classifier  # keeps a peft wrapper (and its adapters) registered
+        self.backbone = getattr(inner, inner.base_model_prefix)
+        self.score = inner.score
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, n: int) -> Tensor:
+        """[B, T] ids -> [B, n] values of the states before each of the last ``n`` tokens."""
+        states = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+        ).last_hidden_state
+        return self.score(states[:, -n - 1 : -1]).squeeze(-1).float()
+
+
+def build_policy(
+    reference: SoupReference,
+    start: str | None,
+    dtype: torch.dtype | None,
+    pad_token_id: int,
+    lora: LoraSettings | None,
+) -> nn.Module:
+    """The policy: the soup of ``reference`` (``start`` None) or the checkpoint ``start``, with a
+    LoRA adapter when ``lora`` is set."""
+    if start is None:
+        policy = load_soup(reference.checkpoints, reference.resolved_weights(), dtype=dtype)
+    else:
+        policy = AutoModelForCausalLM.from_pretrained(start, dtype=dtype)
+    policy.generation_config.pad_token_id = pad_token_id
+    return add_lora(policy, lora, "CAUSAL_LM") if lora is not None else policy
+
+
+def build_references(
+    reference: SoupReference, mode: str, dtype: torch.dtype | None
+) -> nn.ModuleList:
+    """The frozen KL references: the soup (``mode`` soup) or each checkpoint (multiple_kl)."""
+    models = [reference.build(dtype=dtype)] if mode == "soup" else reference.build_each(dtype=dtype)
+    return nn.ModuleList(Frozen(m) for m in models)
+
+
+def build_reward(path: str, dtype: torch.dtype | None, policy_tokenizer: Any) -> tuple[Frozen, Any]:
+    """The frozen reward model and, when its vocabulary differs from the policy's, its own
+    tokenizer (None when it reads the policy's token ids)."""
+    reward = Frozen(AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype))
+    tokenizer = load_tokenizer(path)
+    same = tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+    return reward, None if same else tokenizer
+
+
+def build_critic(source: str, dtype: torch.dtype | None, lora: LoraSettings | None) -> nn.Module:
+    """A critic from a sequence classifier checkpoint (by default the reward model)."""
+    critic = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype)
+    return add_lora(critic, lora, "SEQ_CLS") if lora is not None else critic
+
+
+def value_head(hidden_size: int, dtype: torch.dtype | None) -> nn.Linear:
+    """A value head on the policy's last hidden states, zero-initialised (values start at 0)."""
+    head = nn.Linear(hidden_size, 1, dtype=dtype or torch.float32)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def shard_all(models: list[nn.Module | None], mesh: Any, layer_class: str | None) -> None:
+    """FSDP2: shard every model of the stage, frozen ones included; a bare head as one unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    for model in models:
+        if isinstance(model, nn.Linear):
+            fully_shard(model, mesh=mesh["data_parallel"])
+        elif model is not None:
+            shard(model, mesh, layer_class)

@@ -1,0 +1,115 @@
+"""What one PPO iteration computes about a batch of prompts, as immutable records built once
+and handed on (torchtune's ``Trajectory``):
+
+``Rollout`` (sampled) -> ``FrozenScores`` (reference log-probs, reward) and ``PolicyScores`` (old
+log-probs, values) -> ``Trajectory`` (everything the update reads, with the advantages).
+
+Shapes: B prompts; P prompt length (left-padded); R response length (pad after the first EOS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Sampled responses to a batch of prompts."""
+
+    query: Tensor  # [B, P] prompt ids, left-padded
+    query_mask: Tensor  # [B, P] 1 on prompt tokens
+    response: Tensor  # [B, R] sampled ids, pad after the first EOS
+    mask: Tensor  # [B, R] float, 1 up to and including EOS
+    prompts: list[str]  # B prompt texts (what reward functions read)
+    texts: list[str]  # B decoded responses
+
+    @property
+    def sequence(self) -> Tensor:
+        """[B, P + R] prompt and response ids."""
+        return torch.cat([self.query, self.response], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """[B, P + R] 1 on prompt and response tokens."""
+        return torch.cat([self.query_mask, self.mask.to(self.query_mask.dtype)], dim=1)
+
+    def select(self, index: Tensor) -> Rollout:
+        """The rows ``index`` (a [N] long tensor), texts included."""
+        rows = index.tolist()
+        return Rollout(
+            self.query[index], self.query_mask[index], self.response[index], self.mask[index],
+            [self.prompts[i] for i in rows], [self.texts[i] for i in rows],
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FrozenScores:
+    """What the frozen models and the reward say about a rollout."""
+
+    ref_logprobs: list[Tensor]  # one [B, R] per reference model
+    raw_scores: Tensor  # [B] reward as the reward model / function gave it
+    scores: Tensor  # [B] normalised, clipped reward (penalties included)
+
+
+@dataclass(frozen=True)
+class PolicyScores:
+    """The rollout under the policy and critic that sampled it (the update's old values)."""
+
+    logprobs: Tensor  # [B, R] policy log-probs
+    values: Tensor  # [B, R] critic values, 0 after the response
+
+
+@dataclass(frozen=True)
+class PassOutputs:
+    """One forward pass of the policy (and critic) over rollout rows, with grad."""
+
+    logits: Tensor  # [B, R, V] response logits
+    logprobs: Tensor  # [B, R]
+    values: Tensor  # [B, R]
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """Everything the PPO update reads about a rollout's rows."""
+
+    query: Tensor  # [B, P]
+    query_mask: Tensor  # [B, P]
+    response: Tensor  # [B, R]
+    mask: Tensor  # [B, R]
+    logprobs: Tensor  # [B, R] old policy log-probs
+    ref_logprobs: list[Tensor]  # one [B, R] per reference model
+    values: Tensor  # [B, R] old values
+    scores: Tensor  # [B] shaped scores
+    kl: Tensor  # [B, R] per-token KL estimate to the reference, 0 after the response
+    rewards: Tensor  # [B, R] per-token rewards
+    advantages: Tensor  # [B, R]
+    returns: Tensor  # [B, R] value targets
+
+    sequence = Rollout.sequence
+    attention_mask = Rollout.attention_mask
+
+    def select(self, index: Tensor) -> Trajectory:
+        """The rows ``index`` of every field."""
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            picked[f.name] = [t[index] for t in value] if isinstance(value, list) else value[index]
+        return Trajectory(**picked)
+
+
+@dataclass(frozen=True)
+class FirstPass:
+    """The first update pass, run before the advantages exist because it also scores the rollout
+    (one micro-batch holds it all): the first epoch's row ``order`` and its ``outputs``."""
+
+    order: Tensor  # [B] permutation of the rows
+    outputs: PassOutputs  # of the rows in ``order``, with grad
+
+    def old_scores(self, mask: Tensor) -> PolicyScores:
+        """The same numbers a separate no-grad scoring pass gives, in the rollout's row order."""
+        unshuffle = torch.argsort(self.order)
+        logprobs = self.outputs.logprobs.detach()[unshuffle]
+        return PolicyScores(logprobs, self.outputs.values.detach()[unshuffle] * mask)

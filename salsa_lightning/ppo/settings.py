@@ -1,0 +1,76 @@
+"""The SALSA-PPO stage's settings, as YAML sections of ``SALSAModule``: ``kl:`` and ``ppo:``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from salsa_lightning.generation import GenerationSettings
+from salsa_lightning.soup import SoupReference
+
+
+@dataclass
+class KLSettings:
+    """The KL penalty to the reference.
+
+    Attributes:
+        coef: Initial KL coefficient beta.
+        estimator: ``k1``, ``k2`` or ``k3`` per-token estimator.
+        in_reward: True: ``-beta * KL`` per token in the reward (TRL, InstructGPT); False: a
+            ``beta * KL`` loss term (k3 at the current policy) next to the policy loss.
+        target: Adaptive control (Ziegler et al.): the KL the coefficient steers to; None: fixed.
+        horizon: Adaptive control horizon in samples.
+    """
+
+    coef: float = 0.05
+    estimator: str = "k1"
+    in_reward: bool = True
+    target: float | None = None
+    horizon: int = 10000
+
+
+@dataclass
+class PPOSettings:
+    """The PPO update (defaults: the field's usual values, see the README).
+
+    Attributes:
+        epochs: PPO epochs over each rollout.
+        minibatch_size: Rollout rows per optimizer step.
+        micro_batch_size: Rows per forward/backward (gradient accumulation up to the minibatch).
+        clip_range: Policy ratio clip epsilon.
+        value_clip_range: Value clip epsilon around the rollout's values.
+        vf_coef: Weight of the value loss.
+        entropy_coef: Weight of the entropy bonus (0: off).
+        gamma: GAE discount.
+        lam: GAE lambda.
+        whiten_advantages: Whiten advantages over the rollout's response tokens.
+        max_grad_norm: Gradient clipping norm over the policy and critic together (None: off;
+            with a separate critic and one micro-batch per minibatch, the policy then steps
+            before the critic's backward, which lowers peak memory: ``steps_policy_first``).
+        max_log_ratio: Clamp of the log-ratio before ``exp``.
+        score_in_first_pass: When one micro-batch holds the whole rollout, take the old
+            log-probs and values from the first update pass instead of a scoring pass of their
+            own: the same weights on the same rows give the same numbers, one policy and one
+            critic forward fewer per iteration.
+    """
+
+    epochs: int = 4
+    minibatch_size: int = 8
+    micro_batch_size: int = 8
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    max_grad_norm: float | None = 1.0
+    max_log_ratio: float = 20.0
+    score_in_first_pass: bool = True
+
+
+# The settings and the reference recipe are saved in checkpoints' hyper_parameters when the
+# module is built in Python; Lightning resumes with torch.load(weights_only=True), which only
+# unpickles allowlisted classes (plain dataclasses of numbers, strings and lists).
+torch.serialization.add_safe_globals([GenerationSettings, KLSettings, PPOSettings, SoupReference])

@@ -1,0 +1,170 @@
+"""Hugging Face model directories: check a source before loading it, load its tokenizer, and
+export a model atomically. Every stage reads and writes models through these."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from salsa_lightning.errors import SalsaError
+
+# The default chain of stage outputs, so a missing input names the stage that makes it.
+STAGE_OUTPUTS = {
+    "artifacts/base": "salsa fit --config configs/base.yaml",
+    "artifacts/sft-1": "salsa fit --config configs/sft.yaml",
+    "artifacts/sft-2": (
+        "salsa fit --config configs/sft.yaml --seed_everything 2 --model.export_dir artifacts/sft-2"
+    ),
+    "artifacts/sft-3": (
+        "salsa fit --config configs/sft.yaml --seed_everything 3 --model.export_dir artifacts/sft-3"
+    ),
+    "artifacts/reward": "salsa fit --config configs/reward.yaml",
+    "artifacts/soup": "salsa soup --config configs/soup.yaml",
+}
+
+MODEL_FILES = ("config.json", "adapter_config.json")
+# Every file a tokenizer may be saved in (soups copy them; a tokenizer directory holds one).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """Map a YAML dtype name ("float32", "bfloat16", "float16" or None) to a torch dtype."""
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise SalsaError(f"dtype {name!r} is not one of {sorted(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+def is_local(name_or_path: str | os.PathLike) -> bool:
+    """Whether a model reference is meant as a local path rather than a hub id."""
+    text = str(name_or_path)
+    return (
+        Path(text).exists()
+        or text.startswith((".", "/", "~"))
+        or text.rstrip("/") in STAGE_OUTPUTS
+        or text.count("/") > 1
+    )
+
+
+def check_model_source(name_or_path: str | os.PathLike, what: str = "model") -> str:
+    """Fail fast, naming the culprit, when a model reference cannot be loaded.
+
+    A local path must exist and hold a ``config.json`` (or an ``adapter_config.json``).
+    A hub id is refused when ``HF_HUB_OFFLINE`` is set and it is not in the local cache,
+    so an offline run never waits on the network.
+
+    Returns:
+        The reference as a string.
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        markers = TOKENIZER_FILES if what == "tokenizer" else MODEL_FILES
+        if not any((path / name).exists() for name in markers):
+            raise SalsaError(
+                f"{what} directory {text!r} holds none of {list(markers)}: not a Hugging Face "
+                f"{'tokenizer' if what == 'tokenizer' else 'model'} directory."
+            )
+        return str(path)
+    if is_local(text):
+        hint = STAGE_OUTPUTS.get(text.rstrip("/"))
+        stage = f" It is made by an earlier stage: run `{hint}` first." if hint else ""
+        raise SalsaError(f"{what} path {text!r} does not exist.{stage}")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        try:
+            AutoConfig.from_pretrained(text, local_files_only=True)
+        except OSError as err:
+            raise SalsaError(
+                f"{what} {text!r} is not a local directory and HF_HUB_OFFLINE=1 is set, and it is "
+                "not in the local Hugging Face cache. Download it while online, or point to a "
+                "local directory."
+            ) from err
+    return text
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """Load a tokenizer; one without a pad token falls back to its EOS token, with a warning."""
+    source = check_model_source(name_or_path, "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise SalsaError(f"tokenizer {source!r} has neither a pad token nor an EOS token.")
+        hf_logging.get_logger(__name__).warning(
+            "tokenizer %s has no pad token: using its EOS token %r for padding.",
+            source,
+            tokenizer.eos_token,
+        )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_export_dir(export_dir: str | os.PathLike | None, overwrite: bool) -> None:
+    """Refuse, before training, to overwrite an export directory that already holds files."""
+    if export_dir is None:
+        return
+    path = Path(export_dir)
+    if path.exists() and not path.is_dir():
+        raise SalsaError(
+            f"export_dir {str(path)!r} is a file, not a directory; choose another path."
+        )
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise SalsaError(
+            f"export_dir {str(path)!r} already holds a model. Choose another --model.export_dir, "
+            "delete it, or pass --model.overwrite true to replace it."
+        )
+
+
+def export_pretrained(
+    model: PreTrainedModel | nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
+    export_dir: str | os.PathLike,
+    extra_files: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a Hugging Face directory atomically: into a temporary sibling, then rename.
+
+    Args:
+        model: A ``PreTrainedModel`` or peft model (a peft model writes its adapter).
+        tokenizer: Saved beside the weights when given.
+        export_dir: Final directory; an existing one is replaced (the caller checked consent).
+        extra_files: ``{file name: JSON-serialisable object}`` written beside the model.
+        state_dict: A full state dict to save instead of the model's own (for sharded models).
+    """
+    target = Path(export_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

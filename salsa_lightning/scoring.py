@@ -1,0 +1,91 @@
+"""Scoring responses: the reward model's scalar score, read the same way when the reward model
+trains, when PPO scores a rollout and when a model is evaluated, and the gold-reward hook."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from salsa_lightning.errors import SalsaError
+from salsa_lightning.pretrained import check_model_source, load_tokenizer
+
+REWARD_STATS = "reward_stats.json"  # written beside an exported reward model; read by PPO
+
+
+def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Scalar rewards [B] of a one-label sequence classifier for [B, T] token ids."""
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+
+
+@torch.no_grad()
+def text_scores(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    responses: list[str],
+    batch_size: int | None = None,
+) -> Tensor:
+    """[B] scores of (prompt, response) texts, tokenised in ``tokenizer``'s chat format, in
+    batches of ``batch_size`` (all at once when None), on the model's device."""
+    from salsa_lightning.data import right_padded_chats
+
+    device = next(model.parameters()).device
+    step = batch_size or max(1, len(prompts))
+    out = []
+    for i in range(0, len(prompts), step):
+        ids, mask = right_padded_chats(tokenizer, prompts[i : i + step], responses[i : i + step])
+        out.append(sequence_scores(model, ids.to(device), mask.to(device)))
+    return torch.cat(out)
+
+
+def check_reward_model(path: str, what: str = "reward_model") -> None:
+    """Refuse a directory that is not a one-label sequence classifier (a causal LM would be
+    scored by a randomly initialised head), before any weight is loaded."""
+    check_model_source(path, what)
+    config = AutoConfig.from_pretrained(path)
+    archs = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
+        raise SalsaError(
+            f"{what} {path!r} has no one-label score head (architectures {archs}, num_labels "
+            f"{config.num_labels}); train one with `salsa fit --config configs/reward.yaml`."
+        )
+
+
+def read_reward_stats(path: str) -> dict[str, float] | None:
+    """The validation mean, std and accuracy an exported reward model was written with."""
+    stats = Path(path) / REWARD_STATS
+    return json.loads(stats.read_text()) if stats.exists() else None
+
+
+class Scorer:
+    """A reward model with its own tokenizer, scoring (prompt, answer) texts in its chat format."""
+
+    def __init__(self, path: str, device: torch.device, batch_size: int = 64) -> None:
+        check_reward_model(path)
+        self.tokenizer = load_tokenizer(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        self.batch_size = batch_size
+
+    def __call__(self, prompts: list[str], answers: list[str]) -> Tensor:
+        return text_scores(self.model, self.tokenizer, prompts, answers, self.batch_size).cpu()
+
+
+def gold_scores(
+    reward_fn: Callable[..., Any] | None, prompts: list[str], responses: list[str]
+) -> Tensor | None:
+    """The judge's scores [B] on the CPU: ``reward_fn``'s when given, else the embedded task's
+    gold reward when the prompts are the task's own, else None."""
+    if reward_fn is not None:
+        return reward_fn(prompts, responses).float().cpu()
+    from salsa_lightning.task import GoldReward
+
+    try:
+        return GoldReward()(prompts, responses).float()
+    except ValueError:
+        return None
