@@ -171,7 +171,7 @@ def test_checkpoint_holds_no_frozen_weights_and_the_reference_recipe(runs, stage
     assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes)
     assert saved["recipe"]["reward_model"] == str(stage_outputs["reward"])
     assert saved["kl_controller"]["value"] == pytest.approx(runs["full"][2]["objective/kl_coef"])
-    assert saved["world_size"] == 1
+    assert ckpt["world_size"] == 1
 
 
 def perturbed_copy(src: Path, dst: Path) -> Path:
@@ -213,7 +213,7 @@ def test_resume_with_another_world_size_is_refused(runs, stage_outputs, task_dir
     """The data position and the RNG state are per process: a checkpoint written by 2
     processes cannot continue in 1 (FSDP would reshard the weights silently)."""
     ckpt = torch.load(runs["last"], map_location="cpu", weights_only=False)
-    ckpt["salsa"]["world_size"] = 2
+    ckpt["world_size"] = 2
     path = runs["root"] / "two-ranks.ckpt"
     torch.save(ckpt, path)
     with pytest.raises(SalsaError, match="world size 2, this run has 1"):

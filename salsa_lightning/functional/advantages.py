@@ -187,4 +187,6 @@ def returns_to_go(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
 def per_token(values: Tensor, mask: Tensor) -> Tensor:
     """A sequence-level value ``[B]`` on every response token: ``[B, T]``, 0 outside the mask."""
     spread = values.unsqueeze(-1).expand(*mask.shape)
-    return torch.where(mask.bool(), spread, torch.zeros((), dtype=values.dtype, device=values.device))
+    return torch.where(
+        mask.bool(), spread, torch.zeros((), dtype=values.dtype, device=values.device)
+    )

@@ -5,7 +5,9 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.ppo.settings import PPOSettings
+from salsa_lightning.functional import LOSS_AGGREGATIONS
+from salsa_lightning.ppo.estimators import ESTIMATORS, Estimator
+from salsa_lightning.ppo.settings import EstimatorSettings, PPOSettings
 from salsa_lightning.soup import SoupReference, config_dir
 
 
@@ -47,13 +49,58 @@ def check_context(config: PretrainedConfig, max_length: int, max_new_tokens: int
         )
 
 
-def check_batch_sizes(rows: int, ppo: PPOSettings, world_size: int) -> None:
-    """Each rank rolls out ``rows`` prompts (the global batch is world size times that): they
-    must split into whole minibatches, and those into whole micro-batches."""
-    if rows % ppo.minibatch_size or ppo.minibatch_size % ppo.micro_batch_size:
+def check_estimator(est: EstimatorSettings, critic: str | None, value_head: bool) -> Estimator:
+    """The estimator exists and its settings fit it; returns it."""
+    if est.name not in ESTIMATORS:
         raise SalsaError(
-            f"data.batch_size ({rows} prompts per rank and PPO iteration, {rows * world_size} "
-            f"over {world_size} rank(s)) must be a multiple of model.ppo.minibatch_size "
-            f"({ppo.minibatch_size}), and that a multiple of model.ppo.micro_batch_size "
-            f"({ppo.micro_batch_size})."
+            f"model.estimator.name is {est.name!r}; choose one of {', '.join(ESTIMATORS)}."
+        )
+    estimator, k = ESTIMATORS[est.name], est.samples_per_prompt
+    if estimator.group and k < 2:
+        raise SalsaError(
+            f"model.estimator.name {est.name} compares the responses to one prompt with each "
+            f"other: set model.estimator.samples_per_prompt to 2 or more (it is {k})."
+        )
+    if not estimator.group and k != 1:
+        raise SalsaError(
+            f"model.estimator.name {est.name} takes one response per prompt: set "
+            f"model.estimator.samples_per_prompt to 1 (it is {k}), or use a group estimator "
+            f"({', '.join(n for n, e in ESTIMATORS.items() if e.group)})."
+        )
+    if est.loss_aggregation not in (None, *LOSS_AGGREGATIONS):
+        raise SalsaError(
+            f"model.estimator.loss_aggregation is {est.loss_aggregation!r}; choose one of "
+            f"{', '.join(LOSS_AGGREGATIONS)} (or null for the estimator's default)."
+        )
+    if not estimator.critic and (critic is not None or value_head):
+        setting = "model.critic" if critic is not None else "model.value_head"
+        raise SalsaError(
+            f"{setting} is set, but model.estimator.name {est.name} uses no critic; remove "
+            "it, or use the gae estimator."
+        )
+    return estimator
+
+
+def check_batch_sizes(prompts: int, k: int, ppo: PPOSettings, world_size: int) -> None:
+    """Each rank rolls out ``prompts`` x ``k`` responses (the global batch is world size
+    times that): they must split into whole minibatches, and those into whole micro-batches."""
+    rows = prompts * k
+    if ppo.minibatch_size < 1 or ppo.micro_batch_size < 1:
+        raise SalsaError(
+            f"model.ppo.minibatch_size ({ppo.minibatch_size}) and model.ppo.micro_batch_size "
+            f"({ppo.micro_batch_size}) must be positive."
+        )
+    if rows % ppo.minibatch_size or ppo.minibatch_size % ppo.micro_batch_size:
+        if k == 1:
+            what = f"{prompts} prompts per rank and PPO iteration, {rows * world_size} over"
+        else:
+            what = (
+                f"{prompts} prompts per rank and PPO iteration) x "
+                f"model.estimator.samples_per_prompt ({k}) = {rows} responses per rank "
+                f"({rows * world_size} over"
+            )
+        raise SalsaError(
+            f"data.batch_size ({what} {world_size} rank(s)) must be a multiple of "
+            f"model.ppo.minibatch_size ({ppo.minibatch_size}), and that a multiple of "
+            f"model.ppo.micro_batch_size ({ppo.micro_batch_size})."
         )

@@ -14,17 +14,19 @@ def rollout_metrics(
 ) -> dict[str, Tensor | float]:
     """``objective/*``, ``value/explained_var`` and ``rollout/*`` of one trajectory."""
     kl_sum = (t.kl * t.mask).sum(1)
-    return {
+    metrics = {
         "objective/kl": kl_sum.mean(),
         "objective/entropy": (-t.logprobs * t.mask).sum(1).mean(),
         "objective/scores": t.scores.mean(),
         "objective/raw_scores": frozen.raw_scores.mean(),
         "objective/rlhf_reward": (t.scores - kl_coef * kl_sum).mean(),
-        "value/explained_var": explained_variance(t.values, t.returns, t.mask),
         "rollout/response_length": t.mask.sum(1).mean(),
         "rollout/eos_rate": (t.response == eos_token_id).any(1).float().mean(),
         "objective/kl_coef": kl_coef,
     }
+    if t.returns is not None:
+        metrics["value/explained_var"] = explained_variance(t.values, t.returns, t.mask)
+    return metrics
 
 
 def timing_metrics(t: Trajectory, times: tuple[float, float, float, float]) -> dict[str, float]:

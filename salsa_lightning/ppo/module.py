@@ -5,8 +5,9 @@ One ``training_step`` is one PPO iteration, in the order of the algorithm box:
 1. ``generate``: sample responses to a batch of prompts with the KV cache;
 2. ``score``: the reference log-probs and the reward (frozen models), and the policy's old
    log-probs and the critic's values;
-3. ``estimate``: the advantage estimator (``gae``: KL-penalised per-token rewards, GAE,
-   whitening);
+3. ``estimate``: the advantage estimator, by name (``gae``: KL-penalised per-token rewards,
+   GAE against the critic, whitening; ``grpo``, ``rloo``, ``reinforce_baseline``: k samples per
+   prompt, a baseline from the other samples of the same prompt, no critic);
 4. ``update``: K epochs of clipped policy and value losses over minibatches.
 
 With one checkpoint in ``reference`` it is classic PPO (SALSA-1). ``reference_mode:
@@ -39,7 +40,7 @@ from salsa_lightning.functional import (
 from salsa_lightning.generation import GenerationSettings, sample
 from salsa_lightning.lora import LoraSettings
 from salsa_lightning.ppo import checks, models, passes
-from salsa_lightning.ppo.estimators import ESTIMATORS, EstimatorInputs
+from salsa_lightning.ppo.estimators import EstimatorInputs
 from salsa_lightning.ppo.losses import ppo_loss
 from salsa_lightning.ppo.metrics import mean_stats, rollout_metrics, timing_metrics
 from salsa_lightning.ppo.recipe import check_same_reference, reference_recipe
@@ -51,7 +52,7 @@ from salsa_lightning.ppo.rollout import (
     Rollout,
     Trajectory,
 )
-from salsa_lightning.ppo.settings import KLSettings, PPOSettings
+from salsa_lightning.ppo.settings import EstimatorSettings, KLSettings, PPOSettings
 from salsa_lightning.ppo.update import OptimizerSteps, can_step_policy_first, ppo_update
 from salsa_lightning.ppo.validation import ValidationHooks
 from salsa_lightning.pretrained import check_model_source, export_pretrained, torch_dtype
@@ -81,7 +82,10 @@ class SALSAModule(ValidationHooks, StageModule):
         reward_fn: A Python reward function instead of, or scoring besides, the reward model:
             ``class_path`` of a callable ``(prompts, responses) -> Tensor[B]``.
         critic: Directory the critic (value model) starts from; default the reward model.
+            Only the ``gae`` estimator has a critic.
         value_head: Use a value head on the policy instead of a separate critic.
+        estimator: The advantage estimator and its settings (``name``, ``samples_per_prompt``,
+            ...): ``gae`` (PPO) by default.
         lora: LoRA for the policy (and critic). With the policy starting from the soup, the
             reference is the policy with its adapter disabled: no second copy in memory.
         generation: Sampling settings.
@@ -115,6 +119,7 @@ class SALSAModule(ValidationHooks, StageModule):
         reward_fn: RewardFunction | None = None,
         critic: str | None = None,
         value_head: bool = False,
+        estimator: EstimatorSettings | None = None,
         lora: LoraSettings | None = None,
         generation: GenerationSettings | None = None,
         kl: KLSettings | None = None,
@@ -147,7 +152,14 @@ class SALSAModule(ValidationHooks, StageModule):
         self.generation = generation or GenerationSettings()
         self.kl_settings = kl or KLSettings()
         self.ppo = ppo or PPOSettings()
+        self.estimator_settings = estimator or EstimatorSettings()
+        self.estimator = checks.check_estimator(self.estimator_settings, critic, value_head)
         kl_estimate(torch.zeros(1), torch.zeros(1), self.kl_settings.estimator)  # validates
+        in_reward = self.kl_settings.in_reward
+        self.kl_in_reward = self.estimator.kl_in_reward if in_reward is None else in_reward
+        self.loss_aggregation = (
+            self.estimator_settings.loss_aggregation or self.estimator.aggregation
+        )
         self.kl_ctl = AdaptiveKLController(
             self.kl_settings.coef, self.kl_settings.target, self.kl_settings.horizon
         )
@@ -163,6 +175,7 @@ class SALSAModule(ValidationHooks, StageModule):
         # plain list, so never registered, checkpointed or optimised.
         self._ingredients: list[nn.Module] | None = None
         self.skips = 0
+        self.warned_ties = False
 
     # ------------------------------------------------------------------ building
 
@@ -189,7 +202,8 @@ class SALSAModule(ValidationHooks, StageModule):
         data = self.trainer.datamodule.hparams
         checks.check_context(config, data.max_length, self.generation.max_new_tokens)
         if stage == "fit":
-            checks.check_batch_sizes(data.batch_size, self.ppo, self.trainer.world_size)
+            k, world = self.estimator_settings.samples_per_prompt, self.trainer.world_size
+            checks.check_batch_sizes(data.batch_size, k, self.ppo, world)
         super().setup(stage)
 
     def configure_model(self) -> None:
@@ -206,19 +220,26 @@ class SALSAModule(ValidationHooks, StageModule):
                 hp.reward_model, frozen, self.tokenizer
             )
             self.reward_stats = read_reward_stats(hp.reward_model)
-        # The critic reads the policy's token ids: a reward model with another vocabulary
-        # cannot be its starting point, so that case falls back to a value head.
-        critic_source = hp.critic or (hp.reward_model if self.reward_tokenizer is None else None)
-        if hp.value_head or critic_source is None:
-            self.value_head_layer = models.value_head(self.policy.config.hidden_size, dtype)
-        else:
-            critic = models.build_critic(critic_source, dtype, self.lora)
-            self.critic = models.ValueModel(self.trainable(critic))
+        if self.estimator.critic:  # critic-free estimators build, shard and checkpoint none
+            self.build_critic(dtype)
         if self.device_mesh is not None:
             trained = [self.policy, self.critic, self.reward, *(self.ref_models or [])]
             models.shard_all(
                 [*trained, self.value_head_layer], self.device_mesh, hp.fsdp_layer_class
             )
+
+    def build_critic(self, dtype: torch.dtype | None) -> None:
+        """A critic from ``critic`` (default: the reward model), or a value head on the policy.
+
+        The critic reads the policy's token ids: a reward model with another vocabulary cannot
+        be its starting point, so that case falls back to a value head."""
+        hp = self.hparams
+        source = hp.critic or (hp.reward_model if self.reward_tokenizer is None else None)
+        if hp.value_head or source is None:
+            self.value_head_layer = models.value_head(self.policy.config.hidden_size, dtype)
+        else:
+            critic = models.build_critic(source, dtype, self.lora)
+            self.critic = models.ValueModel(self.trainable(critic))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
@@ -226,19 +247,22 @@ class SALSAModule(ValidationHooks, StageModule):
     # ------------------------------------------------------------------ the steps
 
     @torch.no_grad()
-    def generate(self, batch: dict[str, Any]) -> Rollout:
-        """Sample one response per prompt with the KV cache; truncate after EOS."""
+    def generate(self, batch: dict[str, Any], k: int = 1) -> Rollout:
+        """Sample ``k`` responses per prompt (consecutive rows) with the KV cache; truncate
+        after EOS."""
         tok, strategy = self.tokenizer, self.trainer.strategy
         synced, sharded = (
             self.trainer.world_size > 1,
             not isinstance(strategy, SingleDeviceStrategy),
         )
-        query, query_mask = batch["input_ids"], batch["attention_mask"]
+        query = batch["input_ids"].repeat_interleave(k, 0)
+        query_mask = batch["attention_mask"].repeat_interleave(k, 0)
         response, mask = sample(
             self.policy, tok, query, query_mask, self.generation, synced, sharded
         )
         texts = tok.batch_decode(response, skip_special_tokens=True)
-        return Rollout(query, query_mask, response, mask, list(batch["prompt"]), texts)
+        prompts = [p for p in batch["prompt"] for _ in range(k)]
+        return Rollout(query, query_mask, response, mask, prompts, texts)
 
     def policy_pass(self, rows: Rollout | Trajectory) -> PassOutputs:
         """Logits, log-probs and values of rollout rows under the policy and critic."""
@@ -281,7 +305,8 @@ class SALSAModule(ValidationHooks, StageModule):
     def score_policy(self, rollout: Rollout) -> PolicyScores:
         """Old log-probs and values of a rollout, no grad."""
         outputs = self.policy_pass(rollout)
-        return PolicyScores(outputs.logprobs, outputs.values * rollout.mask)
+        values = None if outputs.values is None else outputs.values * rollout.mask
+        return PolicyScores(outputs.logprobs, values)
 
     def scores_in_first_pass(self, rollout: Rollout) -> bool:
         """Whether the first update pass is also the policy's and critic's scoring pass: only
@@ -302,9 +327,11 @@ class SALSAModule(ValidationHooks, StageModule):
     def estimate(self, rollout: Rollout, frozen: FrozenScores, old: PolicyScores) -> Trajectory:
         """The per-token KL and the estimator's rewards, advantages and returns."""
         kl = self.kl(old.logprobs, frozen.ref_logprobs, self.kl_settings.estimator) * rollout.mask
-        coef = self.kl_ctl.value if self.kl_settings.in_reward else 0.0
+        coef = self.kl_ctl.value if self.kl_in_reward else 0.0
         inputs = EstimatorInputs(frozen.scores, kl, old.values, rollout.mask, coef)
-        out = ESTIMATORS["gae"](inputs, self.ppo)
+        out = self.estimator.estimate(inputs, self.ppo, self.estimator_settings)
+        if self.estimator.group:
+            self.warn_ties(frozen.scores)
         return Trajectory(
             rollout.query, rollout.query_mask, rollout.response, rollout.mask, old.logprobs,
             frozen.ref_logprobs, old.values, frozen.scores, kl, out.rewards, out.advantages,
@@ -315,11 +342,11 @@ class SALSAModule(ValidationHooks, StageModule):
         self, mb: Trajectory, outputs: PassOutputs
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """The policy's and the critic's loss terms of a micro-batch (see ``losses.ppo_loss``)."""
-        in_reward = self.kl_settings.in_reward
-        kl_loss = None if in_reward else (lambda lp, refs: self.kl(lp, refs, "k3"))
+        kl_loss = None if self.kl_in_reward else (lambda lp, refs: self.kl(lp, refs, "k3"))
         return ppo_loss(
-            outputs, mb, self.ppo, self.generation.temperature, kl_loss, self.kl_ctl.value
-        )
+            outputs, mb, self.ppo, self.generation.temperature, kl_loss, self.kl_ctl.value,
+            self.loss_aggregation, self.generation.max_new_tokens,
+        )  # fmt: skip
 
     def update(self, trajectory: Trajectory, first: FirstPass | None = None) -> dict[str, float]:
         """K epochs of clipped PPO over minibatches (``update.ppo_update``); ``first`` holds the
@@ -337,9 +364,23 @@ class SALSAModule(ValidationHooks, StageModule):
         """Whether each optimizer step applies (and frees) the policy's gradients before the
         critic's backward (``update.can_step_policy_first``)."""
         return can_step_policy_first(
-            self.ppo, self.value_head_layer is not None, self.trainer.precision_plugin,
+            self.ppo, self.critic is not None, self.trainer.precision_plugin,
             self.trainer.strategy,
         )  # fmt: skip
+
+    def warn_ties(self, scores: Tensor) -> None:
+        """Warn once per run when whole groups scored alike: their advantages are 0, so they
+        teach nothing (more samples per prompt or a higher temperature help)."""
+        groups = scores.reshape(-1, self.estimator_settings.samples_per_prompt)
+        tied = int((groups.amax(1) == groups.amin(1)).sum())
+        self.log("rollout/tied_groups", tied / groups.shape[0])
+        if tied and not self.warned_ties:
+            self.warned_ties = True
+            rank_zero_warn(
+                f"{tied} of {groups.shape[0]} prompts got the same reward for all their "
+                f"{groups.shape[1]} samples: their advantages are 0 and they do not train "
+                "(warned once; `rollout/tied_groups` logs the fraction every iteration)."
+            )
 
     def skip(self, what: str, totals: dict[str, list[Tensor]]) -> dict[str, float]:
         """Count an update skipped for a non-finite ``what``; stop after ``max_skips`` in a row."""
@@ -359,7 +400,7 @@ class SALSAModule(ValidationHooks, StageModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         t0 = time.perf_counter()
-        rollout = self.generate(batch)
+        rollout = self.generate(batch, self.estimator_settings.samples_per_prompt)
         t1 = time.perf_counter()
         frozen = self.score_frozen(rollout)
         if not torch.isfinite(frozen.scores).all():
@@ -428,7 +469,9 @@ class SALSAModule(ValidationHooks, StageModule):
         rank_zero_info(
             f"SALSA: reference {self.hparams.reference_mode} of {len(self.reference.checkpoints)} "
             f"checkpoint(s) with weights {self.reference.resolved_weights()}; policy from "
-            f"{self.hparams.policy or 'the soup'}; PPO settings {asdict(self.ppo)}; KL {asdict(self.kl_settings)}"
+            f"{self.hparams.policy or 'the soup'}; estimator {asdict(self.estimator_settings)} "
+            f"(KL {'in the reward' if self.kl_in_reward else 'as a loss term'}, loss "
+            f"{self.loss_aggregation}); PPO settings {asdict(self.ppo)}; KL {asdict(self.kl_settings)}"
         )
 
     def export_model(self) -> nn.Module:

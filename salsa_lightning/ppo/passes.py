@@ -31,7 +31,7 @@ def policy_pass(
     temperature: float,
 ) -> PassOutputs:
     """Response logits, log-probs and values of rollout rows, through a separate ``critic`` or
-    a value ``head`` on the policy's hidden states.
+    a value ``head`` on the policy's hidden states (values None with neither).
 
     A separate critic runs first, so that backward (newest nodes first) finishes the policy's
     gradients before it allocates the critic's: the peak then holds one model's gradients and
@@ -39,10 +39,10 @@ def policy_pass(
     n = rows.response.shape[1]
     values = critic(rows.sequence, rows.attention_mask, n) if critic is not None else None
     logits, hidden = policy_forward(
-        policy, rows.sequence, rows.attention_mask, n, with_hidden=critic is None
+        policy, rows.sequence, rows.attention_mask, n, with_hidden=head is not None
     )
     logprobs = logprobs_from_logits(logits, rows.response, temperature)
-    if values is None:
+    if head is not None:
         values = head(hidden).squeeze(-1).float()
     return PassOutputs(logits, logprobs, values)
 

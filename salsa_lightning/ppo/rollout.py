@@ -59,7 +59,7 @@ class PolicyScores:
     """The rollout under the policy and critic that sampled it (the update's old values)."""
 
     logprobs: Tensor  # [B, R] policy log-probs
-    values: Tensor  # [B, R] critic values, 0 after the response
+    values: Tensor | None  # [B, R] critic values, 0 after the response; None: no critic
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class PassOutputs:
 
     logits: Tensor  # [B, R, V] response logits
     logprobs: Tensor  # [B, R]
-    values: Tensor  # [B, R]
+    values: Tensor | None  # [B, R]; None: no critic
 
 
 @dataclass(frozen=True)
@@ -81,12 +81,12 @@ class Trajectory:
     mask: Tensor  # [B, R]
     logprobs: Tensor  # [B, R] old policy log-probs
     ref_logprobs: list[Tensor]  # one [B, R] per reference model
-    values: Tensor  # [B, R] old values
+    values: Tensor | None  # [B, R] old values; None: no critic
     scores: Tensor  # [B] shaped scores
     kl: Tensor  # [B, R] per-token KL estimate to the reference, 0 after the response
     rewards: Tensor  # [B, R] per-token rewards
     advantages: Tensor  # [B, R]
-    returns: Tensor  # [B, R] value targets
+    returns: Tensor | None  # [B, R] value targets; None: no critic
 
     sequence = Rollout.sequence
     attention_mask = Rollout.attention_mask
@@ -96,7 +96,10 @@ class Trajectory:
         picked = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            picked[f.name] = [t[index] for t in value] if isinstance(value, list) else value[index]
+            if isinstance(value, list):
+                picked[f.name] = [t[index] for t in value]
+            else:
+                picked[f.name] = None if value is None else value[index]
         return Trajectory(**picked)
 
 
@@ -112,4 +115,5 @@ class FirstPass:
         """The same numbers a separate no-grad scoring pass gives, in the rollout's row order."""
         unshuffle = torch.argsort(self.order)
         logprobs = self.outputs.logprobs.detach()[unshuffle]
-        return PolicyScores(logprobs, self.outputs.values.detach()[unshuffle] * mask)
+        values = self.outputs.values
+        return PolicyScores(logprobs, None if values is None else values.detach()[unshuffle] * mask)

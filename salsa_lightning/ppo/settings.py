@@ -1,4 +1,5 @@
-"""The SALSA-PPO stage's settings, as YAML sections of ``SALSAModule``: ``kl:`` and ``ppo:``."""
+"""The SALSA-PPO stage's settings, as YAML sections of ``SALSAModule``: ``estimator:``, ``kl:``
+and ``ppo:``."""
 
 from __future__ import annotations
 
@@ -18,16 +19,43 @@ class KLSettings:
         coef: Initial KL coefficient beta.
         estimator: ``k1``, ``k2`` or ``k3`` per-token estimator.
         in_reward: True: ``-beta * KL`` per token in the reward (TRL, InstructGPT); False: a
-            ``beta * KL`` loss term (k3 at the current policy) next to the policy loss.
+            ``beta * KL`` loss term (k3 at the current policy) next to the policy loss (GRPO);
+            None: the estimator's default (in the reward for gae, rloo and
+            reinforce_baseline, a loss term for grpo).
         target: Adaptive control (Ziegler et al.): the KL the coefficient steers to; None: fixed.
         horizon: Adaptive control horizon in samples.
     """
 
     coef: float = 0.05
     estimator: str = "k1"
-    in_reward: bool = True
+    in_reward: bool | None = None
     target: float | None = None
     horizon: int = 10000
+
+
+@dataclass
+class EstimatorSettings:
+    """How the policy gradient's advantages are estimated (see ``ppo/estimators.py``).
+
+    Attributes:
+        name: ``gae`` (PPO with a critic), or a critic-free group estimator: ``grpo``
+            (Shao et al. 2024), ``rloo`` (Ahmadian et al. 2024) or ``reinforce_baseline``
+            (REINFORCE++-baseline, Hu et al. 2025).
+        samples_per_prompt: Responses sampled per prompt (k): 1 for ``gae``, at least 2 for
+            the group estimators, whose baseline is the other samples of the same prompt.
+        scale_by_std: ``grpo``: divide by the group's standard deviation (False: Dr. GRPO,
+            Liu et al. 2025, usually with ``loss_aggregation: constant``).
+        std_eps: ``grpo``: added to the group's standard deviation.
+        loss_aggregation: How the policy loss is reduced over tokens: ``token_mean``,
+            ``sequence_mean`` or ``constant`` (sum over tokens / (rows x max_new_tokens));
+            None: the estimator's default (``sequence_mean`` for grpo, ``token_mean`` else).
+    """
+
+    name: str = "gae"
+    samples_per_prompt: int = 1
+    scale_by_std: bool = True
+    std_eps: float = 1e-4
+    loss_aggregation: str | None = None
 
 
 @dataclass
@@ -73,4 +101,6 @@ class PPOSettings:
 # The settings and the reference recipe are saved in checkpoints' hyper_parameters when the
 # module is built in Python; Lightning resumes with torch.load(weights_only=True), which only
 # unpickles allowlisted classes (plain dataclasses of numbers, strings and lists).
-torch.serialization.add_safe_globals([GenerationSettings, KLSettings, PPOSettings, SoupReference])
+torch.serialization.add_safe_globals(
+    [EstimatorSettings, GenerationSettings, KLSettings, PPOSettings, SoupReference]
+)

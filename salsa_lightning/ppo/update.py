@@ -57,18 +57,18 @@ class OptimizerSteps:
 
 
 def can_step_policy_first(
-    ppo: PPOSettings, value_head: bool, precision_plugin: Any, strategy: Any
+    ppo: PPOSettings, separate_critic: bool, precision_plugin: Any, strategy: Any
 ) -> bool:
     """Whether each optimizer step can apply (and free) the policy's gradients before the
     critic's backward allocates its own, so the peak holds one model's gradients, not both.
 
     Only when nothing couples the two models' updates, so the weights are the same as with
-    one joint step: a separate critic (no ``value_head``), one micro-batch per minibatch, no
+    one joint step: a separate critic (not a value head, not none), one micro-batch per minibatch, no
     global-norm clipping, no gradient scaler, one unsharded device. Callbacks'
     ``on_before_optimizer_step`` then runs twice per step, seeing the policy's gradients, then
     the critic's."""
     return (
-        not value_head
+        separate_critic
         and ppo.micro_batch_size >= ppo.minibatch_size
         and ppo.max_grad_norm is None
         and getattr(precision_plugin, "scaler", None) is None
