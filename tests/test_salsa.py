@@ -60,7 +60,8 @@ def build(
     reference = SoupReference(
         [str(out[c]) for c in checkpoints], None if weights is None else list(weights)
     )
-    return cls(reference=reference, optimizer=lambda p: torch.optim.AdamW(p, lr=lr), **kwargs)
+    kwargs.setdefault("optimizer", lambda p: torch.optim.AdamW(p, lr=lr))
+    return cls(reference=reference, **kwargs)
 
 
 def prompts(out: dict[str, Path], task_dir: Path, **kwargs) -> PromptDataModule:
