@@ -37,6 +37,11 @@ numbers and ``ratio_tokens_per_s`` / ``ratio_peak_memory`` (ours / TRL). Usage::
     python benchmarks/ppo_vs_trl.py --preset gpt2-small --device cpu
     python benchmarks/ppo_vs_trl.py --preset 1b --device cuda
     python benchmarks/ppo_vs_trl.py --preset tiny --systems ours   # without TRL installed
+    python benchmarks/ppo_vs_trl.py --preset tiny --systems ours,ours-grpo,trl
+
+``ours-grpo`` is ours with the critic-free GRPO estimator on the same number of responses per
+iteration (batch / 4 prompts x 4 samples): no critic is built, so its peak memory shows what the
+critic costs in a PPO iteration.
 
 TRL 1.12.0 (the last release with a PPO trainer) is the ``bench`` extra:
 ``pip install -e ".[bench]"``.
@@ -306,14 +311,22 @@ def summarize(system: str, records: list[dict[str, float]], s: dict[str, Any]) -
     return out
 
 
-def child_ours(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[str, Any]:
+GRPO_SAMPLES = 4  # ours-grpo: samples per prompt (batch / 4 prompts, the same responses)
+
+
+def child_ours(
+    s: dict[str, Any], inputs: dict[str, str], work: Path, estimator: str = "gae"
+) -> dict[str, Any]:
     import lightning as L
     import torch
 
     from salsa_lightning import PromptDataModule, SALSAModule
     from salsa_lightning.generation import static_failed, use_static_cache
     from salsa_lightning.ppo import GenerationSettings, KLSettings, PPOSettings
+    from salsa_lightning.ppo.settings import EstimatorSettings
     from salsa_lightning.soup import SoupReference
+
+    k = GRPO_SAMPLES if estimator == "grpo" else 1
 
     import_rss = rss_mib()
     device = s["device"]
@@ -349,7 +362,7 @@ def child_ours(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[st
         train_files=inputs["prompts"],
         val_fraction=0.0,
         max_length=s["prompt_length"],
-        batch_size=s["batch_size"],
+        batch_size=s["batch_size"] // k,
         seed=s["seed"],
         task_dir=str(work / "task"),
     )
@@ -366,6 +379,7 @@ def child_ours(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[st
             do_sample=True,
         ),
         kl=KLSettings(coef=KL_COEF, estimator="k1", in_reward=True),
+        estimator=EstimatorSettings(estimator, samples_per_prompt=k),
         ppo=PPOSettings(
             epochs=s["ppo_epochs"],
             minibatch_size=s["batch_size"],
@@ -394,7 +408,7 @@ def child_ours(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[st
         callbacks=[timer],
     )
     trainer.fit(module, datamodule=data)
-    result = summarize("ours", timer.records, s)
+    result = summarize("ours" if estimator == "gae" else f"ours-{estimator}", timer.records, s)
     result["decoding"] = (
         "static (compiled)" if use_static_cache("auto", torch.device(device), False) else "generate"
     )
@@ -529,8 +543,10 @@ def child_main(system: str, settings_file: str) -> None:
         import torch
 
         torch.set_num_threads(s["threads"])
-    run = child_ours if system == "ours" else child_trl
-    result = run(s, inputs, work)
+    if system == "trl":
+        result = child_trl(s, inputs, work)
+    else:
+        result = child_ours(s, inputs, work, "grpo" if system == "ours-grpo" else "gae")
     print(json.dumps(result), flush=True)
 
 
@@ -541,7 +557,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--systems", default="ours,trl", help="ours,trl (default), ours or trl")
+    parser.add_argument(
+        "--systems",
+        default="ours,ours-grpo,trl",
+        help="any of ours, ours-grpo, trl, comma-separated (default: all three)",
+    )
     parser.add_argument("--iterations", type=int, help="timed PPO iterations per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first (>= 1)")
     parser.add_argument("--batch-size", type=int, help="prompts per PPO iteration")
@@ -623,8 +643,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     s = settings_from(args)
     systems = [x.strip() for x in args.systems.split(",") if x.strip()]
-    if not systems or any(x not in ("ours", "trl") for x in systems):
-        raise SystemExit(f"--systems: expected ours, trl or both, got {args.systems!r}")
+    if not systems or any(x not in ("ours", "ours-grpo", "trl") for x in systems):
+        raise SystemExit(f"--systems: expected ours, ours-grpo and/or trl, got {args.systems!r}")
+    if "ours-grpo" in systems and s["batch_size"] % GRPO_SAMPLES:
+        raise SystemExit(f"--systems ours-grpo: --batch-size must be a multiple of {GRPO_SAMPLES}")
     if args.device == "cuda":
         import torch
 
@@ -650,7 +672,7 @@ def main(argv: list[str] | None = None) -> None:
         payload = {"settings": s, "inputs": inputs, "work": str(root)}
         settings_file.write_text(json.dumps(payload))
 
-        widths = [6, 4, 9, 9, 10, 10, 8, 8, 8, 9, 9]
+        widths = [9, 4, 9, 9, 10, 10, 8, 8, 8, 9, 9]
         header = ["system", "run", "iter s", "tok/s", "tok/cpu-s", "gen tok/s", "gen s", "score s"]
         header += ["update s", "peak MiB", "built MiB"]
         print(fmt_row(header, widths), flush=True)
@@ -699,13 +721,24 @@ def main(argv: list[str] | None = None) -> None:
         print("medians over repeats:")
         for name, m in per_system.items():
             print(
-                f"  {name:4s}: {m['tokens_per_s']:.1f} tokens/s over whole iterations, "
+                f"  {name:9s}: {m['tokens_per_s']:.1f} tokens/s over whole iterations, "
                 f"{m['tokens_per_cpu_s']:.1f} per CPU second, "
                 f"{m['generation_tokens_per_s']:.1f} generation tokens/s, "
                 f"peak {m['peak_memory_mib']:.0f} MiB (RSS {m['rss_after_imports_mib']:.0f} MiB "
                 f"after imports, {m['rss_models_built_mib']:.0f} MiB with the models built)"
             )
-        if set(systems) == {"ours", "trl"}:
+        if {"ours", "ours-grpo"} <= set(systems):
+            ppo, grpo = per_system["ours"], per_system["ours-grpo"]
+            summary["ratio_grpo_peak_memory"] = round(
+                grpo["peak_memory_mib"] / ppo["peak_memory_mib"], 3
+            )
+            print(
+                f"GRPO / PPO iteration (ours, same responses): peak memory "
+                f"x{summary['ratio_grpo_peak_memory']} ({grpo['peak_memory_mib']:.0f} vs "
+                f"{ppo['peak_memory_mib']:.0f} MiB: no critic, no value loss), tokens/s "
+                f"x{grpo['tokens_per_s'] / ppo['tokens_per_s']:.2f}"
+            )
+        if {"ours", "trl"} <= set(systems):
             ours, trl = per_system["ours"], per_system["trl"]
             # Each repeat's ours/trl pair ran back to back: its ratio is robust to drift.
             by = {(r["system"], r["repeat"]): r for r in runs}

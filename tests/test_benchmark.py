@@ -53,10 +53,18 @@ def test_compare_with_trl(tmp_path: Path) -> None:
 
 
 def test_ours_alone(tmp_path: Path) -> None:
-    out = run_benchmark(*SMALL, "--systems", "ours", "--new-tokens", "8", tmp_path=tmp_path)
+    args = ("--systems", "ours,ours-grpo", "--new-tokens", "8")
+    out = run_benchmark(*SMALL, *args, tmp_path=tmp_path)
     assert out["ours"]["tokens_per_s"] > 0
     assert out["ours"]["peak_memory_mib"] > 0
     assert "trl" not in out
     assert out["ratio_tokens_per_s"] is None
+    # GRPO on the same responses (no critic): its peak is reported beside PPO's (measured by
+    # the script, not asserted: RSS on a shared machine is noisy).
+    assert [r["system"] for r in out["runs"]] == ["ours", "ours-grpo"]
+    s = out["settings"]
+    for run in out["runs"]:
+        assert run["generated_tokens"] == s["batch_size"] * s["new_tokens"] * s["iterations"]
+    assert out["ratio_grpo_peak_memory"] > 0
     assert out["settings"]["new_tokens"] == 8
     assert not list(tmp_path.glob("ppo-bench-*")), "the temporary directory was not removed"

@@ -199,6 +199,46 @@ def test_ppo_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp_pa
     assert a.state_dict().keys() == b.state_dict().keys()
 
 
+def test_salsa_grpo_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp_path):
+    """SALSA-GRPO (configs/salsa-grpo.yaml) under FSDP2: each rank samples k = 2 responses to
+    its own prompts, so a prompt's samples stay on one rank. Greedy decoding makes them equal,
+    so a reward that scores a sample by its rank in its group gives the estimator real
+    advantages. The first rollout and its update agree with one process (1e-4 and the policy
+    within 1e-2), no critic exists anywhere, and the export loads."""
+
+    def grpo_args(root: Path, prompts_per_rank: int) -> list[str]:
+        args = salsa_args(stage_outputs, task_dir, root, prompts_per_rank * 2)
+        args[args.index(str(CONFIGS / "salsa.yaml"))] = str(CONFIGS / "salsa-grpo.yaml")
+        batch = args.index("--data.init_args.batch_size") + 1
+        args[batch] = args[batch + 2] = str(prompts_per_rank)  # and the eval batch
+        return args + [
+            "--model.init_args.reward_model", "null",
+            "--model.init_args.reward_fn.class_path", "reward_functions.RankInGroupReward",
+            "--model.init_args.estimator.samples_per_prompt", "2",
+            "--trainer.limit_train_batches", "1",
+            "--trainer.val_check_interval", "1",
+        ]  # fmt: skip
+
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    single, sharded = tmp_path / "single", tmp_path / "fsdp"
+    run(grpo_args(single, 4), tmp_path, env)
+    run(grpo_args(sharded, 2) + FSDP2, tmp_path, env)
+    one, two = metrics(single), metrics(sharded)
+    for key in ("objective/scores", "objective/kl", "loss/policy", "rollout/response_length"):
+        assert first(two, key) == pytest.approx(first(one, key), abs=1e-4), key
+    assert first(one, "objective/scores") == pytest.approx(0.05)  # 0 and 0.1 in each group
+    assert first(one, "objective/kl") == 0.0  # the policy starts as the soup
+    assert not any("loss/value" in r for r in one + two)
+    for key in ("eval/kl", "eval/gold"):
+        assert first(two, key) == pytest.approx(first(one, key), abs=0.05), key
+    from safetensors.torch import load_file
+
+    wa = load_file(single / "policy" / "model.safetensors")
+    wb = load_file(sharded / "policy" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-2
+
+
 # ----------------------------------------------------------------------------- SFT and reward
 #
 # Each stage runs 4 steps from the same start twice: one process with batches of 16, and two
