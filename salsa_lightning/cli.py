@@ -27,7 +27,9 @@ from salsa_lightning.errors import SalsaError
 
 
 class SalsaCLI(LightningCLI):
-    """LightningCLI with the project's defaults: errors in inputs end the run with a message."""
+    """LightningCLI with the project's defaults: errors in inputs end the run with a message,
+    output directories are checked before anything is built, and ``--ckpt_path`` resumes as
+    documented (``salsa_lightning.resume``)."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         super().__init__(
@@ -39,6 +41,41 @@ class SalsaCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep this run's settings: LightningCLI would replace them with the checkpoint's
+        without a word; ``before_fit`` refuses the ones that differ instead."""
+
+    def before_fit(self) -> None:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from salsa_lightning.outputs import check_writable_dir
+        from salsa_lightning.resume import (
+            LAST,
+            check_resume,
+            checkpoint_dirs,
+            keep_metrics,
+            resolve_last,
+        )
+
+        trainer, config = self.trainer, self.config_init[self.subcommand]
+        if config.get("ckpt_path") == LAST:
+            found = resolve_last(trainer)
+            if found is None:
+                where = ", ".join(str(d) for d, _ in checkpoint_dirs(trainer)) or "nowhere yet"
+                rank_zero_info(f"--ckpt_path last: no last.ckpt in {where}; starting a new run.")
+            config["ckpt_path"] = None if found is None else str(found)
+        if config.get("ckpt_path"):
+            rank_zero_info(f"resuming from {config['ckpt_path']}")
+            check_resume(Path(config["ckpt_path"]), self.model, self.datamodule)
+            if trainer.logger is not None:
+                keep_metrics(trainer.logger)
+        logger, callback = trainer.logger, trainer.checkpoint_callback
+        if logger is not None and getattr(logger, "save_dir", None):
+            check_writable_dir(logger.save_dir, "trainer.logger save_dir")
+        if callback is not None and callback.dirpath:
+            check_writable_dir(callback.dirpath, "the checkpoint callback's dirpath")
+        check_writable_dir(trainer.default_root_dir, "trainer.default_root_dir")
 
 
 # ----------------------------------------------------------------------------- functions as commands

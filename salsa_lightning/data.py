@@ -21,6 +21,7 @@ sequence and are masked out of the SFT loss.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -96,6 +97,19 @@ def encode_chat(
     return prompt_ids, full[len(prompt_ids) :]
 
 
+def value_problem(value: Any) -> str | None:
+    """Why ``value`` is not text or a chat-message list (None: it is one)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "is empty (null or NaN)"
+    if isinstance(value, bool | int | float):
+        return "holds a number, not text"
+    if isinstance(value, list) and not all(isinstance(m, dict) and "role" in m for m in value):
+        return "holds a list that is not chat messages ({role, content} dicts)"
+    if not isinstance(value, str | list):
+        return f"holds a {type(value).__name__}, not text"
+    return None
+
+
 def as_messages(value: Any, column: str) -> Messages:
     """A prompt given as plain text or as a list of chat messages, as a message list."""
     if isinstance(value, str):
@@ -119,17 +133,57 @@ def split_conversation(value: Any, column: str) -> tuple[Messages, str]:
 
 
 def read_data_files(files: Sequence[str | os.PathLike]) -> datasets.Dataset:
-    """Local data files of one format (json, jsonl, parquet or csv, by extension) as one dataset."""
+    """Local data files of one format (json, jsonl, parquet or csv, by extension) as one dataset.
+
+    Raises:
+        SalsaError: a file is missing, empty, of another format, or does not parse (for JSON
+            lines: which line, and why).
+    """
     files = [str(f) for f in files]
     for f in files:
         if not Path(f).is_file():
             raise SalsaError(f"data file {f!r} does not exist.")
+        if is_empty(Path(f)):
+            raise SalsaError(f"data file {f!r} is empty: it holds no rows.")
     kinds = {DATA_FORMATS.get(Path(f).suffix.lower()) for f in files}
     if None in kinds or len(kinds) != 1:
         raise SalsaError(
             f"data files {files} must all be one of {sorted(DATA_FORMATS)} (by their extension)."
         )
-    return datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+    kind = kinds.pop()
+    try:
+        return datasets.load_dataset(kind, data_files=files, split="train")
+    except Exception as err:  # datasets wraps the parser's error differently per format
+        if kind == "json":
+            for f in files:
+                check_json_file(f)
+        raise SalsaError(f"data files {files} cannot be read as {kind}: {err}") from err
+
+
+def is_empty(path: Path, probe: int = 1 << 16) -> bool:
+    """Whether a data file holds nothing but whitespace (read only when it is small)."""
+    size = path.stat().st_size
+    return size == 0 or (size <= probe and not path.read_bytes().strip())
+
+
+def check_json_file(path: str) -> None:
+    """Name the first line of a JSON-lines file (or the place in a JSON file) that does not
+    parse."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    try:
+        json.loads(text)  # a whole-file JSON document (array or object)
+        return
+    except json.JSONDecodeError:
+        pass
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SalsaError(
+                    f"{path} line {number} is not valid JSON ({err.msg} at column {err.colno}): "
+                    "fix or remove that line."
+                ) from None
 
 
 # ----------------------------------------------------------------------------- base class
@@ -162,6 +216,7 @@ class _ChatDataModule(L.LightningDataModule):
     """
 
     required: tuple[tuple[str, ...], ...] = ()  # alternatives of canonical column sets
+    text_columns: tuple[str, ...] = ()  # canonical columns that must hold text (or chat messages)
     embedded_files: tuple[str, str] = ("", "")
 
     def __init__(
@@ -256,6 +311,9 @@ class _ChatDataModule(L.LightningDataModule):
             train, source = read_data_files(train_files), ", ".join(train_files)
             val = read_data_files(val_files) if val_files else None
             val_source = ", ".join(val_files or [])
+        train = self.check_values(self.rename_columns(train, source), source)
+        if val is not None:
+            val = self.check_values(self.rename_columns(val, val_source), val_source)
         if val is None and hp.val_fraction > 0:
             if math.ceil(len(train) * hp.val_fraction) >= len(
                 train
@@ -294,6 +352,35 @@ class _ChatDataModule(L.LightningDataModule):
             )
         return data
 
+    def row_problem(self, row: dict[str, Any]) -> str | None:
+        """Which column of a canonical row holds no usable text, and why (None: the row is fine).
+        Text is a string, or a list of chat messages."""
+        for column in self.text_columns:
+            if column in row:
+                problem = value_problem(row[column])
+                if problem:
+                    return f"column {column!r} {problem}"
+        return None
+
+    def check_values(self, data: datasets.Dataset, source: str) -> datasets.Dataset:
+        """Refuse rows whose text columns hold nothing usable (null, NaN, a number), naming the
+        source, the column, the count and the first row, before anything is tokenized."""
+        columns = [c for c in ("messages", "prompt", *self.text_columns) if c in data.column_names]
+        columns = list(dict.fromkeys(columns))
+        problems: dict[str, list[tuple[int, dict]]] = {}
+        for i, row in enumerate(data.select_columns(columns)):
+            problem = self.row_problem(row)
+            if problem:
+                problems.setdefault(problem, []).append((i + 1, row))
+        if problems:
+            problem, rows = next(iter(problems.items()))
+            first, row = rows[0]
+            raise SalsaError(
+                f"{source}: {problem} in {len(rows)} row(s) (first: row {first}, "
+                f"{json.dumps(row, default=str)[:120]}); fill in or remove those rows."
+            )
+        return data
+
     # -- tokenization (subclasses)
 
     def encode(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -309,7 +396,6 @@ class _ChatDataModule(L.LightningDataModule):
         """Inspect canonical rows before tokenization (subclasses count problems here)."""
 
     def _tokenize(self, data: datasets.Dataset, source: str, split: str) -> datasets.Dataset:
-        data = self.rename_columns(data, source)
         self.check_rows(data, source, split)
         n = len(data)
         data = data.map(self.encode, num_proc=None, desc=f"tokenizing {split}")
@@ -324,6 +410,11 @@ class _ChatDataModule(L.LightningDataModule):
             f"overflow={self.hparams.overflow})"
         )
         if len(data) == 0:
+            if self.stats.get(f"{split}/identical") == n:
+                raise SalsaError(
+                    f"{source}: every {split} pair has chosen == rejected, so no pair is left to "
+                    "learn from; check the chosen and rejected columns."
+                )
             raise SalsaError(
                 f"{source}: no {split} rows left after filtering to max_length="
                 f"{self.hparams.max_length}; raise data.max_length or use overflow: truncate."
@@ -484,6 +575,16 @@ class SFTDataModule(_ChatDataModule):
     """
 
     required = (("messages",), ("prompt", "response"))
+    text_columns = ("prompt", "response")
+
+    def row_problem(self, row: dict[str, Any]) -> str | None:
+        if row.get("messages") is not None:  # a conversation: the other columns are not read
+            problem = value_problem(row["messages"])
+            return f"column 'messages' {problem}" if problem else None
+        if "messages" in row and "response" not in row:
+            return "column 'messages' is empty (null or NaN)"
+        return super().row_problem(row)
+
     embedded_files = ("sft_train.jsonl", "sft_val.jsonl")
 
     def __init__(self, *args: Any, mask_prompt: bool = True, **kwargs: Any) -> None:
@@ -531,6 +632,13 @@ class PreferenceDataModule(_ChatDataModule):
     """
 
     required = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
+    text_columns = ("chosen", "rejected")
+
+    def row_problem(self, row: dict[str, Any]) -> str | None:
+        if row.get("prompt") is not None and (problem := value_problem(row["prompt"])):
+            return f"column 'prompt' {problem}"  # a missing prompt is allowed: plain texts
+        return super().row_problem(row)
+
     embedded_files = ("pairs_train.jsonl", "pairs_val.jsonl")
 
     def _side(self, row: dict[str, Any], side: str) -> tuple[list[int], list[int]]:
@@ -599,6 +707,12 @@ class PromptDataModule(_ChatDataModule):
     """
 
     required = (("prompt",), ("messages",))
+
+    def row_problem(self, row: dict[str, Any]) -> str | None:
+        column = "prompt" if row.get("prompt") is not None or "messages" not in row else "messages"
+        problem = value_problem(row.get(column))
+        return f"column {column!r} {problem}" if problem else None
+
     embedded_files = ("prompts_train.jsonl", "prompts_val.jsonl")
 
     def encode(self, row: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,8 @@ from salsa_lightning.data import left_padded_prompts, read_data_files
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.functional import bootstrap_mean_ci, kl_estimate, win_rate
 from salsa_lightning.generation import GenerationSettings, response_logprobs, sample
-from salsa_lightning.pretrained import check_model_source, load_tokenizer
+from salsa_lightning.outputs import check_output_dir, written_aside
+from salsa_lightning.pretrained import check_model_source, load_pretrained, load_tokenizer
 from salsa_lightning.scoring import Scorer, gold_scores
 
 PROMPT_COLUMNS = ("prompt", "question", "instruction")
@@ -95,8 +96,8 @@ def generate_answers(
 ) -> tuple[list[str], torch.Tensor | None]:
     """``sample_answers`` of the model at ``model_path`` (KL to the model at ``reference``)."""
     tokenizer = load_tokenizer(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
-    ref = AutoModelForCausalLM.from_pretrained(reference).to(device).eval() if reference else None
+    model = load_pretrained(AutoModelForCausalLM, model_path).to(device).eval()
+    ref = load_pretrained(AutoModelForCausalLM, reference).to(device).eval() if reference else None
     return sample_answers(model, tokenizer, prompts, generation, batch_size, seed, ref)
 
 
@@ -142,12 +143,8 @@ def evaluate(
         The results written to ``results.json``.
     """
     generation = generation or GenerationSettings()
-    out_dir = Path(output)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise SalsaError(
-            f"evaluation output {output!r} exists; choose another or pass --overwrite true."
-        )
     # Every input is checked before any generation starts.
+    check_output_dir(output, overwrite, "evaluation output", "--overwrite true", "--output")
     sets = {name: load_prompts(path, prompt_column)[:max_prompts] for name, path in prompts.items()}
     for name, path in {**models, **(references or {})}.items():
         check_model_source(path, f"model {name!r}")
@@ -158,6 +155,32 @@ def evaluate(
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scorer = Scorer(reward_model, device) if reward_model else None
+    # Written aside and swapped in at the end: a failure leaves the previous output as it was.
+    with written_aside(output) as out_dir:
+        results = measure(
+            models, prompts, sets, out_dir, scorer, reward_fn, references, pairs, generation, batch_size,
+            seed, device,
+        )  # fmt: skip
+    print(f"[evaluate] written to {output}", flush=True)
+    return results
+
+
+def measure(
+    models: dict[str, str],
+    prompts: dict[str, str],
+    sets: dict[str, list[dict[str, Any]]],
+    out_dir: Path,
+    scorer: Scorer | None,
+    reward_fn: Callable[..., Any] | None,
+    references: dict[str, str] | None,
+    pairs: list[list[str]],
+    generation: GenerationSettings,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Answers, scores and win rates of every model on every prompt set, written into
+    ``out_dir`` (see :func:`evaluate`)."""
     results: dict[str, Any] = {
         "models": models,
         "prompts": prompts,
@@ -198,7 +221,6 @@ def evaluate(
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "report.md").write_text(markdown_report(results))
     plot_rewards(per_item, out_dir / "rewards.png")
-    print(f"[evaluate] written to {out_dir}", flush=True)
     return results
 
 

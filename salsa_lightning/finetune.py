@@ -17,7 +17,12 @@ from transformers import AutoConfig, PreTrainedModel, get_cosine_schedule_with_w
 from salsa_lightning import embedded
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.lora import LoraSettings, add_lora
-from salsa_lightning.pretrained import check_model_source, export_pretrained, torch_dtype
+from salsa_lightning.pretrained import (
+    check_model_source,
+    export_pretrained,
+    load_pretrained,
+    torch_dtype,
+)
 from salsa_lightning.sharding import shard
 from salsa_lightning.stage_module import StageModule
 
@@ -106,7 +111,7 @@ class FineTuneModule(StageModule):
         return self.load_pretrained(self.model_name, **kwargs)
 
     def load_pretrained(self, source: str, **kwargs: Any) -> PreTrainedModel:
-        return self.auto_class.from_pretrained(source, **kwargs)
+        return load_pretrained(self.auto_class, source, **kwargs)
 
     def configure_model(self) -> None:
         if self.model is not None:

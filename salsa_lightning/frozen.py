@@ -54,3 +54,24 @@ def freeze(model: nn.Module) -> nn.Module:
     """``model`` with no gradients, in eval mode (returned for chaining)."""
     model.requires_grad_(False)
     return model.eval()
+
+
+# Attribute names under which Hugging Face modules keep a dropout probability as a float (the
+# attention's dropout is applied inside sdpa/eager attention, not by an nn.Dropout).
+DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout", "hidden_dropout")
+
+
+def without_dropout(model: nn.Module) -> nn.Module:
+    """Turn every dropout of ``model`` off, in train mode too (returned for chaining).
+
+    RL samples, scores and updates one policy: with dropout on, the log-probs of the sampling,
+    scoring and update passes would each be those of another random sub-network, and the PPO
+    ratio of an unchanged policy would not be 1. TRL turns dropout off the same way."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in DROPOUT_ATTRIBUTES:
+            value = getattr(module, name, None)
+            if isinstance(value, float):
+                setattr(module, name, 0.0)
+    return model

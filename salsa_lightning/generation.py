@@ -49,6 +49,17 @@ class GenerationSettings:
             raise SalsaError(
                 f"generation.cache must be one of {', '.join(CACHES)}, got {self.cache!r}."
             )
+        if self.max_new_tokens < 1:
+            raise SalsaError(
+                f"generation.max_new_tokens must be at least 1, got {self.max_new_tokens}."
+            )
+        if not self.temperature > 0:
+            raise SalsaError(
+                f"generation.temperature must be positive, got {self.temperature} (for greedy "
+                "decoding set generation.do_sample false; log-probs are read at the temperature)."
+            )
+        if not 0 < self.top_p <= 1:
+            raise SalsaError(f"generation.top_p must be in (0, 1], got {self.top_p}.")
 
 
 CACHES = ("auto", "static", "dynamic")

@@ -116,12 +116,16 @@ def eval_curve(log_dir: Path) -> list[dict[str, float]]:
     files = sorted(log_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
     if not files:
         return []
-    rows = list(csv.DictReader(files[-1].open()))
-    return [
-        {k: float(v) for k, v in r.items() if v != "" and (k.startswith("eval/") or k == "step")}
-        for r in rows
-        if r.get("eval/kl")
-    ]
+    by_step: dict[float, dict[str, float]] = {}  # a resumed run logs some steps again: last wins
+    for r in csv.DictReader(files[-1].open()):
+        if r.get("eval/kl"):
+            row = {
+                k: float(v)
+                for k, v in r.items()
+                if v != "" and (k.startswith("eval/") or k == "step")
+            }
+            by_step[row["step"]] = row
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def reward_at_kl(curve: list[dict[str, float]], kl: float, key: str) -> float | None:

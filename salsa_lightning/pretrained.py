@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedT
 from transformers.utils import logging as hf_logging
 
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.outputs import check_output_dir, written_aside
 
 # The default chain of stage outputs, so a missing input names the stage that makes it.
 STAGE_OUTPUTS = {
@@ -120,20 +120,30 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def check_finite_weights(model: nn.Module, source: str | os.PathLike) -> nn.Module:
+    """Refuse a loaded model whose weights hold NaN or inf, naming the checkpoint's file and
+    tensor (returned for chaining)."""
+    from salsa_lightning.soup.files import INDEX_FILE, SINGLE_FILE, check_finite
+
+    index = Path(source) / INDEX_FILE
+    where = json.loads(index.read_text()).get("weight_map", {}) if index.is_file() else {}
+    for name, tensor in model.state_dict().items():
+        check_finite(tensor, name, Path(source) / where.get(name, SINGLE_FILE))
+    return model
+
+
+def load_pretrained(model_class: Any, source: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """``model_class.from_pretrained(source, **kwargs)``, with its weights checked finite."""
+    return check_finite_weights(model_class.from_pretrained(source, **kwargs), source)
+
+
 def check_export_dir(export_dir: str | os.PathLike | None, overwrite: bool) -> None:
-    """Refuse, before training, to overwrite an export directory that already holds files."""
-    if export_dir is None:
-        return
-    path = Path(export_dir)
-    if path.exists() and not path.is_dir():
-        raise SalsaError(
-            f"export_dir {str(path)!r} is a file, not a directory; choose another path."
-        )
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise SalsaError(
-            f"export_dir {str(path)!r} already holds a model. Choose another --model.export_dir, "
-            "delete it, or pass --model.overwrite true to replace it."
-        )
+    """Refuse, before training, an export directory that cannot be written, or one that already
+    holds files (unless ``overwrite``)."""
+    check_output_dir(
+        export_dir, overwrite, "export_dir", "--model.init_args.overwrite true",
+        "--model.init_args.export_dir",
+    )  # fmt: skip
 
 
 def export_pretrained(
@@ -153,18 +163,10 @@ def export_pretrained(
         state_dict: A full state dict to save instead of the model's own (for sharded models).
     """
     target = Path(export_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with written_aside(target) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, obj in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -10,6 +10,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from salsa_lightning.finetune import FineTuneModule
 from salsa_lightning.functional import bradley_terry_loss, reward_centering_loss
+from salsa_lightning.pretrained import load_pretrained
 from salsa_lightning.scoring import REWARD_STATS, sequence_scores
 
 
@@ -49,7 +50,7 @@ class RewardModule(FineTuneModule):
         self.reward_stats: dict[str, float] | None = None
 
     def load_pretrained(self, source: str, **kwargs: Any) -> PreTrainedModel:
-        model = self.auto_class.from_pretrained(source, num_labels=1, **kwargs)
+        model = load_pretrained(self.auto_class, source, num_labels=1, **kwargs)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         return model

@@ -13,14 +13,41 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.pretrained import check_model_source, load_tokenizer
+from salsa_lightning.pretrained import check_model_source, load_pretrained, load_tokenizer
 
 REWARD_STATS = "reward_stats.json"  # written beside an exported reward model; read by PPO
 
 
 def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Scalar rewards [B] of a one-label sequence classifier for [B, T] token ids."""
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+    """Scalar rewards [B] of a one-label sequence classifier for [B, T] token ids, left- or
+    right-padded: the positions skip the padding, as the policy's do (an absolute-position
+    model such as GPT-2 would otherwise read a left-padded rollout at shifted positions)."""
+    from salsa_lightning.generation import position_ids
+
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+    )
+    return out.logits.squeeze(-1).float()
+
+
+def check_scores(scores: Any, n: int, what: str) -> Tensor:
+    """A reward function's output as [n] float scores, or an error that says what it returned
+    and what it must return."""
+    if not isinstance(scores, Tensor):
+        raise SalsaError(
+            f"{what} returned a {type(scores).__name__}; it must return a torch.Tensor of shape "
+            f"[{n}], one score per response."
+        )
+    if tuple(scores.shape) != (n,):
+        raise SalsaError(
+            f"{what} returned a tensor of shape {list(scores.shape)} for {n} responses; it must "
+            f"return shape [{n}], one score per response."
+        )
+    if scores.is_complex():
+        raise SalsaError(f"{what} returned {scores.dtype} scores; return real numbers.")
+    return scores.float()
 
 
 @torch.no_grad()
@@ -69,7 +96,7 @@ class Scorer:
     def __init__(self, path: str, device: torch.device, batch_size: int = 64) -> None:
         check_reward_model(path)
         self.tokenizer = load_tokenizer(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        self.model = load_pretrained(AutoModelForSequenceClassification, path).to(device).eval()
         self.batch_size = batch_size
 
     def __call__(self, prompts: list[str], answers: list[str]) -> Tensor:
@@ -82,7 +109,8 @@ def gold_scores(
     """The judge's scores [B] on the CPU: ``reward_fn``'s when given, else the embedded task's
     gold reward when the prompts are the task's own, else None."""
     if reward_fn is not None:
-        return reward_fn(prompts, responses).float().cpu()
+        what = f"reward_fn {type(reward_fn).__name__}"
+        return check_scores(reward_fn(prompts, responses), len(responses), what).cpu()
     from salsa_lightning.task import GoldReward
 
     try:

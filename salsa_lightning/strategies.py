@@ -1,5 +1,13 @@
-"""FSDP1 for every stage: Lightning's ``FSDPStrategy`` with FSDP units read off the
-LightningModule, so ``configs/fsdp1.yaml`` stacks on any stage YAML.
+"""The FSDP strategies every stage runs under: ``FSDP2Strategy`` (``configs/fsdp.yaml``) and
+``FSDP1Strategy`` (``configs/fsdp1.yaml``).
+
+``FSDP2Strategy`` is Lightning's ``ModelParallelStrategy`` whose data-parallel size defaults to
+every process (Lightning's ``"auto"`` means the number of nodes, one device per node), so
+``--trainer.devices N`` shards over N devices; the modules ``fully_shard`` themselves in
+``configure_model``.
+
+FSDP1 is Lightning's ``FSDPStrategy`` with FSDP units read off the LightningModule, so
+``configs/fsdp1.yaml`` stacks on any stage YAML.
 
 The units (each one flat parameter of one dtype, gathered while it is called), innermost first:
 
@@ -25,11 +33,35 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.precision.fsdp import FSDPPrecision
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.sharding import decoder_layers
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 over every process: ``ModelParallelStrategy`` with ``tensor_parallel_size`` 1 and
+    ``data_parallel_size`` the world size (``devices x num_nodes``) unless given.
+
+    Takes every argument of Lightning's ``ModelParallelStrategy``.
+    """
+
+    def __init__(
+        self, data_parallel_size: int | str = "auto", tensor_parallel_size: int = 1, **kwargs: Any
+    ) -> None:
+        super().__init__(data_parallel_size, tensor_parallel_size, **kwargs)
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            world, tensor = self.num_nodes * self.num_processes, self._tensor_parallel_size
+            if not isinstance(tensor, int) or tensor < 1 or world % tensor:
+                raise SalsaError(
+                    f"FSDP2Strategy: tensor_parallel_size {tensor!r} must be a whole divisor of "
+                    f"the world size ({world} = devices x nodes)."
+                )
+            self._data_parallel_size = world // tensor
+        super().setup_environment()
 
 
 def top_level_models(module: nn.Module) -> list[nn.Module]:

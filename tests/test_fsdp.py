@@ -97,14 +97,13 @@ def first(rows: list[dict[str, float]], key: str) -> float:
     return next(r[key] for r in rows if key in r)
 
 
+# Exactly the README's flags (with the CPU accelerator): no data_parallel_size of our own.
 FSDP2 = [
     "--config",
     str(CONFIGS / "fsdp.yaml"),
     "--trainer.accelerator",
     "cpu",
     "--trainer.devices",
-    "2",
-    "--trainer.strategy.init_args.data_parallel_size",
     "2",
 ]
 

@@ -880,3 +880,14 @@ def test_shaped_scores_read_an_integer_eos_flag_as_a_bool():
     # has_eos [1, 0]: only the second score is penalised (a bitwise ~ on ints would add to both)
     out = Fn.shaped_scores(torch.tensor([1.0, 2.0]), torch.tensor([1, 0]), None, 1.0)
     assert torch.equal(out, torch.tensor([1.0, 1.0]))
+
+
+def test_whitening_with_an_all_sum_uses_the_whole_batch():
+    """Two ranks holding the same half of a batch: summing their statistics gives the whitening
+    of the whole (doubled) batch, and the identity all_sum is the plain whitening."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(3, 5), ragged_mask([5, 2, 4], 5)
+    whole = Fn.masked_whiten(torch.cat([x, x]), torch.cat([mask, mask]))[:3]
+    torch.testing.assert_close(Fn.masked_whiten(x, mask, all_sum=lambda t: 2 * t), whole)
+    assert torch.equal(Fn.masked_whiten(x, mask, all_sum=lambda t: t), Fn.masked_whiten(x, mask))
+    assert not torch.allclose(Fn.masked_whiten(x, mask), whole)  # the two do differ

@@ -6,6 +6,8 @@ including EOS) and 0 on the padding after.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -69,7 +71,13 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(
+    x: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    all_sum: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """Normalise ``x`` to unit variance (and zero mean) over the masked positions.
 
     Advantages are whitened with ``shift_mean=True``; rewards are whitened with
@@ -80,13 +88,20 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
         mask: Same shape as ``x`` (float or bool).
         shift_mean: Subtract the mean; when False the mean is added back after scaling.
         eps: Added to the variance before the square root.
+        all_sum: Sums a tensor over every process holding a part of the batch (an all-reduce
+            under DDP/FSDP), so the mean and variance are the whole batch's, whatever the world
+            size; None: this tensor is the whole batch.
 
     Returns:
         Same shape as ``x``: ``(x - mean) / sqrt(var + eps)`` (``+ mean`` when
         ``shift_mean`` is False), and 0 wherever ``mask`` is 0.
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask)
+    total = all_sum or (lambda t: t)
+    xm, m = _masked(x, mask)
+    count = total(m.sum()).clamp(min=1)
+    mean = total(xm.sum()) / count
+    var = total(_masked((x - mean) ** 2, mask)[0].sum()) / count
+    var = var * count / (count - 1).clamp(min=1)  # Bessel's correction, as masked_var
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

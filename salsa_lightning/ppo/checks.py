@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from transformers import AutoConfig, PretrainedConfig
 
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.functional import LOSS_AGGREGATIONS
 from salsa_lightning.ppo.estimators import ESTIMATORS, Estimator
 from salsa_lightning.ppo.settings import EstimatorSettings, PPOSettings
+from salsa_lightning.pretrained import load_tokenizer
 from salsa_lightning.soup import SoupReference, config_dir
+from salsa_lightning.soup.plan import plan_soup
 
 
 def reference_config(reference: SoupReference) -> PretrainedConfig:
@@ -35,6 +39,25 @@ def check_policy_matches_reference(
             f"{policy_config.model_type}, vocabulary {policy_config.vocab_size})."
         )
     return policy_config
+
+
+def check_tokenizer(tokenizer: Any, reference: SoupReference, policy: str | None) -> None:
+    """The data module's tokenizer, which turns the prompts into the ids the policy reads, has
+    the vocabulary of the reference's checkpoints and of the policy's (a tokenizer of the same
+    size but other tokens would pass every shape check and train on scrambled text)."""
+    vocab = tokenizer.get_vocab()
+    sources = [(str(plan_soup(reference.checkpoints).tokenizer_dir), "model.reference")]
+    if policy is not None:
+        sources.append((policy, "model.policy"))
+    for source, what in sources:
+        theirs = load_tokenizer(source).get_vocab()
+        if theirs != vocab:
+            token = sorted(set(theirs.items()) ^ set(vocab.items()))[0][0]
+            raise SalsaError(
+                f"data.tokenizer's vocabulary differs from the tokenizer of {what} ({source}; "
+                f"first difference: token {token!r}); tokenize the prompts with the model's "
+                f"own tokenizer: set data.tokenizer to {source}."
+            )
 
 
 def check_context(config: PretrainedConfig, max_length: int, max_new_tokens: int) -> None:

@@ -40,6 +40,9 @@ class EstimatorInputs:
     values: Tensor | None  # [N, R] old values (None without a critic)
     mask: Tensor  # [N, R] response mask
     kl_coef: float  # the KL penalty's weight in the reward (0 when the KL is a loss term)
+    # Sums a tensor over every rank's part of the batch (None: one process): batch statistics
+    # (whitening) are the whole batch's, so results do not depend on the world size.
+    all_sum: Callable[[Tensor], Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ def gae_advantages(inputs: EstimatorInputs, ppo: PPOSettings, est: EstimatorSett
     rewards = token_rewards(inputs.scores, inputs.kl, inputs.kl_coef, inputs.mask)
     advantages, returns = gae(rewards, inputs.values, inputs.mask, ppo.gamma, ppo.lam)
     if ppo.whiten_advantages:
-        advantages = masked_whiten(advantages, inputs.mask)
+        advantages = masked_whiten(advantages, inputs.mask, all_sum=inputs.all_sum)
     return Advantages(rewards, advantages, returns)
 
 
@@ -95,7 +98,7 @@ def reinforce_baseline_advantages(
     centred = group_centred(inputs.scores, est.samples_per_prompt)
     rewards = token_rewards(centred, inputs.kl, inputs.kl_coef, inputs.mask)
     returns = returns_to_go(rewards, inputs.mask, ppo.gamma)
-    return Advantages(rewards, masked_whiten(returns, inputs.mask), None)
+    return Advantages(rewards, masked_whiten(returns, inputs.mask, all_sum=inputs.all_sum), None)
 
 
 @dataclass(frozen=True)

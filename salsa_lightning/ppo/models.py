@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from salsa_lightning.frozen import Frozen
 from salsa_lightning.generation import position_ids
 from salsa_lightning.lora import LoraSettings, add_lora
-from salsa_lightning.pretrained import load_tokenizer
+from salsa_lightning.pretrained import load_pretrained, load_tokenizer
 from salsa_lightning.sharding import shard
 from salsa_lightning.soup import SoupReference, load_soup
 
@@ -20,24 +20,25 @@ from salsa_lightning.soup import SoupReference, load_soup
 class ValueModel(nn.Module):
     """A critic: a sequence classifier's backbone and score head applied at every position.
 
-    A module of its own so that FSDP's hooks run when it is called.
+    A module of its own so that FSDP's hooks run when it is called. The backbone and head are
+    looked up through the classifier at each call, never registered a second time, so each
+    weight has one name in the state dict (and an FSDP wrapper put in their place is used).
     """
 
     def __init__(self, classifier: nn.Module) -> None:
         super().__init__()
-        inner = classifier.get_base_model() if hasattr(classifier, "get_base_model") else classifier
-        self.classifier = classifier  # keeps a peft wrapper (and its adapters) registered
-        self.backbone = getattr(inner, inner.base_model_prefix)
-        self.score = inner.score
+        self.classifier = classifier  # a peft wrapper keeps its adapters registered
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, n: int) -> Tensor:
         """[B, T] ids -> [B, n] values of the states before each of the last ``n`` tokens."""
-        states = self.backbone(
+        c = self.classifier
+        inner = c.get_base_model() if hasattr(c, "get_base_model") else c
+        states = getattr(inner, inner.base_model_prefix)(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids(attention_mask),
         ).last_hidden_state
-        return self.score(states[:, -n - 1 : -1]).squeeze(-1).float()
+        return inner.score(states[:, -n - 1 : -1]).squeeze(-1).float()
 
 
 def build_policy(
@@ -52,7 +53,7 @@ def build_policy(
     if start is None:
         policy = load_soup(reference.checkpoints, reference.resolved_weights(), dtype=dtype)
     else:
-        policy = AutoModelForCausalLM.from_pretrained(start, dtype=dtype)
+        policy = load_pretrained(AutoModelForCausalLM, start, dtype=dtype)
     policy.generation_config.pad_token_id = pad_token_id
     return add_lora(policy, lora, "CAUSAL_LM") if lora is not None else policy
 
@@ -68,7 +69,7 @@ def build_references(
 def build_reward(path: str, dtype: torch.dtype | None, policy_tokenizer: Any) -> tuple[Frozen, Any]:
     """The frozen reward model and, when its vocabulary differs from the policy's, its own
     tokenizer (None when it reads the policy's token ids)."""
-    reward = Frozen(AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype))
+    reward = Frozen(load_pretrained(AutoModelForSequenceClassification, path, dtype=dtype))
     tokenizer = load_tokenizer(path)
     same = tokenizer.get_vocab() == policy_tokenizer.get_vocab()
     return reward, None if same else tokenizer
@@ -76,7 +77,7 @@ def build_reward(path: str, dtype: torch.dtype | None, policy_tokenizer: Any) ->
 
 def build_critic(source: str, dtype: torch.dtype | None, lora: LoraSettings | None) -> nn.Module:
     """A critic from a sequence classifier checkpoint (by default the reward model)."""
-    critic = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype)
+    critic = load_pretrained(AutoModelForSequenceClassification, source, dtype=dtype)
     return add_lora(critic, lora, "SEQ_CLS") if lora is not None else critic
 
 

@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.frozen import without_dropout
 from salsa_lightning.functional import (
     AdaptiveKLController,
     kl_estimate,
@@ -56,7 +57,7 @@ from salsa_lightning.ppo.settings import EstimatorSettings, KLSettings, PPOSetti
 from salsa_lightning.ppo.update import OptimizerSteps, can_step_policy_first, ppo_update
 from salsa_lightning.ppo.validation import ValidationHooks
 from salsa_lightning.pretrained import check_model_source, export_pretrained, torch_dtype
-from salsa_lightning.scoring import check_reward_model, read_reward_stats
+from salsa_lightning.scoring import check_reward_model, check_scores, read_reward_stats
 from salsa_lightning.soup import SoupReference
 from salsa_lightning.stage_module import StageModule
 
@@ -199,6 +200,7 @@ class SALSAModule(ValidationHooks, StageModule):
         if hp.reward_model is not None:
             check_reward_model(hp.reward_model, "model.reward_model")
         config = checks.check_policy_matches_reference(self.reference, hp.policy)
+        checks.check_tokenizer(self.tokenizer, self.reference, hp.policy)
         data = self.trainer.datamodule.hparams
         checks.check_context(config, data.max_length, self.generation.max_new_tokens)
         if stage == "fit":
@@ -212,7 +214,7 @@ class SALSAModule(ValidationHooks, StageModule):
         hp, dtype, frozen = self.hparams, torch_dtype(self.hparams.dtype), self.frozen_dtype
         pad_id = self.tokenizer.pad_token_id
         policy = models.build_policy(self.reference, hp.policy, dtype, pad_id, self.lora)
-        self.policy = self.trainable(policy)
+        self.policy = without_dropout(self.trainable(policy))  # sample, score, update alike
         if not self.shares_reference:
             self.ref_models = models.build_references(self.reference, hp.reference_mode, frozen)
         if hp.reward_model is not None:
@@ -239,7 +241,7 @@ class SALSAModule(ValidationHooks, StageModule):
             self.value_head_layer = models.value_head(self.policy.config.hidden_size, dtype)
         else:
             critic = models.build_critic(source, dtype, self.lora)
-            self.critic = models.ValueModel(self.trainable(critic))
+            self.critic = models.ValueModel(without_dropout(self.trainable(critic)))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
@@ -282,7 +284,9 @@ class SALSAModule(ValidationHooks, StageModule):
     def raw_scores(self, rollout: Rollout) -> Tensor:
         """[B] reward-model scores, else the reward function's."""
         if self.reward is None:
-            return self.reward_fn(rollout.prompts, rollout.texts).to(self.device).float()
+            scores = self.reward_fn(rollout.prompts, rollout.texts)
+            what = f"model.reward_fn {type(self.reward_fn).__name__}"
+            return check_scores(scores, len(rollout.texts), what).to(self.device)
         return passes.reward_scores(self.reward, self.reward_tokenizer, rollout)
 
     @torch.no_grad()
@@ -328,7 +332,8 @@ class SALSAModule(ValidationHooks, StageModule):
         """The per-token KL and the estimator's rewards, advantages and returns."""
         kl = self.kl(old.logprobs, frozen.ref_logprobs, self.kl_settings.estimator) * rollout.mask
         coef = self.kl_ctl.value if self.kl_in_reward else 0.0
-        inputs = EstimatorInputs(frozen.scores, kl, old.values, rollout.mask, coef)
+        all_sum = self.all_sum if self.trainer.world_size > 1 else None
+        inputs = EstimatorInputs(frozen.scores, kl, old.values, rollout.mask, coef, all_sum)
         out = self.estimator.estimate(inputs, self.ppo, self.estimator_settings)
         if self.estimator.group:
             self.warn_ties(frozen.scores)
@@ -368,6 +373,18 @@ class SALSAModule(ValidationHooks, StageModule):
             self.trainer.strategy,
         )  # fmt: skip
 
+    def all_sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over every rank (itself on one device)."""
+        if self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    def all_ranks(self, flag: Tensor) -> bool:
+        """Whether ``flag`` holds on every rank: one decision that every rank takes together."""
+        if self.trainer.world_size > 1:
+            flag = self.trainer.strategy.reduce(flag.float(), reduce_op="min")
+        return bool(flag)
+
     def warn_ties(self, scores: Tensor) -> None:
         """Warn once per run when whole groups scored alike: their advantages are 0, so they
         teach nothing (more samples per prompt or a higher temperature help)."""
@@ -403,7 +420,10 @@ class SALSAModule(ValidationHooks, StageModule):
         rollout = self.generate(batch, self.estimator_settings.samples_per_prompt)
         t1 = time.perf_counter()
         frozen = self.score_frozen(rollout)
-        if not torch.isfinite(frozen.scores).all():
+        # Before clipping hides an inf; every rank skips, or none does (a rank alone would wait
+        # for the others in the next collective).
+        finite = torch.isfinite(frozen.raw_scores).all() & torch.isfinite(frozen.scores).all()
+        if not self.all_ranks(finite):
             self.skip("reward", {})
             return
         if self.scores_in_first_pass(rollout):  # timed as part of the update
@@ -417,8 +437,10 @@ class SALSAModule(ValidationHooks, StageModule):
         stats = self.update(trajectory, first)
         t3 = time.perf_counter()
         self.log_rollout(frozen, trajectory, stats, (t0, t1, t2, t3))
-        kl_per_row = float(masked_sum(trajectory.kl, trajectory.mask) / trajectory.mask.shape[0])
-        self.kl_ctl.update(kl_per_row, trajectory.mask.shape[0])
+        # The controller steps on the whole batch's KL, so every rank's coefficient is the same.
+        rows = torch.tensor(float(trajectory.mask.shape[0]), device=self.device)
+        kl_sum, rows = self.all_sum(torch.stack([masked_sum(trajectory.kl, trajectory.mask), rows]))
+        self.kl_ctl.update(float(kl_sum / rows), int(rows))
 
     def log_rollout(
         self, frozen: FrozenScores, t: Trajectory, stats: dict[str, float], times: tuple
@@ -427,6 +449,8 @@ class SALSAModule(ValidationHooks, StageModule):
         same numbers as a single device)."""
         metrics = rollout_metrics(t, frozen, self.kl_ctl.value, self.tokenizer.eos_token_id)
         metrics = {**metrics, **timing_metrics(t, times), **stats}
+        # Lightning's step counts optimizer steps; this counts rollouts (restored on resume).
+        metrics["train/rollouts"] = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
         sync = self.trainer.world_size > 1
         self.log_dict({k: float(v) for k, v in metrics.items()}, prog_bar=False, sync_dist=sync)
         self.log("reward", float(metrics["objective/scores"]), prog_bar=True, logger=False)
@@ -466,6 +490,13 @@ class SALSAModule(ValidationHooks, StageModule):
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
 
     def on_fit_start(self) -> None:
+        data = self.trainer.datamodule.hparams
+        rows = data.batch_size * self.estimator_settings.samples_per_prompt
+        steps = self.ppo.epochs * -(-rows // self.ppo.minibatch_size)
+        rank_zero_info(
+            f"SALSA: one rollout of {rows} responses = {steps} optimizer steps (ppo.epochs "
+            f"{self.ppo.epochs} x minibatches): trainer.max_steps and checkpoint step= count those."
+        )
         rank_zero_info(
             f"SALSA: reference {self.hparams.reference_mode} of {len(self.reference.checkpoints)} "
             f"checkpoint(s) with weights {self.reference.resolved_weights()}; policy from "

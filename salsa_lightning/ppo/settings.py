@@ -3,12 +3,33 @@ and ``ppo:``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 import torch
 
+from salsa_lightning.errors import SalsaError
 from salsa_lightning.generation import GenerationSettings
 from salsa_lightning.soup import SoupReference
+
+
+def check_ranges(settings: object, section: str, rules: dict[str, str]) -> None:
+    """Refuse a setting outside its range, naming it: ``rules`` maps a field to ``"positive"``,
+    ``"non-negative"``, ``"at least 1"`` or ``"in [0, 1]"`` (None always passes)."""
+    tests = {
+        "positive": lambda v: v > 0,
+        "non-negative": lambda v: v >= 0,
+        "at least 1": lambda v: v >= 1,
+        "in [0, 1]": lambda v: 0 <= v <= 1,
+    }
+    for f in fields(settings):
+        value, rule = getattr(settings, f.name), rules.get(f.name)
+        if rule is None or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SalsaError(f"{section}.{f.name} must be a number, got {value!r}.")
+        if not (math.isfinite(value) and tests[rule](value)):
+            raise SalsaError(f"{section}.{f.name} must be {rule}, got {value}.")
 
 
 @dataclass
@@ -31,6 +52,10 @@ class KLSettings:
     in_reward: bool | None = None
     target: float | None = None
     horizon: int = 10000
+
+    def __post_init__(self) -> None:
+        rules = {"coef": "non-negative", "target": "positive", "horizon": "at least 1"}
+        check_ranges(self, "model.kl", rules)
 
 
 @dataclass
@@ -56,6 +81,11 @@ class EstimatorSettings:
     scale_by_std: bool = True
     std_eps: float = 1e-4
     loss_aggregation: str | None = None
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            self, "model.estimator", {"samples_per_prompt": "at least 1", "std_eps": "non-negative"}
+        )
 
 
 @dataclass
@@ -96,6 +126,13 @@ class PPOSettings:
     max_grad_norm: float | None = 1.0
     max_log_ratio: float = 20.0
     score_in_first_pass: bool = True
+
+    def __post_init__(self) -> None:
+        rules = dict.fromkeys(("epochs", "minibatch_size", "micro_batch_size"), "at least 1")
+        rules.update(dict.fromkeys(("clip_range", "value_clip_range", "max_grad_norm"), "positive"))
+        rules.update(max_log_ratio="positive", vf_coef="non-negative", entropy_coef="non-negative")
+        rules.update(gamma="in [0, 1]", lam="in [0, 1]")
+        check_ranges(self, "model.ppo", rules)
 
 
 # The settings and the reference recipe are saved in checkpoints' hyper_parameters when the

@@ -34,9 +34,7 @@ class OptimizerSteps:
 
     def all_ranks_finite(self, finite: Tensor) -> bool:
         """Whether every rank's losses were finite (so every rank skips, or none does)."""
-        if self.module.trainer.world_size > 1:
-            finite = self.strategy.reduce(finite, reduce_op="min")
-        return bool(finite)
+        return self.module.all_ranks(finite)
 
     def drop(self) -> None:
         """Throw the accumulated gradients away."""
@@ -103,7 +101,6 @@ def ppo_update(
     so the host queues the next passes while the device computes.
     """
     rows, device = trajectory.query.shape[0], trajectory.query.device
-    accumulate = max(1, ppo.minibatch_size // ppo.micro_batch_size)
     totals: dict[str, list[Tensor]] = {}
     for epoch in range(ppo.epochs):
         fresh = first is None or epoch > 0
@@ -111,14 +108,15 @@ def ppo_update(
         for minibatch in order.split(ppo.minibatch_size):
             finite = torch.ones((), device=device)
             for micro in minibatch.split(ppo.micro_batch_size):
+                # Each micro-batch's loss weighs by its rows: a short minibatch (from an epoch's
+                # last, smaller batch of prompts) is not scaled down by the nominal count.
+                share = len(minibatch) / len(micro)
                 mb = trajectory.select(micro)
                 outputs = forward(mb) if fresh else first.outputs
                 fresh = True  # the first pass serves one micro-batch
                 policy_loss, value_loss, stats = loss(mb, outputs)
                 finite = finite * torch.isfinite(policy_loss + value_loss)
-                steps.backward(
-                    policy_loss if policy_first else (policy_loss + value_loss) / accumulate
-                )
+                steps.backward(policy_loss if policy_first else (policy_loss + value_loss) / share)
                 for k, v in stats.items():
                     totals.setdefault(k, []).append(v.detach().float())
             if not steps.all_ranks_finite(finite):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,7 +15,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.pretrained import TOKENIZER_FILES
+from salsa_lightning.outputs import check_writable_dir, written_aside
+from salsa_lightning.pretrained import TOKENIZER_FILES, check_finite_weights
 from salsa_lightning.soup.files import (
     ADAPTER_CONFIG,
     ADAPTER_FILE,
@@ -178,11 +178,8 @@ def write_soup(
             raise SalsaError(f"output {output} already exists; choose another or pass --overwrite")
         if any(output.resolve() == r.resolve() for r in plan.weight_roots()):
             raise SalsaError(f"output {output} is one of the soup's inputs; choose another")
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    check_writable_dir(output.parent, "output's parent")
+    with written_aside(output) as tmp:  # and the temporaries of killed runs removed
         if plan.kind == "lora" and lora_output == "adapter":
             out_files = _write_adapter(plan, weights, tmp, log)
         else:
@@ -211,14 +208,6 @@ def write_soup(
             "output_sha256": {f: sha256(tmp / f) for f in out_files},
         }
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
-        if output.is_symlink() or output.is_file():
-            output.unlink()
-        elif output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"written to {output}")
     return output
 
@@ -269,8 +258,8 @@ def load_soup(
             torch.float32,
         )
     model = cls.from_pretrained(str(layout.root), dtype=dtype)
-    if plan.kind == "full" and len(plan.sources) == 1:
-        return model.eval()  # a soup of one is that checkpoint
+    if plan.kind == "full" and len(plan.sources) == 1:  # a soup of one is that checkpoint
+        return check_finite_weights(model, layout.root).eval()
     params = model.state_dict()
     with torch.no_grad():
         for name in layout.meta:

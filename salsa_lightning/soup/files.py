@@ -45,13 +45,27 @@ class TensorFiles:
     meta: dict[str, tuple[list[int], str]]  # tensor name -> (shape, safetensors dtype)
 
     def get(self, name: str) -> Tensor:
-        """Read one tensor from disk.
+        """Read one tensor from disk; a float tensor holding NaN or inf is refused (a corrupted
+        file of the right size passes every header check).
 
         The file is opened for this one read: safetensors memory-maps it, and pages of a
         map that stays open count towards RSS until it is closed.
         """
-        with safe_open(str(self.root / self.where[name]), framework="pt") as f:
-            return f.get_tensor(name)
+        path = self.root / self.where[name]
+        with safe_open(str(path), framework="pt") as f:
+            tensor = f.get_tensor(name)
+        check_finite(tensor, name, path)
+        return tensor
+
+
+def check_finite(tensor: Tensor, name: str, path: str | Path) -> None:
+    """Refuse model weights that hold NaN or inf, naming the file and the tensor."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise SalsaError(
+            f"{path}: tensor '{name}' holds {bad} non-finite value(s) (NaN or inf): the "
+            "checkpoint is corrupt or diverged; re-copy it or use an earlier one."
+        )
 
 
 def read_header(path: Path) -> dict[str, tuple[list[int], str]]:
