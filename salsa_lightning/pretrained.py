@@ -87,6 +87,8 @@ def check_model_source(name_or_path: str | os.PathLike, what: str = "model") -> 
                 f"{what} directory {text!r} holds none of {list(markers)}: not a Hugging Face "
                 f"{'tokenizer' if what == 'tokenizer' else 'model'} directory."
             )
+        if what != "tokenizer":
+            check_weight_files(path)
         return str(path)
     if is_local(text):
         hint = STAGE_OUTPUTS.get(text.rstrip("/"))
@@ -102,6 +104,15 @@ def check_model_source(name_or_path: str | os.PathLike, what: str = "model") -> 
                 "local directory."
             ) from err
     return text
+
+
+def check_weight_files(path: Path) -> None:
+    """Read the headers of a model directory's safetensors files (no tensor data): a truncated
+    or corrupt file is refused by name before anything loads it."""
+    from salsa_lightning.soup.files import read_header
+
+    for weights in sorted(path.glob("*.safetensors")):
+        read_header(weights)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:

@@ -12,6 +12,7 @@ averaged, which weights tokens slightly differently from one global mean.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -212,7 +213,7 @@ def test_salsa_grpo_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir,
         args[batch] = args[batch + 2] = str(prompts_per_rank)  # and the eval batch
         return args + [
             "--model.init_args.reward_model", "null",
-            "--model.init_args.reward_fn.class_path", "reward_functions.RankInGroupReward",
+            "--model.init_args.reward_fn.class_path", "cli_plugins.RankInGroupReward",
             "--model.init_args.estimator.samples_per_prompt", "2",
             "--trainer.limit_train_batches", "1",
             "--trainer.val_check_interval", "1",
@@ -236,6 +237,39 @@ def test_salsa_grpo_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir,
     wb = load_file(sharded / "policy" / "model.safetensors")
     assert wa.keys() == wb.keys()
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-2
+
+
+def test_ranks_take_every_rl_decision_together(stage_outputs, task_dir, tmp_path):
+    """Two ranks against one process, the KL coefficient adaptive (kl.target): it steps on the
+    whole batch's KL, so after the first update both ranks hold the single process's
+    coefficient. On the third rollout only rank 1 sees NaN rewards: both ranks skip that update
+    together (a rank skipping alone would leave the other waiting in a collective: a hang)."""
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+
+    def args(root: Path, per_rank: int) -> list[str]:
+        out = salsa_args(stage_outputs, task_dir, root, per_rank)
+        return out + [
+            "--model.init_args.reward_model", "null",
+            "--model.init_args.reward_fn.class_path", "cli_plugins.NaNOnRankOne",
+            "--model.init_args.kl", "{coef: 0.05, target: 0.01, horizon: 64}",
+            "--trainer.limit_train_batches", "3",
+            "--trainer.limit_val_batches", "0",
+            "--trainer.callbacks+=cli_plugins.DumpKLCoefficient",
+            "--trainer.callbacks.path", str(root / "kl"),
+        ]  # fmt: skip
+
+    single, sharded = tmp_path / "single", tmp_path / "fsdp"
+    run(args(single, 8), tmp_path, env)
+    run(args(sharded, 4) + FSDP2, tmp_path, env)
+    one, two = metrics(single), metrics(sharded)
+    coef = [r["objective/kl_coef"] for r in one if "objective/kl_coef" in r]
+    coef2 = [r["objective/kl_coef"] for r in two if "objective/kl_coef" in r]
+    assert coef[1] != coef[0]  # the controller moved after the first rollout...
+    assert coef2[1] == pytest.approx(coef[1], rel=1e-6)  # ...by the same step on 2 ranks
+    ranks = [json.loads((sharded / f"kl.rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # one coefficient, one skip count on every rank
+    assert ranks[0]["skips"] == 1  # rollout 3 was skipped, by both ranks, and the run ended
+    assert [r["train/skipped_updates"] for r in two if "train/skipped_updates" in r] == [1.0]
 
 
 # ----------------------------------------------------------------------------- SFT and reward

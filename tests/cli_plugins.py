@@ -1,0 +1,54 @@
+"""Classes that tests name by ``class_path`` in ``salsa`` runs in subprocesses (the tests
+folder is on their PYTHONPATH): reward functions and a callback."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from salsa_lightning.task import GoldReward
+
+
+class RankInGroupReward:
+    """Scores each response by its position among the consecutive repeats of its prompt
+    (0, 0.1, 0.2, ...): the k samples of a prompt score differently even when greedy decoding
+    made them equal, so a group estimator has non-zero advantages to train on, the same in one
+    process and in several."""
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        scores, previous, rank = [], None, 0
+        for prompt in prompts:
+            rank = rank + 1 if prompt == previous else 0
+            previous = prompt
+            scores.append(0.1 * rank)
+        return torch.tensor(scores)
+
+
+class NaNOnRankOne:
+    """The embedded task's gold reward, except that on its third call the process of global
+    rank 1 returns NaN for every response (the other ranks get finite rewards)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        self.calls += 1
+        scores = GoldReward()(prompts, responses)
+        if self.calls == 3 and int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 1:
+            scores[:] = float("nan")
+        return scores
+
+
+class DumpKLCoefficient(L.Callback):
+    """Each rank writes its KL coefficient to ``<path>.rank<N>.json`` when training ends."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer, module) -> None:
+        out = Path(f"{self.path}.rank{trainer.global_rank}.json")
+        out.write_text(json.dumps({"kl_coef": module.kl_ctl.value, "skips": module.skips}))
