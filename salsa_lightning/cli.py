@@ -42,6 +42,21 @@ class SalsaCLI(LightningCLI):
             run=run,
         )
 
+    def before_instantiate_classes(self) -> None:
+        # `--trainer.enable_checkpointing false` turns the YAML's checkpoint callback off too
+        # (Lightning would refuse the pair).
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer")
+        if (
+            trainer is not None
+            and trainer.get("enable_checkpointing") is False
+            and trainer.get("callbacks")
+        ):
+            trainer.callbacks = [
+                c for c in trainer.callbacks
+                if not str(getattr(c, "class_path", "")).endswith("ModelCheckpoint")
+            ]  # fmt: skip
+
     def _parse_ckpt_path(self) -> None:
         """Keep this run's settings: LightningCLI would replace them with the checkpoint's
         without a word; ``before_fit`` refuses the ones that differ instead."""

@@ -891,3 +891,30 @@ def test_whitening_with_an_all_sum_uses_the_whole_batch():
     torch.testing.assert_close(Fn.masked_whiten(x, mask, all_sum=lambda t: 2 * t), whole)
     assert torch.equal(Fn.masked_whiten(x, mask, all_sum=lambda t: t), Fn.masked_whiten(x, mask))
     assert not torch.allclose(Fn.masked_whiten(x, mask), whole)  # the two do differ
+
+
+def test_seeds_bootstrap_ci_matches_a_naive_resampling_loop():
+    """Resampling seeds and prompts (the same prompts for every seed), against a loop."""
+    torch.manual_seed(0)
+    values = torch.rand(3, 7)
+    mean, low, high = Fn.seeds_bootstrap_ci(values, n_resamples=200, seed=5)
+    g = torch.Generator().manual_seed(5)
+    seeds, prompts = (
+        torch.randint(0, 3, (200, 3), generator=g),
+        torch.randint(0, 7, (200, 7), generator=g),
+    )
+    means = torch.stack([values.double()[seeds[r]][:, prompts[r]].mean() for r in range(200)])
+    want = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    assert mean == pytest.approx(float(values.mean()))
+    assert (low, high) == pytest.approx((float(want[0]), float(want[1])))
+    assert low < mean < high
+
+
+def test_seeds_bootstrap_ci_of_one_seed_is_the_prompt_bootstrap_width():
+    """With one seed only the prompts vary; identical seeds add no width."""
+    values = torch.tensor([[0.0, 1.0, 0.0, 1.0, 1.0]])
+    _, low1, high1 = Fn.seeds_bootstrap_ci(values)
+    _, low3, high3 = Fn.seeds_bootstrap_ci(values.expand(3, -1))
+    assert high1 - low1 > 0 and (high3 - low3) <= (high1 - low1) + 1e-9
+    with pytest.raises(Exception, match=r"needs \[seeds, prompts\]"):
+        Fn.seeds_bootstrap_ci(torch.ones(4))

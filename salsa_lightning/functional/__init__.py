@@ -29,7 +29,7 @@ from salsa_lightning.functional.advantages import (
     shaped_scores,
     token_rewards,
 )
-from salsa_lightning.functional.evaluation import bootstrap_mean_ci, win_rate
+from salsa_lightning.functional.evaluation import bootstrap_mean_ci, seeds_bootstrap_ci, win_rate
 from salsa_lightning.functional.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -79,6 +79,7 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_value_loss",
     "response_mask",
+    "seeds_bootstrap_ci",
     "returns_to_go",
     "reference_kl",
     "reward_centering_loss",

@@ -51,3 +51,39 @@ def win_rate(a: Tensor, b: Tensor) -> Tensor:
         win rate with ties counted as half.
     """
     return (a > b).float() + 0.5 * (a == b).float()
+
+
+def seeds_bootstrap_ci(
+    values: Tensor, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """Percentile-bootstrap interval of a mean over training seeds and prompts.
+
+    Each resample draws ``S`` seeds and ``N`` prompts with replacement (the same prompts for
+    every seed: the seeds answered the same prompts), so the interval covers both the variation
+    between training runs and the choice of prompts.
+
+    Args:
+        values: ``[S, N]`` per-prompt values of ``S`` runs (seeds) on the same ``N`` prompts.
+        n_resamples: Number of bootstrap resamples.
+        confidence: Coverage of the interval, in (0, 1).
+        seed: Seed of the resampling.
+
+    Returns:
+        ``(mean, low, high)`` as floats.
+    """
+    values = values.detach().to("cpu", torch.float64)
+    if values.dim() != 2 or values.numel() == 0:
+        raise SalsaError(
+            f"seeds_bootstrap_ci needs [seeds, prompts] values, got {list(values.shape)}."
+        )
+    if not 0.0 < confidence < 1.0:
+        raise SalsaError(f"confidence must be in (0, 1), got {confidence}.")
+    generator = torch.Generator().manual_seed(seed)
+    s, n = values.shape
+    seeds = torch.randint(0, s, (n_resamples, s), generator=generator)
+    prompts = torch.randint(0, n, (n_resamples, n), generator=generator)
+    rows = values[seeds]  # [R, S, N]: each resample's seeds, then its prompts of each row
+    means = rows.gather(2, prompts[:, None, :].expand(-1, s, -1)).mean(dim=(1, 2))
+    alpha = (1.0 - confidence) / 2.0
+    low, high = torch.quantile(means, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64))
+    return float(values.mean()), float(low), float(high)

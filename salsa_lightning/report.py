@@ -1,0 +1,383 @@
+"""The experiment report: what ``salsa evaluate`` measured and what the runs logged, read across
+seeds, as ``summary.json`` (flat keys for scripts), ``report.md`` (tables, and what they show)
+and ``frontier.png`` (reward against KL, sorted by KL, with a band across seeds).
+
+A pipeline YAML names what to report in its ``report:`` section (see ``configs/quickstart.yaml``):
+the evaluation directory, the baselines (models evaluated at KL 0, e.g. the SFT model and the
+soup), the methods (one evaluated model and one log directory per seed, and the baseline each is
+trained from) and the comparisons to make. Intervals are 95 % percentile bootstraps that
+resample prompts and seeds together (``functional.seeds_bootstrap_ci``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from salsa_lightning.errors import SalsaError
+from salsa_lightning.evaluate import load_answers
+from salsa_lightning.functional import seeds_bootstrap_ci, win_rate
+
+JUDGES = {"gold": "gold reward", "score": "reward-model score"}
+
+
+@dataclass
+class Method:
+    """A trained method: its evaluated models and training logs, one per seed.
+
+    Attributes:
+        models: Names of its models in the evaluation, one per seed.
+        logs: Their log directories (the runs' ``save_dir/name``), in the same order.
+        reference: The baseline it starts from and is held to by the KL (its KL-0 point).
+    """
+
+    models: list[str]
+    logs: list[str] = field(default_factory=list)
+    reference: str | None = None
+
+
+@dataclass
+class ReportSpec:
+    """The ``report:`` section of a pipeline YAML."""
+
+    evaluation: str
+    output: str
+    baselines: dict[str, str] = field(default_factory=dict)  # name -> evaluated model
+    methods: dict[str, Method] = field(default_factory=dict)
+    comparisons: list[list[str]] = field(default_factory=list)
+    title: str = "SALSA experiment"
+
+    @classmethod
+    def from_yaml(cls, spec: dict[str, Any]) -> ReportSpec:
+        methods = {k: Method(**v) for k, v in (spec.get("methods") or {}).items()}
+        return cls(**{**spec, "methods": methods})
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def eval_curve(log_dir: Path) -> list[dict[str, float]]:
+    """``eval/*`` rows of a run's CSV log (one per validation), in step order; a step logged
+    twice (a resumed run redoes the steps after its checkpoint) keeps its last row."""
+    files = sorted(log_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return []
+    by_step: dict[float, dict[str, float]] = {}
+    for r in csv.DictReader(files[-1].open()):
+        if r.get("eval/kl"):
+            row = {k: float(v) for k, v in r.items() if v and (k.startswith("eval/") or k == "step")}
+            by_step[row["step"]] = row
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def per_seed(
+    answers: dict[str, dict[str, torch.Tensor]], models: list[str], key: str
+) -> torch.Tensor | None:
+    """``[seeds, prompts]`` values of ``key`` for the models of one method (None if missing)."""
+    if not models or any(key not in answers.get(m, {}) for m in models):
+        return None
+    return torch.stack([answers[m][key] for m in models])
+
+
+def key_name(name: str) -> str:
+    return name.replace("-", "_")
+
+
+# ----------------------------------------------------------------------------- the frontier
+
+
+def sorted_curve(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(KL, reward) points sorted by KL (a run's KL does not grow monotonically)."""
+    return sorted(points)
+
+
+def interpolate(points: list[tuple[float, float]], kl: float) -> float | None:
+    """The reward at ``kl`` on the piecewise-linear curve through KL-sorted points."""
+    points = sorted_curve(points)
+    for (k0, v0), (k1, v1) in zip(points, points[1:], strict=False):
+        if k0 <= kl <= k1:
+            return v0 if k1 == k0 else v0 + (v1 - v0) * (kl - k0) / (k1 - k0)
+    return None
+
+
+def frontier(
+    curves: dict[str, list[list[tuple[float, float]]]], n: int = 5
+) -> dict[str, Any]:
+    """Each method's mean and band (min, max) across seeds at matched KL values, inside the KL
+    range that every seed of every method covers."""
+    ranges = [(min(p)[0], max(p)[0]) for runs in curves.values() for p in runs if len(p) > 1]
+    if not ranges or len(ranges) < sum(len(r) for r in curves.values()):
+        return {}
+    low, high = max(r[0] for r in ranges), min(r[1] for r in ranges)
+    if high <= low:
+        return {}
+    grid = [low + (high - low) * i / (n - 1) for i in range(n)]
+    out: dict[str, Any] = {"kl": grid}
+    for name, runs in curves.items():
+        at = [[interpolate(p, k) for p in runs] for k in grid]
+        out[name] = {
+            "mean": [sum(v) / len(v) for v in at],
+            "low": [min(v) for v in at],
+            "high": [max(v) for v in at],
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def build_summary(
+    spec: ReportSpec, results: dict[str, Any], answers: dict[str, Any], seed: int = 0
+) -> dict[str, Any]:
+    """The report's numbers: per method and baseline, per prompt set and judge, the mean over
+    seeds with its interval; the comparisons' win rates; the reward model's agreement."""
+    sets: dict[str, Any] = {}
+    for set_name, by_model in answers.items():
+        entry: dict[str, Any] = {"methods": {}, "win_rates": {}}
+        groups = {n: [m] for n, m in spec.baselines.items()}
+        groups.update({n: m.models for n, m in spec.methods.items()})
+        for name, models in groups.items():
+            stats = {}
+            for judge in JUDGES:
+                values = per_seed(by_model, models, judge)
+                if values is not None:
+                    mean, low, high = seeds_bootstrap_ci(values, seed=seed)
+                    stats[judge] = {"mean": mean, "ci_low": low, "ci_high": high}
+                    stats[f"{judge}_per_seed"] = values.mean(1).tolist()
+            entry["methods"][name] = stats
+        for a, b in spec.comparisons:
+            for judge in JUDGES:
+                va, vb = per_seed(by_model, groups[a], judge), per_seed(by_model, groups[b], judge)
+                if va is None or vb is None:
+                    continue
+                s = min(len(va), len(vb))  # seed i of one against seed i of the other
+                mean, low, high = seeds_bootstrap_ci(win_rate(va[:s], vb[:s]), seed=seed)
+                entry["win_rates"][f"{a}_vs_{b}/{judge}"] = {
+                    "mean": mean, "ci_low": low, "ci_high": high, "seeds": s,
+                }  # fmt: skip
+        sets[set_name] = entry
+    return {"sets": sets, "reward_model": results.get("reward_model", {})}
+
+
+def flat_summary(spec: ReportSpec, summary: dict[str, Any], results: dict[str, Any]) -> dict:
+    """``summary.json``: flat keys for scripts, in-distribution means over seeds."""
+    first_set = next(iter(summary["sets"]))
+    ind = summary["sets"].get("in_distribution", summary["sets"][first_set])
+    flat: dict[str, Any] = {}
+    for name, stats in ind["methods"].items():
+        for judge in JUDGES:
+            if judge in stats:
+                flat[f"{key_name(name)}_{judge}"] = stats[judge]["mean"]
+    for pair, stats in ind["win_rates"].items():
+        comparison, judge = pair.split("/")
+        flat[f"{key_name(comparison)}_{judge}_win_rate"] = {
+            k: stats[k] for k in ("mean", "ci_low", "ci_high")
+        }
+    rm = summary["reward_model"]
+    if "agreement" in rm:
+        flat["rm_gold_agreement"] = rm["agreement"]["mean"]
+        flat["rm_gold_agreement_ci"] = [rm["agreement"]["ci_low"], rm["agreement"]["ci_high"]]
+    if "agreement_on_samples" in rm:
+        flat["rm_gold_agreement_on_sft_samples"] = rm["agreement_on_samples"]["mean"]
+    best = results.get("best_of", {})
+    for model, per_set in best.items():
+        stats = per_set.get("in_distribution") or next(iter(per_set.values()))
+        name = next((n for n, m in spec.baselines.items() if m == model), model)
+        flat[f"{key_name(name)}_best_of_{stats['n']}_gold"] = stats["best"]["mean"]
+        flat[f"{key_name(name)}_sampled_gold"] = stats["mean"]["mean"]
+    flat["seeds"] = {n: len(m.models) for n, m in spec.methods.items()}
+    return flat
+
+
+def plot_frontier(curves: dict[str, dict[str, list]], fr: dict[str, dict], path: Path) -> None:
+    """Reward against KL per method: each seed's points sorted by KL, the mean across seeds at
+    matched KL with a band from the lowest to the highest seed, the KL-0 point of its start."""
+    from matplotlib.figure import Figure
+
+    judges = [j for j in JUDGES if fr.get(j)]
+    if not judges:
+        return
+    fig = Figure(figsize=(5.5 * len(judges), 4.2))
+    for ax, judge in zip(fig.subplots(1, len(judges), squeeze=False)[0], judges, strict=True):
+        colors = {}
+        for i, (name, runs) in enumerate(curves[judge].items()):
+            color = f"C{i}"
+            colors[name] = color
+            for j, points in enumerate(runs):
+                pts = sorted_curve(points)
+                ax.plot(*zip(*pts, strict=True), color=color, alpha=0.35, lw=0.8, marker=".",
+                        label=None if j else f"{name} (each seed)")  # fmt: skip
+            band = fr[judge].get(name)
+            if band:
+                ax.plot(fr[judge]["kl"], band["mean"], color=color, lw=2.2, label=f"{name} (mean)")
+                ax.fill_between(fr[judge]["kl"], band["low"], band["high"], color=color, alpha=0.15)
+        ax.set_xlabel("KL to the run's reference (nats per response)")
+        ax.set_ylabel(JUDGES[judge])
+        ax.set_title(f"{JUDGES[judge]} at matched KL")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def fmt(stat: dict[str, float] | None) -> str:
+    if not stat:
+        return ""
+    return f"{stat['mean']:.3f} [{stat['ci_low']:.3f}, {stat['ci_high']:.3f}]"
+
+
+def markdown(spec: ReportSpec, summary: dict, flat: dict, results: dict, fr: dict) -> str:
+    """``report.md``: every number of ``summary.json`` explained, then what they show."""
+    lines = [f"# {spec.title}", "", READING_GUIDE, ""]
+    rm = summary["reward_model"]
+    if "agreement" in rm:
+        lines += [
+            "## The reward model against the gold reward",
+            "",
+            f"- `rm_gold_agreement`: on held-out preference pairs with clean labels "
+            f"({rm.get('pairs', '?')} pairs), the reward model ranks the gold-better answer first "
+            f"in {fmt(rm['agreement'])} of them.",
+        ]
+        if "agreement_on_samples" in rm:
+            lines.append(
+                f"- On pairs of answers sampled from {rm.get('samples_model', 'the SFT model')} "
+                f"(what it judges during RL; {rm.get('sample_pairs', '?')} pairs with different "
+                f"gold rewards): {fmt(rm['agreement_on_samples'])}."
+            )
+        lines.append("")
+    for model, per_set in results.get("best_of", {}).items():
+        lines += [f"## Room above the SFT model: {model}, best of n sampled answers", ""]
+        lines += ["| set | family | one sample (mean) | best of n | gap |", "|---|---|---|---|---|"]
+        for set_name, stats in per_set.items():
+            rows = [("all", stats)] + sorted(stats.get("groups", {}).items())
+            for family, st in rows:
+                gap = st["best"]["mean"] - st["mean"]["mean"]
+                lines.append(
+                    f"| {set_name} | {family} | {st['mean']['mean']:.3f} | "
+                    f"{st['best']['mean']:.3f} (n = {stats['n']}) | {gap:+.3f} |"
+                )
+        lines.append("")
+    for set_name, entry in summary["sets"].items():
+        lines += [f"## {set_name}: mean over seeds (95 % CI over prompts and seeds)", ""]
+        lines += ["| model | seeds | gold reward | reward-model score |", "|---|---|---|---|"]
+        for name, stats in entry["methods"].items():
+            seeds = len(spec.methods[name].models) if name in spec.methods else 1
+            lines.append(f"| {name} | {seeds} | {fmt(stats.get('gold'))} | {fmt(stats.get('score'))} |")
+        if entry["win_rates"]:
+            lines += ["", "| comparison | judge | win rate (ties 1/2) | seeds |", "|---|---|---|---|"]
+            for pair, stats in entry["win_rates"].items():
+                comparison, judge = pair.split("/")
+                lines.append(f"| {comparison.replace('_vs_', ' vs ')} | {JUDGES[judge]} | {fmt(stats)} | {stats['seeds']} |")
+        groups = results["sets"].get(set_name, {}).get("groups")
+        if groups:
+            families = sorted({f for g in groups.values() for f in g})
+            lines += ["", "Gold reward per family (mean over the models' seeds):", ""]
+            lines += ["| model | " + " | ".join(families) + " |", "|---" * (len(families) + 1) + "|"]
+            names = {**{n: [m] for n, m in spec.baselines.items()}, **{n: m.models for n, m in spec.methods.items()}}
+            for name, models in names.items():
+                cells = []
+                for f in families:
+                    vals = [groups[m][f]["gold"] for m in models if m in groups and f in groups[m]]
+                    cells.append(f"{sum(vals) / len(vals):.3f}" if vals else "")
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for judge, table in fr.items():
+        if table:
+            names = [n for n in table if n != "kl"]
+            lines += [f"## {JUDGES[judge]} at matched KL (training-time validation; mean [lowest, highest seed])", ""]
+            lines += ["| KL | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+            for i, k in enumerate(table["kl"]):
+                cells = [f"{table[n]['mean'][i]:.3f} [{table[n]['low'][i]:.3f}, {table[n]['high'][i]:.3f}]" for n in names]
+                lines.append(f"| {k:.2f} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines += ["## What the numbers show", "", *findings(spec, summary, flat), ""]
+    lines += ["Plots: `frontier.png` (reward against KL), and `rewards.png` in the evaluation directory.", ""]
+    return "\n".join(lines)
+
+
+READING_GUIDE = """\
+How to read this report: *gold reward* is the embedded task's own scorer (the truth the reward
+model is trained to approximate); *reward-model score* is what RL optimised. A method that raises
+the score but not the gold reward is hacking the reward model. `summary.json` holds the flat
+numbers: `<model>_gold` and `<model>_score` (in-distribution means over seeds), `<a>_vs_<b>_gold_win_rate`
+(the share of prompts where a's answer has the higher gold reward, ties counting half, seed i
+against seed i, with its interval), `rm_gold_agreement` (the reward model's agreement with the gold
+reward on held-out pairs), `<model>_best_of_<n>_gold` (the room above the SFT model) and `seeds`."""
+
+
+def findings(spec: ReportSpec, summary: dict, flat: dict) -> list[str]:
+    """Sentences that state what the numbers show, whatever their sign."""
+    out = []
+    ind = summary["sets"].get("in_distribution") or next(iter(summary["sets"].values()))
+    methods = ind["methods"]
+    for name, method in spec.methods.items():
+        base = method.reference
+        if base in methods and "gold" in methods[name] and "gold" in methods[base]:
+            g, b = methods[name]["gold"], methods[base]["gold"]
+            delta = g["mean"] - b["mean"]
+            sure = g["ci_low"] > b["mean"] or g["ci_high"] < b["mean"]
+            verb = "raises" if delta > 0 else "lowers"
+            line = (
+                f"- {name} {verb} the gold reward from {b['mean']:.3f} ({base}) to {g['mean']:.3f} "
+                f"({delta:+.3f}; its interval [{g['ci_low']:.3f}, {g['ci_high']:.3f}] "
+                f"{'excludes' if sure else 'includes'} {base}'s mean)"
+            )
+            if "score" in methods[name] and "score" in methods[base]:
+                ds = methods[name]["score"]["mean"] - methods[base]["score"]["mean"]
+                line += f"; the reward-model score moves by {ds:+.3f}"
+                if ds > 0 and delta <= 0:
+                    line += ": the reward model is being hacked"
+            out.append(line + ".")
+    for pair, stats in ind["win_rates"].items():
+        comparison, judge = pair.split("/")
+        a, b = comparison.split("_vs_")
+        side = "above" if stats["ci_low"] > 0.5 else "below" if stats["ci_high"] < 0.5 else "around"
+        out.append(
+            f"- {a} against {b} by the {JUDGES[judge]}: win rate {fmt(stats)} over "
+            f"{stats['seeds']} seed(s): {side} one half"
+            + (" (no clear difference)." if side == "around" else ".")
+        )
+    return out
+
+
+def write_report(root: str | os.PathLike, spec: ReportSpec) -> Path:
+    """Write ``summary.json``, ``report.md``, ``report.json`` and ``frontier.png``; returns the
+    report's path."""
+    root = Path(root)
+    eval_dir = root / spec.evaluation
+    if not (eval_dir / "results.json").is_file():
+        raise SalsaError(f"report: {eval_dir / 'results.json'} is missing; run the evaluation first.")
+    results = json.loads((eval_dir / "results.json").read_text())
+    answers = load_answers(eval_dir)
+    summary = build_summary(spec, results, answers)
+    flat = flat_summary(spec, summary, results)
+    id_answers = answers.get("in_distribution") or next(iter(answers.values()))
+    curves: dict[str, dict[str, list]] = {j: {} for j in JUDGES}
+    for name, method in spec.methods.items():
+        for judge in JUDGES:
+            runs = []
+            for log in method.logs:
+                points = [(r["eval/kl"], r[f"eval/{judge}"]) for r in eval_curve(root / log) if f"eval/{judge}" in r]
+                base = spec.baselines.get(method.reference or "")
+                if points and base in id_answers and judge in id_answers[base]:
+                    points.append((0.0, float(id_answers[base][judge].mean())))  # its KL-0 point
+                if points:
+                    runs.append(points)
+            if runs:
+                curves[judge][name] = runs
+    fr = {j: frontier(c) for j, c in curves.items()}
+    out = root / spec.output
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(flat, indent=2) + "\n")
+    (out / "report.json").write_text(
+        json.dumps({"summary": summary, "frontier": fr, "curves": curves}, indent=2) + "\n"
+    )
+    plot_frontier(curves, fr, out / "frontier.png")
+    (out / "report.md").write_text(markdown(spec, summary, flat, results, fr))
+    print(f"[report] written to {out / 'report.md'}", flush=True)
+    return out / "report.md"
