@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,25 +85,54 @@ def sample_answers(
     return answers, (torch.cat(kls) if kls else None)
 
 
-def generate_answers(
-    model_path: str,
-    prompts: list[str],
-    generation: GenerationSettings,
-    batch_size: int,
-    seed: int,
-    device: torch.device,
-    reference: str | None = None,
-) -> tuple[list[str], torch.Tensor | None]:
-    """``sample_answers`` of the model at ``model_path`` (KL to the model at ``reference``)."""
+def load_models(
+    model_path: str, reference: str | None, device: torch.device
+) -> tuple[Any, Any, Any]:
+    """A model to evaluate, its tokenizer and (when given) its KL reference, in eval mode."""
     tokenizer = load_tokenizer(model_path)
     model = load_pretrained(AutoModelForCausalLM, model_path).to(device).eval()
     ref = load_pretrained(AutoModelForCausalLM, reference).to(device).eval() if reference else None
-    return sample_answers(model, tokenizer, prompts, generation, batch_size, seed, ref)
+    return model, tokenizer, ref
 
 
 def summarize(values: torch.Tensor, seed: int) -> dict[str, float]:
     mean, low, high = bootstrap_mean_ci(values, seed=seed)
     return {"mean": mean, "ci_low": low, "ci_high": high}
+
+
+@dataclass
+class Judges:
+    """What scores an answer: a reward model (``score``) and a judge (``gold``: a reward
+    function, or the embedded task's gold reward when the prompts are its own)."""
+
+    scorer: Scorer | None = None
+    reward_fn: Callable[..., Any] | None = None
+
+    def __call__(self, prompts: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.scorer is not None:
+            out["score"] = self.scorer(prompts, answers)
+        gold = gold_scores(self.reward_fn, prompts, answers)
+        if gold is not None:
+            out["gold"] = gold
+        return out
+
+
+@dataclass
+class Plan:
+    """An evaluation's checked inputs (see :func:`evaluate`)."""
+
+    models: dict[str, str]
+    prompts: dict[str, str]
+    sets: dict[str, list[dict[str, Any]]]
+    references: dict[str, str]
+    pairs: list[list[str]]
+    generation: GenerationSettings
+    batch_size: int
+    seed: int
+    best_of: dict[str, int]
+    group_column: str | None
+    preference_pairs: str | None
 
 
 def evaluate(
@@ -120,6 +149,9 @@ def evaluate(
     batch_size: int = 64,
     seed: int = 0,
     overwrite: bool = False,
+    best_of: dict[str, int] | None = None,
+    group_column: str | None = "family",
+    preference_pairs: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``models`` on ``prompts`` and write answers, results and a report.
 
@@ -138,6 +170,13 @@ def evaluate(
         batch_size: Prompts per generation batch.
         seed: Seed of the sampling noise and of the bootstrap.
         overwrite: Replace an existing output directory.
+        best_of: ``{model name: n}``: also sample n answers per prompt from these models and
+            report the best of them by the judge against their mean (the room RL has above a
+            model); with a reward model, also its agreement with the judge on pairs of them.
+        group_column: A prompt column to break the judge's mean down by (the embedded task's
+            ``family``); ignored when the prompts have none.
+        preference_pairs: A preference file (``prompt``, ``chosen``, ``rejected``, clean labels)
+            on which to measure how often the reward model prefers the chosen answer.
 
     Returns:
         The results written to ``results.json``.
@@ -152,76 +191,173 @@ def evaluate(
     for pair in pairs:
         if len(pair) != 2 or any(m not in models for m in pair):
             raise SalsaError(f"pairs entry {pair} must name two of the models {list(models)}.")
-
+    for name, n in (best_of or {}).items():
+        if name not in models or int(n) < 2:
+            raise SalsaError(
+                f"best_of entry {name}: {n} must name one of {list(models)} and n >= 2."
+            )
+    preference_rows = load_preference_pairs(preference_pairs) if preference_pairs else None
+    if preference_rows is not None and reward_model is None:
+        raise SalsaError("preference_pairs measures the reward model: set reward_model too.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    scorer = Scorer(reward_model, device) if reward_model else None
+    judges = Judges(Scorer(reward_model, device) if reward_model else None, reward_fn)
+    plan = Plan(
+        models, prompts, sets, references or {}, pairs, generation, batch_size, seed,
+        dict(best_of or {}), group_column, preference_pairs,
+    )  # fmt: skip
     # Written aside and swapped in at the end: a failure leaves the previous output as it was.
     with written_aside(output) as out_dir:
-        results = measure(
-            models, prompts, sets, out_dir, scorer, reward_fn, references, pairs, generation, batch_size,
-            seed, device,
-        )  # fmt: skip
+        results = measure(plan, judges, out_dir, device)
+        if preference_rows is not None:
+            results["reward_model"].update(pair_agreement(judges.scorer, preference_rows, seed))
+            results["reward_model"]["pairs_file"] = preference_pairs
+        write_results(results, out_dir)
     print(f"[evaluate] written to {output}", flush=True)
     return results
 
 
-def measure(
-    models: dict[str, str],
-    prompts: dict[str, str],
-    sets: dict[str, list[dict[str, Any]]],
-    out_dir: Path,
-    scorer: Scorer | None,
-    reward_fn: Callable[..., Any] | None,
-    references: dict[str, str] | None,
-    pairs: list[list[str]],
-    generation: GenerationSettings,
-    batch_size: int,
-    seed: int,
-    device: torch.device,
-) -> dict[str, Any]:
-    """Answers, scores and win rates of every model on every prompt set, written into
-    ``out_dir`` (see :func:`evaluate`)."""
+def measure(plan: Plan, judges: Judges, out_dir: Path, device: torch.device) -> dict[str, Any]:
+    """Answers, scores and win rates of every model on every prompt set (and the best-of-n
+    samples), the answers written into ``out_dir``; returns the results."""
     results: dict[str, Any] = {
-        "models": models,
-        "prompts": prompts,
-        "generation": asdict(generation),
-        "sets": {},
+        "models": plan.models,
+        "prompts": plan.prompts,
+        "generation": asdict(plan.generation),
+        "sets": {name: {"models": {}, "groups": {}} for name in plan.sets},
+        "best_of": {},
+        "reward_model": {},
     }
-    per_item: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
-    for set_name, rows in sets.items():
-        texts = [r["prompt"] for r in rows]
-        per_item[set_name] = {}
-        for model_name, path in models.items():
+    per_item: dict[str, dict[str, dict[str, torch.Tensor]]] = {name: {} for name in plan.sets}
+    for model_name, path in plan.models.items():
+        model, tokenizer, ref = load_models(path, plan.references.get(model_name), device)
+        for set_name, rows in plan.sets.items():
+            texts = [r["prompt"] for r in rows]
             print(f"[evaluate] {model_name} on {set_name} ({len(texts)} prompts)", flush=True)
-            ref = (references or {}).get(model_name)
-            answers, kl = generate_answers(path, texts, generation, batch_size, seed, device, ref)
+            answers, kl = sample_answers(
+                model, tokenizer, texts, plan.generation, plan.batch_size, plan.seed, ref
+            )
             item = {"length": torch.tensor([len(a) for a in answers], dtype=torch.float)}
-            if scorer is not None:
-                item["score"] = scorer(texts, answers)
-            gold = gold_scores(reward_fn, texts, answers)
-            if gold is not None:
-                item["gold"] = gold
+            item.update(judges(texts, answers))
             if kl is not None:
                 item["kl"] = kl
             per_item[set_name][model_name] = item
-            write_answers(
-                out_dir / "answers" / set_name / f"{model_name}.jsonl",
-                model_name,
-                texts,
-                answers,
-                item,
-            )
-        results["sets"][set_name] = {
-            "models": {
-                m: {k: summarize(v, seed) for k, v in item.items()}
-                for m, item in per_item[set_name].items()
-            },
-            "win_rates": win_rates(per_item[set_name], pairs, seed),
-        }
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "report.md").write_text(markdown_report(results))
+            write_answers(out_dir / "answers" / set_name / f"{model_name}.jsonl", model_name,
+                          texts, answers, item)  # fmt: skip
+            entry = results["sets"][set_name]
+            entry["models"][model_name] = {k: summarize(v, plan.seed) for k, v in item.items()}
+            groups = [r.get(plan.group_column) for r in rows] if plan.group_column else []
+            if groups and None not in groups:
+                entry["groups"][model_name] = group_means(item, groups)
+            if model_name in plan.best_of:
+                n = plan.best_of[model_name]
+                print(f"[evaluate] {model_name} on {set_name}: best of {n} samples", flush=True)
+                best = best_of_n(model, tokenizer, texts, n, plan, judges, groups)
+                results["best_of"].setdefault(model_name, {})[set_name] = best.pop("stats")
+                if (
+                    "agreement_on_samples" in best
+                    and "agreement_on_samples" not in results["reward_model"]
+                ):
+                    results["reward_model"].update(
+                        best, samples_model=model_name, samples_set=set_name
+                    )
+        del model, ref
+    for set_name in plan.sets:
+        results["sets"][set_name]["win_rates"] = win_rates(
+            per_item[set_name], plan.pairs, plan.seed
+        )
     plot_rewards(per_item, out_dir / "rewards.png")
     return results
+
+
+def write_results(results: dict[str, Any], out_dir: Path) -> None:
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "report.md").write_text(markdown_report(results))
+
+
+def group_means(item: dict[str, torch.Tensor], groups: list[str]) -> dict[str, dict[str, float]]:
+    """``{group: {metric: mean}}`` of per-answer values, by each prompt's group."""
+    index = torch.tensor([sorted(set(groups)).index(g) for g in groups])
+    return {
+        g: {k: float(v[index == i].mean()) for k, v in item.items()}
+        for i, g in enumerate(sorted(set(groups)))
+    }
+
+
+@torch.no_grad()
+def best_of_n(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    n: int,
+    plan: Plan,
+    judges: Judges,
+    groups: list[str],
+) -> dict[str, Any]:
+    """n sampled answers per prompt, judged: the mean and the best of them per prompt (overall
+    and per group), and, with a reward model, how often it orders two of them as the judge does
+    (pairs of one prompt's answers with different gold rewards)."""
+    gold, score = [], []
+    for j in range(n):
+        answers, _ = sample_answers(
+            model, tokenizer, prompts, plan.generation, plan.batch_size, plan.seed + 7919 * (j + 1)
+        )
+        judged = judges(prompts, answers)
+        if "gold" not in judged:
+            raise SalsaError("best_of needs a judge: a reward_fn, or the embedded task's prompts.")
+        gold.append(judged["gold"])
+        if "score" in judged:
+            score.append(judged["score"])
+    gold_n = torch.stack(gold, 1)  # [N, n]
+    stats: dict[str, Any] = {
+        "n": n,
+        "mean": summarize(gold_n.mean(1), plan.seed),
+        "best": summarize(gold_n.amax(1), plan.seed),
+    }
+    if groups:
+        stats["groups"] = {
+            g: {"mean": {"mean": float(v["mean"])}, "best": {"mean": float(v["best"])}}
+            for g, v in group_means(
+                {"mean": gold_n.mean(1), "best": gold_n.amax(1)}, groups
+            ).items()
+        }
+    out: dict[str, Any] = {"stats": stats}
+    if score:
+        agree = sample_agreement(gold_n, torch.stack(score, 1))
+        if agree.numel():
+            out["agreement_on_samples"] = summarize(agree, plan.seed)
+            out["sample_pairs"] = agree.numel()
+    return out
+
+
+def sample_agreement(gold: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """1 where the reward model orders two answers to one prompt as the gold reward does, 0
+    where it reverses them, over every pair of a prompt's answers with different gold rewards.
+
+    Args:
+        gold: ``[N, n]`` gold rewards of n answers per prompt.
+        score: ``[N, n]`` reward-model scores of the same answers.
+    """
+    i, j = torch.triu_indices(gold.shape[1], gold.shape[1], 1)
+    dg, ds = gold[:, i] - gold[:, j], score[:, i] - score[:, j]
+    keep = dg != 0
+    return ((dg > 0) == (ds > 0))[keep].float()
+
+
+def load_preference_pairs(path: str) -> list[dict[str, Any]]:
+    """Rows of a preference file with ``prompt``, ``chosen`` and ``rejected`` text columns."""
+    data = read_data_files([path])
+    missing = {"prompt", "chosen", "rejected"} - set(data.column_names)
+    if missing:
+        raise SalsaError(f"preference_pairs {path!r} lacks column(s) {sorted(missing)}.")
+    return list(data)
+
+
+def pair_agreement(scorer: Scorer, rows: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """How often the reward model scores the chosen answer of a pair above the rejected one."""
+    prompts = [r["prompt"] for r in rows]
+    chosen = scorer(prompts, [r["chosen"] for r in rows])
+    rejected = scorer(prompts, [r["rejected"] for r in rows])
+    return {"agreement": summarize((chosen > rejected).float(), seed), "pairs": len(rows)}
 
 
 def win_rates(

@@ -11,13 +11,10 @@ Config paths are relative to the pipeline YAML; stage paths are relative to the 
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from salsa_lightning.errors import SalsaError
 
@@ -108,112 +105,6 @@ def run_pipeline(
     return root
 
 
-# ----------------------------------------------------------------------------- the report
-
-
-def eval_curve(log_dir: Path) -> list[dict[str, float]]:
-    """``eval/*`` rows of a run's CSV log (one per validation), in order."""
-    files = sorted(log_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        return []
-    by_step: dict[float, dict[str, float]] = {}  # a resumed run logs some steps again: last wins
-    for r in csv.DictReader(files[-1].open()):
-        if r.get("eval/kl"):
-            row = {
-                k: float(v)
-                for k, v in r.items()
-                if v != "" and (k.startswith("eval/") or k == "step")
-            }
-            by_step[row["step"]] = row
-    return [by_step[step] for step in sorted(by_step)]
-
-
-def reward_at_kl(curve: list[dict[str, float]], kl: float, key: str) -> float | None:
-    """Linear interpolation of ``key`` at ``kl`` along a run's (KL, reward) points."""
-    points = sorted((r["eval/kl"], r[key]) for r in curve if key in r)
-    for (k0, v0), (k1, v1) in zip(points, points[1:], strict=False):
-        if k0 <= kl <= k1:
-            return v0 if k1 == k0 else v0 + (v1 - v0) * (kl - k0) / (k1 - k0)
-    return None
-
-
-def frontier(curves: dict[str, list[dict[str, float]]], key: str, n: int = 5) -> dict[str, Any]:
-    """Reward of each run at matched KL values, inside the KL range every run covers."""
-    ranges = [
-        (min(r["eval/kl"] for r in c), max(r["eval/kl"] for r in c)) for c in curves.values() if c
-    ]
-    if len(ranges) < len(curves) or not ranges:
-        return {}
-    low, high = max(r[0] for r in ranges), min(r[1] for r in ranges)
-    if high <= low:
-        return {}
-    grid = [low + (high - low) * i / (n - 1) for i in range(n)]
-    return {
-        "kl": grid,
-        **{name: [reward_at_kl(c, k, key) for k in grid] for name, c in curves.items()},
-    }
-
-
-def plot_kl_reward(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
-    """Reward against KL to the reference over training, one line per run (from ``eval_curve``)."""
-    # A Figure without pyplot: no global backend switch (notebooks keep inline plots).
-    from matplotlib.figure import Figure
-
-    keys = [
-        k for k in ("eval/score", "eval/gold") if any(k in r for c in curves.values() for r in c)
-    ]
-    if not keys:
-        return
-    fig = Figure(figsize=(5 * len(keys), 4))
-    for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys, strict=True):
-        for name, curve in curves.items():
-            pts = [(r["eval/kl"], r[key]) for r in curve if key in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax.set_xlabel("KL to the run's reference (nats per response)")
-        ax.set_ylabel(key)
-        ax.set_title("KL-reward frontier")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def write_report(root: Path, runs: dict[str, str], eval_dir: str, out: str) -> Path:
-    """The quickstart report: evaluation tables, win rates and the KL-reward frontier."""
-
-    results = json.loads((root / eval_dir / "results.json").read_text())
-    curves = {name: eval_curve(root / log) for name, log in runs.items()}
-    report = {"evaluation": results, "training_curves": curves}
-    report["frontier"] = {k: frontier(curves, k) for k in ("eval/score", "eval/gold")}
-    out_dir = root / out
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-
-    plot_kl_reward(curves, out_dir / "frontier.png")
-
-    from salsa_lightning.evaluate import markdown_report
-
-    lines = ["# SALSA quickstart report", "", markdown_report(results)]
-    for key, fr in report["frontier"].items():
-        if fr:
-            lines += [
-                f"## {key} at matched KL",
-                "",
-                "| KL | " + " | ".join(runs) + " |",
-                "|---" * (len(runs) + 1) + "|",
-            ]
-            for i, k in enumerate(fr["kl"]):
-                cells = [f"{fr[r][i]:.3f}" if fr[r][i] is not None else "" for r in runs]
-                lines.append(f"| {k:.2f} | " + " | ".join(cells) + " |")
-            lines.append("")
-    lines += [
-        f"Plots: `frontier.png` (KL-reward curves), `{root / eval_dir / 'rewards.png'}` (reward distributions).",
-        "",
-    ]
-    (out_dir / "report.md").write_text("\n".join(lines))
-    print(f"[report] written to {out_dir / 'report.md'}", flush=True)
-    return out_dir / "report.md"
-
-
 def find_config(name: str) -> Path:
     """A YAML from ./configs, else from the configs/ of the source checkout."""
     for base in (Path.cwd() / "configs", REPO_CONFIGS):
@@ -227,11 +118,14 @@ def run_with_report(config: str | os.PathLike, output: str | os.PathLike = ".") 
     returns the output directory."""
     import yaml
 
+    from salsa_lightning.report import ReportSpec, write_report
+
     config = Path(config)
     start = time.perf_counter()
+    report = (yaml.safe_load(config.read_text()) or {}).get("report")
+    spec = ReportSpec.from_yaml(report) if report else None  # a bad report section fails first
     root = run_pipeline(config, output)
-    report = (yaml.safe_load(config.read_text()) or {}).get("report", {})
-    if report:
-        write_report(root, report["runs"], report["evaluation"], report["output"])
-    print(f"quickstart finished in {time.perf_counter() - start:.0f} s", flush=True)
+    if spec is not None:
+        write_report(root, spec)
+    print(f"finished in {time.perf_counter() - start:.0f} s", flush=True)
     return root

@@ -71,7 +71,9 @@ def eval_curve(log_dir: Path) -> list[dict[str, float]]:
     by_step: dict[float, dict[str, float]] = {}
     for r in csv.DictReader(files[-1].open()):
         if r.get("eval/kl"):
-            row = {k: float(v) for k, v in r.items() if v and (k.startswith("eval/") or k == "step")}
+            row = {
+                k: float(v) for k, v in r.items() if v and (k.startswith("eval/") or k == "step")
+            }
             by_step[row["step"]] = row
     return [by_step[step] for step in sorted(by_step)]
 
@@ -106,27 +108,32 @@ def interpolate(points: list[tuple[float, float]], kl: float) -> float | None:
     return None
 
 
-def frontier(
-    curves: dict[str, list[list[tuple[float, float]]]], n: int = 5
-) -> dict[str, Any]:
-    """Each method's mean and band (min, max) across seeds at matched KL values, inside the KL
-    range that every seed of every method covers."""
-    ranges = [(min(p)[0], max(p)[0]) for runs in curves.values() for p in runs if len(p) > 1]
-    if not ranges or len(ranges) < sum(len(r) for r in curves.values()):
-        return {}
+def common_grid(runs: list[list[tuple[float, float]]], n: int) -> list[float]:
+    """``n`` KL values spanning the range every run covers (empty when they do not overlap)."""
+    ranges = [(min(p)[0], max(p)[0]) for p in runs if len(p) > 1]
+    if not ranges or len(ranges) < len(runs):
+        return []
     low, high = max(r[0] for r in ranges), min(r[1] for r in ranges)
-    if high <= low:
+    return [low + (high - low) * i / (n - 1) for i in range(n)] if high > low else []
+
+
+def band(runs: list[list[tuple[float, float]]], grid: list[float]) -> dict[str, list[float]]:
+    """The mean and the lowest and highest seed of ``runs`` at each KL of ``grid``."""
+    at = [[interpolate(p, k) for p in runs] for k in grid]
+    return {
+        "mean": [sum(v) / len(v) for v in at],
+        "low": [min(v) for v in at],
+        "high": [max(v) for v in at],
+    }
+
+
+def frontier(curves: dict[str, list[list[tuple[float, float]]]], n: int = 5) -> dict[str, Any]:
+    """Each method's mean and band (lowest, highest seed) at matched KL values, inside the KL
+    range that every seed of every method covers (empty when there is none)."""
+    grid = common_grid([p for runs in curves.values() for p in runs], n)
+    if not grid:
         return {}
-    grid = [low + (high - low) * i / (n - 1) for i in range(n)]
-    out: dict[str, Any] = {"kl": grid}
-    for name, runs in curves.items():
-        at = [[interpolate(p, k) for p in runs] for k in grid]
-        out[name] = {
-            "mean": [sum(v) / len(v) for v in at],
-            "low": [min(v) for v in at],
-            "high": [max(v) for v in at],
-        }
-    return out
+    return {"kl": grid, **{name: band(runs, grid) for name, runs in curves.items()}}
 
 
 # ----------------------------------------------------------------------------- the report
@@ -156,8 +163,14 @@ def build_summary(
                 va, vb = per_seed(by_model, groups[a], judge), per_seed(by_model, groups[b], judge)
                 if va is None or vb is None:
                     continue
-                s = min(len(va), len(vb))  # seed i of one against seed i of the other
-                mean, low, high = seeds_bootstrap_ci(win_rate(va[:s], vb[:s]), seed=seed)
+                # Seed i of one against seed i of the other; a single run (a baseline) against
+                # every seed of the other.
+                s = max(len(va), len(vb)) if 1 in (len(va), len(vb)) else min(len(va), len(vb))
+                va, vb = (
+                    va.expand(s, -1) if len(va) == 1 else va[:s],
+                    vb.expand(s, -1) if len(vb) == 1 else vb[:s],
+                )
+                mean, low, high = seeds_bootstrap_ci(win_rate(va, vb), seed=seed)
                 entry["win_rates"][f"{a}_vs_{b}/{judge}"] = {
                     "mean": mean, "ci_low": low, "ci_high": high, "seeds": s,
                 }  # fmt: skip
@@ -195,28 +208,27 @@ def flat_summary(spec: ReportSpec, summary: dict[str, Any], results: dict[str, A
     return flat
 
 
-def plot_frontier(curves: dict[str, dict[str, list]], fr: dict[str, dict], path: Path) -> None:
-    """Reward against KL per method: each seed's points sorted by KL, the mean across seeds at
-    matched KL with a band from the lowest to the highest seed, the KL-0 point of its start."""
+def plot_frontier(curves: dict[str, dict[str, list]], path: Path, n: int = 12) -> None:
+    """Reward against KL per method: every seed's validation points, and across its seeds the
+    mean (line, sorted by KL) and the band from the lowest to the highest seed, over the KL range
+    all its seeds cover, from the KL-0 point of the model it starts from."""
     from matplotlib.figure import Figure
 
-    judges = [j for j in JUDGES if fr.get(j)]
+    judges = [j for j in JUDGES if curves.get(j)]
     if not judges:
         return
     fig = Figure(figsize=(5.5 * len(judges), 4.2))
     for ax, judge in zip(fig.subplots(1, len(judges), squeeze=False)[0], judges, strict=True):
-        colors = {}
         for i, (name, runs) in enumerate(curves[judge].items()):
             color = f"C{i}"
-            colors[name] = color
-            for j, points in enumerate(runs):
-                pts = sorted_curve(points)
-                ax.plot(*zip(*pts, strict=True), color=color, alpha=0.35, lw=0.8, marker=".",
-                        label=None if j else f"{name} (each seed)")  # fmt: skip
-            band = fr[judge].get(name)
-            if band:
-                ax.plot(fr[judge]["kl"], band["mean"], color=color, lw=2.2, label=f"{name} (mean)")
-                ax.fill_between(fr[judge]["kl"], band["low"], band["high"], color=color, alpha=0.15)
+            kl, reward = zip(*[p for points in runs for p in points], strict=True)
+            ax.scatter(kl, reward, color=color, s=9, alpha=0.45)
+            grid = common_grid(runs, n)
+            if grid:
+                b = band(runs, grid)
+                seeds = f"{len(runs)} seed{'s' * (len(runs) > 1)}"
+                ax.plot(grid, b["mean"], color=color, lw=2.2, label=f"{name} ({seeds})")
+                ax.fill_between(grid, b["low"], b["high"], color=color, alpha=0.15)
         ax.set_xlabel("KL to the run's reference (nats per response)")
         ax.set_ylabel(JUDGES[judge])
         ax.set_title(f"{JUDGES[judge]} at matched KL")
@@ -267,18 +279,32 @@ def markdown(spec: ReportSpec, summary: dict, flat: dict, results: dict, fr: dic
         lines += ["| model | seeds | gold reward | reward-model score |", "|---|---|---|---|"]
         for name, stats in entry["methods"].items():
             seeds = len(spec.methods[name].models) if name in spec.methods else 1
-            lines.append(f"| {name} | {seeds} | {fmt(stats.get('gold'))} | {fmt(stats.get('score'))} |")
+            lines.append(
+                f"| {name} | {seeds} | {fmt(stats.get('gold'))} | {fmt(stats.get('score'))} |"
+            )
         if entry["win_rates"]:
-            lines += ["", "| comparison | judge | win rate (ties 1/2) | seeds |", "|---|---|---|---|"]
+            lines += [
+                "",
+                "| comparison | judge | win rate (ties 1/2) | seeds |",
+                "|---|---|---|---|",
+            ]
             for pair, stats in entry["win_rates"].items():
                 comparison, judge = pair.split("/")
-                lines.append(f"| {comparison.replace('_vs_', ' vs ')} | {JUDGES[judge]} | {fmt(stats)} | {stats['seeds']} |")
+                lines.append(
+                    f"| {comparison.replace('_vs_', ' vs ')} | {JUDGES[judge]} | {fmt(stats)} | {stats['seeds']} |"
+                )
         groups = results["sets"].get(set_name, {}).get("groups")
         if groups:
             families = sorted({f for g in groups.values() for f in g})
             lines += ["", "Gold reward per family (mean over the models' seeds):", ""]
-            lines += ["| model | " + " | ".join(families) + " |", "|---" * (len(families) + 1) + "|"]
-            names = {**{n: [m] for n, m in spec.baselines.items()}, **{n: m.models for n, m in spec.methods.items()}}
+            lines += [
+                "| model | " + " | ".join(families) + " |",
+                "|---" * (len(families) + 1) + "|",
+            ]
+            names = {
+                **{n: [m] for n, m in spec.baselines.items()},
+                **{n: m.models for n, m in spec.methods.items()},
+            }
             for name, models in names.items():
                 cells = []
                 for f in families:
@@ -289,14 +315,23 @@ def markdown(spec: ReportSpec, summary: dict, flat: dict, results: dict, fr: dic
     for judge, table in fr.items():
         if table:
             names = [n for n in table if n != "kl"]
-            lines += [f"## {JUDGES[judge]} at matched KL (training-time validation; mean [lowest, highest seed])", ""]
+            lines += [
+                f"## {JUDGES[judge]} at matched KL (training-time validation; mean [lowest, highest seed])",
+                "",
+            ]
             lines += ["| KL | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
             for i, k in enumerate(table["kl"]):
-                cells = [f"{table[n]['mean'][i]:.3f} [{table[n]['low'][i]:.3f}, {table[n]['high'][i]:.3f}]" for n in names]
+                cells = [
+                    f"{table[n]['mean'][i]:.3f} [{table[n]['low'][i]:.3f}, {table[n]['high'][i]:.3f}]"
+                    for n in names
+                ]
                 lines.append(f"| {k:.2f} | " + " | ".join(cells) + " |")
             lines.append("")
     lines += ["## What the numbers show", "", *findings(spec, summary, flat), ""]
-    lines += ["Plots: `frontier.png` (reward against KL), and `rewards.png` in the evaluation directory.", ""]
+    lines += [
+        "Plots: `frontier.png` (reward against KL), and `rewards.png` in the evaluation directory.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -351,7 +386,9 @@ def write_report(root: str | os.PathLike, spec: ReportSpec) -> Path:
     root = Path(root)
     eval_dir = root / spec.evaluation
     if not (eval_dir / "results.json").is_file():
-        raise SalsaError(f"report: {eval_dir / 'results.json'} is missing; run the evaluation first.")
+        raise SalsaError(
+            f"report: {eval_dir / 'results.json'} is missing; run the evaluation first."
+        )
     results = json.loads((eval_dir / "results.json").read_text())
     answers = load_answers(eval_dir)
     summary = build_summary(spec, results, answers)
@@ -362,7 +399,11 @@ def write_report(root: str | os.PathLike, spec: ReportSpec) -> Path:
         for judge in JUDGES:
             runs = []
             for log in method.logs:
-                points = [(r["eval/kl"], r[f"eval/{judge}"]) for r in eval_curve(root / log) if f"eval/{judge}" in r]
+                points = [
+                    (r["eval/kl"], r[f"eval/{judge}"])
+                    for r in eval_curve(root / log)
+                    if f"eval/{judge}" in r
+                ]
                 base = spec.baselines.get(method.reference or "")
                 if points and base in id_answers and judge in id_answers[base]:
                     points.append((0.0, float(id_answers[base][judge].mean())))  # its KL-0 point
@@ -377,7 +418,7 @@ def write_report(root: str | os.PathLike, spec: ReportSpec) -> Path:
     (out / "report.json").write_text(
         json.dumps({"summary": summary, "frontier": fr, "curves": curves}, indent=2) + "\n"
     )
-    plot_frontier(curves, fr, out / "frontier.png")
+    plot_frontier(curves, out / "frontier.png")
     (out / "report.md").write_text(markdown(spec, summary, flat, results, fr))
     print(f"[report] written to {out / 'report.md'}", flush=True)
     return out / "report.md"

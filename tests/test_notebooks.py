@@ -89,7 +89,7 @@ def test_notebooks_execute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         assert (root / f"landscape/{part}/landscape.png").stat().st_size > 5000
 
     # salsa_vs_ppo.ipynb: four runs exported with a KL-reward curve each, one evaluation.
-    from salsa_lightning.pipeline import eval_curve
+    from salsa_lightning.report import eval_curve
 
     for run in RUNS:
         assert (root / run / "config.json").is_file(), f"{run} was not exported"

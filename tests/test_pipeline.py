@@ -14,7 +14,8 @@ from salsa_lightning.errors import SalsaError
 from salsa_lightning.evaluate import evaluate, load_answers, load_prompts
 from salsa_lightning.generation import GenerationSettings
 from salsa_lightning.landscape import landscape
-from salsa_lightning.pipeline import Stage, frontier, reward_at_kl, run_pipeline
+from salsa_lightning.pipeline import Stage, run_pipeline
+from salsa_lightning.report import frontier, interpolate
 
 GEN = GenerationSettings(max_new_tokens=8)
 
@@ -157,15 +158,27 @@ def test_pipeline_runs_stages_and_skips_finished_ones(stage_outputs, tmp_path, c
 
 
 def test_reward_at_matched_kl_interpolates():
-    curve = [{"eval/kl": 0.0, "eval/score": 0.0}, {"eval/kl": 2.0, "eval/score": 1.0}]
-    assert reward_at_kl(curve, 0.5, "eval/score") == pytest.approx(0.25)
-    assert reward_at_kl(curve, 3.0, "eval/score") is None
-    other = [{"eval/kl": 1.0, "eval/score": 2.0}, {"eval/kl": 3.0, "eval/score": 4.0}]
-    table = frontier({"a": curve, "b": other}, "eval/score", n=2)
+    curve = [(0.0, 0.0), (2.0, 1.0)]
+    assert interpolate(curve, 0.5) == pytest.approx(0.25)
+    assert interpolate(curve, 3.0) is None
+    other = [(1.0, 2.0), (3.0, 4.0)]
+    table = frontier({"a": [curve], "b": [other]}, n=2)
     # Only the KL range both runs cover, [1, 2], is compared.
     assert table["kl"] == [1.0, 2.0]
-    assert table["a"] == [pytest.approx(0.5), pytest.approx(1.0)]
-    assert table["b"] == [pytest.approx(2.0), pytest.approx(3.0)]
+    assert table["a"]["mean"] == [pytest.approx(0.5), pytest.approx(1.0)]
+    assert table["b"]["mean"] == [pytest.approx(2.0), pytest.approx(3.0)]
+
+
+def test_the_frontier_sorts_each_run_by_kl_and_bands_the_seeds():
+    """A run's KL does not grow monotonically: points in step order zigzag, sorted they do not.
+    Two seeds give a band from the lower to the higher at each matched KL."""
+    zigzag = [(0.0, 0.0), (2.0, 2.0), (1.0, 1.0)]  # step order
+    assert interpolate(zigzag, 1.5) == pytest.approx(1.5)  # on the sorted curve
+    seeds = [[(0.0, 0.0), (2.0, 2.0)], [(0.0, 1.0), (2.0, 3.0)]]
+    table = frontier({"m": seeds}, n=3)
+    assert table["kl"] == [0.0, 1.0, 2.0]
+    assert table["m"]["mean"] == [pytest.approx(0.5), pytest.approx(1.5), pytest.approx(2.5)]
+    assert table["m"]["low"] == [0.0, 1.0, 2.0] and table["m"]["high"] == [1.0, 2.0, 3.0]
 
 
 def test_landscape_command_takes_checkpoints_shell_style(stage_outputs, task_files, tmp_path):
