@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 6 and 7, as run on a rented single-GPU machine (H100/H200) that has
+# The GPU checks (speed against TRL with each phase's roofline, GPU tests, FSDP), as run on a
+# rented single-GPU machine (H100/H200) that has
 # torch, transformers, lightning and peft but not datasets, trl or jsonargparse: those travel
 # as wheels in .whl/ (see ../shared/ENVIRONMENT.md). Everything it measures lands in $OUT.
 #   bash benchmarks/gpu_session.sh [bench] [tests] [fsdp]     (none: all three; OUT: ./gpu-out)
-# bench: both GPU presets (about 3 min on an H200); tests: the single-GPU tests (static-cache
-# decoding, bf16 SALSA); fsdp: every stage under fsdp.yaml and fsdp1.yaml (about 3 min).
+# bench: both GPU presets, ours against TRL with the roofline of each phase, and on gpt2-small
+# ours-grpo beside them (about 4 min on an H200; each preset's JSON line lands in
+# $OUT/<name>.json, to commit under benchmarks/results/); tests: the single-GPU tests
+# (static-cache decoding, bf16 SALSA); fsdp: every stage under fsdp.yaml and fsdp1.yaml.
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -28,6 +31,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "=== $name: exit $? after $((SECONDS - t0)) s"
+  tail -n 1 "$OUT/$name.log" | grep '^{' > "$OUT/$name.json" || rm -f "$OUT/$name.json"
   grep -v -E "Loading weights|Writing model|it/s\]|examples/s\]" "$OUT/$name.log" | tail -n 25
 }
 
@@ -35,8 +39,10 @@ pytest_gpu=(python3 -m pytest -m gpu -p no:cacheprovider -p no:warnings -q -s)
 for what in ${@:-bench tests fsdp}; do
   case $what in
     bench)
-      step bench_gpt2 170 python3 benchmarks/ppo_vs_trl.py --preset gpt2-small --device cuda --timeout 140
-      step bench_1b 230 python3 benchmarks/ppo_vs_trl.py --preset 1b --device cuda --timeout 170 ;;
+      step bench_gpt2 230 python3 benchmarks/ppo_vs_trl.py --preset gpt2-small --device cuda \
+        --systems ours,trl,ours-grpo --timeout 140
+      step bench_1b 230 python3 benchmarks/ppo_vs_trl.py --preset 1b --device cuda \
+        --systems ours,trl --timeout 170 ;;
     tests) step gpu_tests 180 "${pytest_gpu[@]}" tests/test_gpu.py tests/test_generation.py ;;
     fsdp) step gpu_fsdp 240 "${pytest_gpu[@]}" tests/test_fsdp1.py ;;
     *) echo "unknown part $what (bench, tests, fsdp)"; exit 2 ;;

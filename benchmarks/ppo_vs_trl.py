@@ -30,6 +30,12 @@ timer in the TRL subprocess only). Each run also reports tokens per second of it
 time (all threads), which other load on a shared machine disturbs less than wall time, and its
 RSS after imports and with the models built, to tell import, loading and training memory apart.
 
+After the runs it prints each phase's roofline (``benchmarks/roofline.py``): the time the phase
+would take at the device's limit (decoding: the bytes of weights and KV cache read per token at
+the memory bandwidth; scoring and update: their FLOPs at the dense peak), and the fraction of
+that limit each system reached. On a GPU the limits come from its spec sheet; on a CPU from a
+matrix product and a copy measured first.
+
 The LAST line of stdout is one JSON object with the settings, the per-run and per-system
 numbers and ``ratio_tokens_per_s`` / ``ratio_peak_memory`` (ours / TRL). Usage::
 
@@ -62,6 +68,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import roofline
 
 # Model shapes and default run sizes. ``arch`` is the transformers config class family.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -632,6 +640,37 @@ def run_child(system: str, settings_file: Path, timeout: float) -> dict[str, Any
     return json.loads(lines[-1])
 
 
+def roofline_report(
+    per_system: dict[str, dict[str, float]],
+    limits: roofline.Limits,
+    sizes: dict[str, roofline.ModelSize],
+    work: roofline.Work,
+) -> dict[str, Any]:
+    """Print each phase's bound and every system's fraction of it; return them for the JSON."""
+    out: dict[str, Any] = {
+        "limits": {"flops": limits.flops, "bandwidth": limits.bandwidth, "source": limits.source},
+        "model": {k: vars(v) for k, v in sizes.items()},
+        "systems": {},
+    }
+    print(
+        f"roofline ({limits.source}: {limits.flops / 1e12:.3g} TFLOP/s, "
+        f"{limits.bandwidth / 1e9:.3g} GB/s):"
+    )
+    print(fmt_row(["system", "phase", "bound s", "measured s", "of limit"], [9, 10, 9, 10, 8]))
+    for name, m in per_system.items():
+        bound = roofline.bounds(
+            sizes["policy"], sizes["reward"], work, limits, critic=name != "ours-grpo"
+        )
+        measured = {p: m[f"{p}_s"] for p in ("generation", "scoring", "update")}
+        share = roofline.fractions(bound, measured)
+        out["systems"][name] = {"bound_s": bound, "measured_s": measured, "fraction": share}
+        for phase in bound:
+            cells = [name, phase, f"{bound[phase]:.4f}", f"{measured[phase]:.4f}"]
+            cells.append(f"{100 * share.get(phase, 0):.1f}%")
+            print(fmt_row(cells, [9, 10, 9, 10, 8]))
+    return out
+
+
 def fmt_row(cells: list[Any], widths: list[int]) -> str:
     return "  ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True))
 
@@ -672,6 +711,12 @@ def main(argv: list[str] | None = None) -> None:
         payload = {"settings": s, "inputs": inputs, "work": str(root)}
         settings_file.write_text(json.dumps(payload))
 
+        limits = roofline.device_limits(args.device, s["dtype"])
+        sizes = {k: roofline.model_size(inputs[k]) for k in ("policy", "reward")}
+        work = roofline.Work(
+            s["batch_size"], s["prompt_length"], s["new_tokens"], s["ppo_epochs"],
+            roofline.BYTES[s["dtype"]],
+        )  # fmt: skip
         widths = [9, 4, 9, 9, 10, 10, 8, 8, 8, 9, 9]
         header = ["system", "run", "iter s", "tok/s", "tok/cpu-s", "gen tok/s", "gen s", "score s"]
         header += ["update s", "peak MiB", "built MiB"]
@@ -727,6 +772,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"peak {m['peak_memory_mib']:.0f} MiB (RSS {m['rss_after_imports_mib']:.0f} MiB "
                 f"after imports, {m['rss_models_built_mib']:.0f} MiB with the models built)"
             )
+        summary["roofline"] = roofline_report(per_system, limits, sizes, work)
         if {"ours", "ours-grpo"} <= set(systems):
             ppo, grpo = per_system["ours"], per_system["ours-grpo"]
             summary["ratio_grpo_peak_memory"] = round(
