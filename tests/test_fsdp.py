@@ -173,32 +173,6 @@ def test_salsa_sharded_two_processes_agrees_with_one(strategy, stage_outputs, ta
     assert wc.keys() == wb.keys() and all(torch.equal(wc[k], wb[k]) for k in wb)
 
 
-def test_ppo_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp_path):
-    """Classic PPO (configs/ppo.yaml: one SFT model as the reference) under FSDP2: the first
-    rollout agrees with one process to 1e-4, as SALSA's does, and the export loads."""
-
-    def ppo_args(root: Path, per_rank_batch: int) -> list[str]:
-        args = salsa_args(stage_outputs, task_dir, root, per_rank_batch)
-        args[args.index(str(CONFIGS / "salsa.yaml"))] = str(CONFIGS / "ppo.yaml")
-        args[args.index("--model.init_args.reference.checkpoints") + 1] = (
-            f"[{stage_outputs['sft-1']}]"
-        )
-        return args + ["--trainer.limit_train_batches", "1", "--trainer.val_check_interval", "1"]
-
-    single, sharded = tmp_path / "single", tmp_path / "fsdp"
-    run(ppo_args(single, 8), tmp_path)
-    run(ppo_args(sharded, 4) + FSDP2, tmp_path)
-    one, two = metrics(single), metrics(sharded)
-    for key in ("objective/scores", "objective/raw_scores", "objective/kl"):
-        assert first(two, key) == pytest.approx(first(one, key), abs=1e-4), key
-    assert first(one, "objective/kl") == 0.0  # the policy starts as the reference
-    from transformers import AutoModelForCausalLM
-
-    a = AutoModelForCausalLM.from_pretrained(single / "policy")
-    b = AutoModelForCausalLM.from_pretrained(sharded / "policy")
-    assert a.state_dict().keys() == b.state_dict().keys()
-
-
 def test_salsa_grpo_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir, tmp_path):
     """SALSA-GRPO (configs/salsa-grpo.yaml) under FSDP2: each rank samples k = 2 responses to
     its own prompts, so a prompt's samples stay on one rank. Greedy decoding makes them equal,
@@ -239,8 +213,10 @@ def test_salsa_grpo_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir,
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-2
 
 
-def test_ranks_take_every_rl_decision_together(stage_outputs, task_dir, tmp_path):
-    """Two ranks against one process, the KL coefficient adaptive (kl.target): it steps on the
+def test_ppo_fsdp2_ranks_take_every_rl_decision_together(stage_outputs, task_dir, tmp_path):
+    """Classic PPO (configs/ppo.yaml: one SFT model as the reference) in two FSDP2 ranks
+    against one process, the KL coefficient adaptive (kl.target). The first rollout agrees with
+    one process to 1e-4, as SALSA's does, and the export loads. The controller steps on the
     whole batch's KL, so after the first update both ranks hold the single process's
     coefficient. On the third rollout only rank 1 sees NaN rewards: both ranks skip that update
     together (a rank skipping alone would leave the other waiting in a collective: a hang)."""
@@ -248,6 +224,10 @@ def test_ranks_take_every_rl_decision_together(stage_outputs, task_dir, tmp_path
 
     def args(root: Path, per_rank: int) -> list[str]:
         out = salsa_args(stage_outputs, task_dir, root, per_rank)
+        out[out.index(str(CONFIGS / "salsa.yaml"))] = str(CONFIGS / "ppo.yaml")
+        out[out.index("--model.init_args.reference.checkpoints") + 1] = (
+            f"[{stage_outputs['sft-1']}]"
+        )
         return out + [
             "--model.init_args.reward_model", "null",
             "--model.init_args.reward_fn.class_path", "cli_plugins.NaNOnRankOne",
@@ -262,6 +242,14 @@ def test_ranks_take_every_rl_decision_together(stage_outputs, task_dir, tmp_path
     run(args(single, 8), tmp_path, env)
     run(args(sharded, 4) + FSDP2, tmp_path, env)
     one, two = metrics(single), metrics(sharded)
+    for key in ("objective/scores", "objective/raw_scores", "objective/kl"):
+        assert first(two, key) == pytest.approx(first(one, key), abs=1e-4), key
+    assert first(one, "objective/kl") == 0.0  # the policy starts as the reference
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(single / "policy")
+    b = AutoModelForCausalLM.from_pretrained(sharded / "policy")
+    assert a.state_dict().keys() == b.state_dict().keys()
     coef = [r["objective/kl_coef"] for r in one if "objective/kl_coef" in r]
     coef2 = [r["objective/kl_coef"] for r in two if "objective/kl_coef" in r]
     assert coef[1] != coef[0]  # the controller moved after the first rollout...
