@@ -1,0 +1,207 @@
+"""The stages' data modules: SFT conversations, preference pairs, PPO prompts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from salsa_lightning.data.base import ChatDataModule
+from salsa_lightning.data.chat import (
+    IGNORE_INDEX,
+    as_messages,
+    encode_chat,
+    encode_prompt,
+    fit_length,
+    pad,
+    padding_mask,
+    split_conversation,
+    value_problem,
+)
+
+
+class SFTDataModule(ChatDataModule):
+    """Supervised fine-tuning data: ``messages`` (a chat ending in the assistant's answer) or
+    ``prompt`` + ``response`` columns. Prompt tokens are masked out of the loss
+    (``mask_prompt: false`` trains on every token, as the base model's pre-training does).
+
+    Batches: ``input_ids``, ``attention_mask``, ``labels`` (all [B, T], right-padded; labels are
+    -100 on prompt and padding).
+    """
+
+    required = (("messages",), ("prompt", "response"))
+    text_columns = ("prompt", "response")
+
+    def row_problem(self, row: dict[str, Any]) -> str | None:
+        if row.get("messages") is not None:  # a conversation: the other columns are not read
+            problem = value_problem(row["messages"])
+            return f"column 'messages' {problem}" if problem else None
+        if "messages" in row and "response" not in row:
+            return "column 'messages' is empty (null or NaN)"
+        return super().row_problem(row)
+
+    embedded_files = ("sft_train.jsonl", "sft_val.jsonl")
+
+    def __init__(self, *args: Any, mask_prompt: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mask_prompt = mask_prompt
+
+    def encode(self, row: dict[str, Any]) -> dict[str, Any]:
+        if row.get("messages") is not None:
+            messages, response = split_conversation(row["messages"], "messages")
+        else:
+            messages, response = as_messages(row["prompt"], "prompt"), row["response"]
+        prompt, answer = encode_chat(self.tokenizer, messages, response)
+        prompt, answer, keep, truncated = fit_length(
+            prompt, answer, self.hparams.max_length, self.hparams.overflow
+        )
+        masked = [IGNORE_INDEX] * len(prompt) if self.mask_prompt else prompt
+        return {
+            "input_ids": prompt + answer,
+            "labels": masked + answer,
+            "keep": keep,
+            "truncated": truncated,
+        }
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = pad([r["input_ids"] for r in rows], self.tokenizer.pad_token_id)
+        lengths = torch.tensor([len(r["input_ids"]) for r in rows])
+        return {
+            "input_ids": ids,
+            "attention_mask": padding_mask(lengths, ids.shape[1]),
+            "labels": pad([r["labels"] for r in rows], IGNORE_INDEX),
+        }
+
+
+# ----------------------------------------------------------------------------- preferences
+
+
+class PreferenceDataModule(ChatDataModule):
+    """Preference pairs: ``prompt`` + ``chosen`` + ``rejected`` as text, or ``chosen`` and
+    ``rejected`` as whole conversations (UltraFeedback-binarized), or ``chosen`` and ``rejected``
+    as plain texts with no prompt. Pairs whose chosen and rejected are identical are counted and
+    dropped, with a warning.
+
+    Batches: ``input_ids`` and ``attention_mask`` [2B, T], the B chosen sequences first and the
+    B rejected ones after, so the reward model scores a batch in one forward pass.
+    """
+
+    required = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
+    text_columns = ("chosen", "rejected")
+
+    def row_problem(self, row: dict[str, Any]) -> str | None:
+        if row.get("prompt") is not None and (problem := value_problem(row["prompt"])):
+            return f"column 'prompt' {problem}"  # a missing prompt is allowed: plain texts
+        return super().row_problem(row)
+
+    embedded_files = ("pairs_train.jsonl", "pairs_val.jsonl")
+
+    def _side(self, row: dict[str, Any], side: str) -> tuple[list[int], list[int]]:
+        value = row[side]
+        if isinstance(value, list):
+            messages, response = split_conversation(value, side)
+            return encode_chat(self.tokenizer, messages, response)
+        if row.get("prompt") is not None:
+            return encode_chat(self.tokenizer, as_messages(row["prompt"], "prompt"), value)
+        ids = self.tokenizer(value, add_special_tokens=True)["input_ids"]
+        return [], [*ids, self.tokenizer.eos_token_id]
+
+    def encode(self, row: dict[str, Any]) -> dict[str, Any]:
+        if row["chosen"] == row["rejected"]:
+            return {
+                "chosen_ids": [],
+                "rejected_ids": [],
+                "keep": False,
+                "truncated": False,
+                "identical": True,
+            }
+        out: dict[str, Any] = {"keep": True, "truncated": False, "identical": False}
+        for side in ("chosen", "rejected"):
+            prompt, response = self._side(row, side)
+            prompt, response, keep, truncated = fit_length(
+                prompt, response, self.hparams.max_length, self.hparams.overflow
+            )
+            out[f"{side}_ids"] = prompt + response
+            out["keep"] &= keep
+            out["truncated"] |= truncated
+        return out
+
+    def check_rows(self, data: datasets.Dataset, source: str, split: str) -> None:
+        pairs = data.select_columns(["chosen", "rejected"])
+        n_identical = sum(row["chosen"] == row["rejected"] for row in pairs)
+        if n_identical:
+            rank_zero_warn(
+                f"{source} ({split}): dropped {n_identical} pairs whose chosen and rejected are identical."
+            )
+        self.stats[f"{split}/identical"] = n_identical
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+        ids = pad(seqs, self.tokenizer.pad_token_id)
+        lengths = torch.tensor([len(s) for s in seqs])
+        return {
+            "input_ids": ids,
+            "attention_mask": padding_mask(lengths, ids.shape[1]),
+        }
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+class PromptDataModule(ChatDataModule):
+    """Prompts for PPO rollouts: a ``prompt`` column (text or chat messages) or ``messages``
+    (a trailing assistant turn is dropped). Other columns (for example the embedded task's
+    ``answer``) travel with the batch for reward functions.
+
+    Args:
+        test_files: Extra prompt sets evaluated by ``salsa evaluate`` (for example the embedded
+            task's out-of-distribution split).
+
+    Batches: ``input_ids`` and ``attention_mask`` [B, P], LEFT-padded for generation, and
+    ``prompt`` (list of B prompt texts as the reward function sees them).
+    """
+
+    required = (("prompt",), ("messages",))
+
+    def row_problem(self, row: dict[str, Any]) -> str | None:
+        column = "prompt" if row.get("prompt") is not None or "messages" not in row else "messages"
+        problem = value_problem(row.get(column))
+        return f"column {column!r} {problem}" if problem else None
+
+    embedded_files = ("prompts_train.jsonl", "prompts_val.jsonl")
+
+    def encode(self, row: dict[str, Any]) -> dict[str, Any]:
+        value = row.get("prompt") if row.get("prompt") is not None else row["messages"]
+        messages = as_messages(value, "prompt")
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        ids = encode_prompt(self.tokenizer, messages)
+        keep = len(ids) <= self.hparams.max_length
+        return {
+            "prompt_ids": ids,
+            "prompt_text": messages[-1]["content"],
+            "keep": keep,
+            "truncated": False,
+        }
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = pad([r["prompt_ids"] for r in rows], self.tokenizer.pad_token_id, left=True)
+        lengths = torch.tensor([len(r["prompt_ids"]) for r in rows])
+        batch: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": padding_mask(lengths, ids.shape[1], left=True),
+            "prompt": [r["prompt_text"] for r in rows],
+        }
+        extra = set(rows[0]) - {
+            "prompt_ids",
+            "prompt_text",
+            "keep",
+            "truncated",
+            "prompt",
+            "messages",
+        }
+        for key in sorted(extra):
+            batch[key] = [r[key] for r in rows]
+        return batch
