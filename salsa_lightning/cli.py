@@ -2,6 +2,7 @@
 
 - ``salsa fit|validate --config configs/<stage>.yaml``: LightningCLI in subclass mode, the YAML
   names the LightningModule and LightningDataModule classes.
+- ``salsa convert --gguf FILE --output DIR``: a GGUF checkpoint to a Hugging Face directory.
 - ``salsa soup ...``: weight-average checkpoints into a model soup.
 - ``salsa evaluate ...``: answers, scores, KL and win rates of several models.
 - ``salsa landscape ...``: reward along the alpha line / barycentric grid of SFT models.
@@ -37,12 +38,14 @@ class SalsaCLI(LightningCLI):
 
 
 def _subcommands() -> dict[str, Callable[[list[str]], int]]:
+    from salsa_lightning.convert import convert_main
     from salsa_lightning.evaluate import evaluate_main
     from salsa_lightning.landscape import landscape_main
     from salsa_lightning.pipeline import pipeline_main, quickstart_main
     from salsa_lightning.soup import soup_main
 
     return {
+        "convert": convert_main,
         "soup": soup_main,
         "evaluate": evaluate_main,
         "landscape": landscape_main,
