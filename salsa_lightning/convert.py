@@ -75,16 +75,21 @@ def read_gguf_config(gguf_file: str | os.PathLike) -> dict[str, Any]:
         import gguf  # noqa: F401 - transformers needs it to read the file
     except ImportError as err:
         raise SalsaError(f"reading {str(path)!r} needs the gguf package: pip install gguf") from err
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers.modeling_gguf_pytorch_utils import (
+        GGUF_SUPPORTED_ARCHITECTURES,
+        load_gguf_checkpoint,
+    )
 
     try:
         return load_gguf_checkpoint(str(path), return_tensors=False)["config"]
     except ValueError as err:  # "GGUF model with architecture X is not supported yet."
+        known = ", ".join(
+            a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")
+        )
         raise SalsaError(
-            f"{str(path)!r}: transformers cannot read this GGUF file ({err}). Convert a model "
-            "of an architecture transformers reads from GGUF (llama, mistral, qwen2, qwen3, "
-            "gemma2, gemma3, phi3, ...), or export it from its original Hugging Face "
-            "checkpoint instead."
+            f"{str(path)!r}: transformers cannot read this GGUF file ({err}). It reads these "
+            f"architectures from GGUF: {known}. Convert one of those, or start from the model's "
+            "original Hugging Face checkpoint instead."
         ) from err
 
 

@@ -21,6 +21,9 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -385,6 +388,27 @@ def test_a_failed_conversion_leaves_the_old_output_and_nothing_else(
         convert_gguf(broken, output, overwrite=True)
     assert [p.name for p in output.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.gguf", "out"]
+
+
+def test_an_interrupted_conversion_leaves_nothing_behind(gguf_file: Path, tmp_path: Path):
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "salsa_lightning.cli", "convert", "--gguf", str(gguf_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*command, "--output", str(output)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not hidden_siblings(output) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)  # until it writes into its hidden directory (seconds of 540 MB)
+    assert hidden_siblings(output), "the conversion ended before writing"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert not output.exists() and not hidden_siblings(output)
 
 
 # ----------------------------------------------------------------------------- chat, pad == eos
