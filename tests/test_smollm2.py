@@ -632,6 +632,29 @@ def test_ppo_starts_at_kl_zero_to_its_sft_model(ppo: dict):
     assert_plain_export(ppo["dir"])
 
 
+def test_the_pipeline_chains_the_stage_configs(converted: Path, recipe: Path):
+    """configs/smollm2/pipeline.yaml runs the YAMLs the fixtures above run, in an order whose
+    every input exists or is made by an earlier stage (what ``salsa pipeline`` checks first)."""
+    import yaml
+
+    from salsa_lightning.pipeline import Stage, check_plan
+
+    spec = yaml.safe_load((SMOL / "pipeline.yaml").read_text())
+    stages = [Stage(**s) for s in spec["stages"]]
+    check_plan(stages, recipe, SMOL)
+    exports = {
+        yaml.safe_load((SMOL / s.configs[0]).read_text())["model"]["init_args"]["export_dir"]
+        for s in stages
+        if s.command == "fit" and "--model.init_args.export_dir" not in s.args
+    }
+    stems = {"sft-1", "reward", "ppo", "salsa"}
+    assert exports == {f"artifacts/smollm2-{stem}" for stem in stems}
+    made = {p for s in stages for p in s.outputs}
+    assert {"artifacts/smollm2-sft-2", "artifacts/smollm2-soup"} <= made
+    with pytest.raises(SalsaError, match="artifacts/smollm2"):  # without the converted model
+        check_plan(stages, recipe / "elsewhere", SMOL)
+
+
 def test_evaluation_scores_every_model(evaluation: dict):
     for set_name in ("in_distribution", "out_of_distribution"):
         models = evaluation["sets"][set_name]["models"]
