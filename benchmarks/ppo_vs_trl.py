@@ -44,10 +44,16 @@ numbers and ``ratio_tokens_per_s`` / ``ratio_peak_memory`` (ours / TRL). Usage::
     python benchmarks/ppo_vs_trl.py --preset 1b --device cuda
     python benchmarks/ppo_vs_trl.py --preset tiny --systems ours   # without TRL installed
     python benchmarks/ppo_vs_trl.py --preset tiny --systems ours,ours-grpo,trl
+    python benchmarks/ppo_vs_trl.py --preset smollm2 --checkpoint artifacts/smollm2
 
 ``ours-grpo`` is ours with the critic-free GRPO estimator on the same number of responses per
 iteration (batch / 4 prompts x 4 samples): no critic is built, so its peak memory shows what the
 critic costs in a PPO iteration.
+
+The ``smollm2`` preset runs the real SmolLM2-135M-Instruct (converted with ``salsa convert``,
+see the README) instead of random weights: policy and reference are the checkpoint, reward and
+value models a one-label classifier of it with a fresh score head, and the prompts the embedded
+task's, in the model's chat template, all of ``prompt_length`` tokens.
 
 TRL 1.12.0 (the last release with a PPO trainer) is the ``bench`` extra:
 ``pip install -e ".[bench]"``.
@@ -115,6 +121,23 @@ PRESETS: dict[str, dict[str, Any]] = {
             "ppo_epochs": 4,
             "repeats": 1,
         },
+    },
+    # SmolLM2-135M-Instruct, the real model converted by `salsa convert` (see the README): the
+    # same pretrained weights on both sides, the embedded task's prompts in its chat template.
+    "smollm2": {
+        "checkpoint": "artifacts/smollm2",
+        "arch": "llama",
+        "hidden": 576,
+        "layers": 30,
+        "heads": 9,
+        "kv_heads": 3,
+        "vocab": 49152,
+        "prompt_length": 40,  # tokens, system prompt included; every prompt has this length
+        "batch_size": 4,
+        "new_tokens": 16,
+        "iterations": 2,
+        "ppo_epochs": 1,
+        "repeats": 2,
     },
     # Llama 3.2 1B's shape. GPU only.
     "1b": {
@@ -247,6 +270,8 @@ def make_inputs(root: Path, p: dict[str, Any], s: dict[str, Any]) -> dict[str, s
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    if s.get("checkpoint"):
+        return checkpoint_inputs(root, s)
     tokenizer = make_tokenizer(p["vocab"])
     config = model_config(p, tokenizer, s["prompt_length"] + s["new_tokens"])
     dtype = torch_dtype(s["dtype"])
@@ -285,6 +310,53 @@ def make_inputs(root: Path, p: dict[str, Any], s: dict[str, Any]) -> dict[str, s
     return {
         "policy": str(paths["policy"]),
         "reward": str(paths["reward"]),
+        "prompts": str(prompts),
+        "prompt_ids": str(ids_file),
+    }
+
+
+def checkpoint_inputs(root: Path, s: dict[str, Any]) -> dict[str, str]:
+    """A pretrained checkpoint as the policy (and reference), a one-label classifier of it with a
+    fresh score head as the reward (and value) model, and ``prompt_length``-token prompts: the
+    embedded task's, formatted with the checkpoint's chat template as ours formats them."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from salsa_lightning.data import encode_prompt
+    from salsa_lightning.task import FAMILIES, sample_example
+
+    source = Path(s["checkpoint"])
+    if not (source / "config.json").is_file():
+        raise SystemExit(
+            f"--checkpoint {source}: no model there; convert it first (salsa convert --gguf "
+            "FILE --output artifacts/smollm2, see the README)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    torch.manual_seed(s["seed"] + 1)
+    reward = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=1, dtype=torch_dtype(s["dtype"])
+    )
+    reward.save_pretrained(root / "reward")
+    tokenizer.save_pretrained(root / "reward")
+    del reward
+    rng, texts, rows = random.Random(s["seed"]), [], []
+    n_prompts = s["batch_size"] * (s["warmup"] + s["iterations"])
+    for _ in range(1000 * n_prompts):  # prompts of exactly prompt_length tokens: no padding
+        text = sample_example(rng, rng.choice(FAMILIES)).prompt
+        ids = encode_prompt(tokenizer, [{"role": "user", "content": text}])
+        if len(ids) == s["prompt_length"]:
+            texts.append(text)
+            rows.append(ids)
+        if len(rows) == n_prompts:
+            break
+    else:
+        raise SystemExit(f"no {n_prompts} task prompts of {s['prompt_length']} tokens")
+    prompts, ids_file = root / "prompts.jsonl", root / "prompt_ids.json"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    ids_file.write_text(json.dumps(rows))
+    return {
+        "policy": str(source.resolve()),
+        "reward": str(root / "reward"),
         "prompts": str(prompts),
         "prompt_ids": str(ids_file),
     }
@@ -582,6 +654,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--no-fused-adamw", action="store_true", help="plain AdamW in both")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", help="model directory of a checkpoint preset (smollm2)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per child run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -614,6 +687,7 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         "kl_coef": KL_COEF,
         "temperature": TEMPERATURE,
         "model": {k: p[k] for k in ("arch", "hidden", "layers", "heads", "kv_heads", "vocab")},
+        "checkpoint": args.checkpoint or p.get("checkpoint"),
     }
     s["micro_batch_size"] = args.micro_batch_size or s["batch_size"]
     if s["batch_size"] % s["micro_batch_size"]:

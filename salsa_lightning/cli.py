@@ -2,6 +2,7 @@
 
 - ``salsa fit|validate --config configs/<stage>.yaml``: LightningCLI in subclass mode, the YAML
   names the LightningModule and LightningDataModule classes.
+- ``salsa convert --gguf FILE --output DIR``: a GGUF checkpoint to a Hugging Face directory.
 - ``salsa soup ...``: weight-average checkpoints into a model soup.
 - ``salsa evaluate ...``: answers, scores, KL and win rates of several models.
 - ``salsa landscape ...``: reward along the alpha line / barycentric grid of SFT models.
@@ -196,6 +197,29 @@ def soup_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- convert
+
+
+def convert_main(argv: list[str] | None = None) -> int:
+    """``salsa convert --gguf FILE --output DIR [--overwrite] [--dtype float32]``."""
+    from salsa_lightning.convert import convert_gguf
+
+    parser = argparse.ArgumentParser(
+        prog="salsa convert",
+        description="Convert a GGUF checkpoint into a Hugging Face model directory.",
+    )
+    parser.add_argument("--gguf", required=True, help="the .gguf checkpoint file")
+    parser.add_argument("--output", required=True, help="Hugging Face directory to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        help="weights dtype of the output (default float32)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    convert_gguf(args.gguf, args.output, args.overwrite, args.dtype, log=print)
+    return 0
+
+
 # ----------------------------------------------------------------------------- pipelines
 
 
@@ -232,6 +256,7 @@ def quickstart_main(argv: list[str] | None = None) -> int:
 
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "convert": convert_main,
     "soup": soup_main,
     "evaluate": evaluate_main,
     "landscape": landscape_main,

@@ -47,8 +47,9 @@ def encode_chat(
     """Tokenize a prompt conversation and the assistant's response to it.
 
     Returns:
-        ``(prompt_ids, response_ids)``: concatenated they are the full formatted conversation,
-        and ``response_ids`` ends with the end-of-turn token(s).
+        ``(prompt_ids, response_ids)``: concatenated they are the formatted conversation up to
+        the response's EOS token, which ends ``response_ids``; what a template writes after
+        it (ChatML's newline) is dropped.
     """
     prompt_ids = encode_prompt(tokenizer, messages)
     full_messages = [*messages, {"role": "assistant", "content": response}]
@@ -61,7 +62,14 @@ def encode_chat(
         # Some templates re-tokenise across the boundary; keep the prompt exact, append the rest.
         full = prompt_ids + tokenizer(response, add_special_tokens=False)["input_ids"]
         full.append(tokenizer.eos_token_id)
-    return prompt_ids, full[len(prompt_ids) :]
+    response_ids = full[len(prompt_ids) :]
+    # Sampling stops at EOS, so a rollout never holds what follows it. Cut there, SFT teaches,
+    # the reward model learns on, and PPO scores the same token sequences; with pad == eos a
+    # sequence classifier reads each of them at the same token (the last one before the EOS).
+    if tokenizer.eos_token_id in response_ids:
+        end = len(response_ids) - response_ids[::-1].index(tokenizer.eos_token_id)
+        response_ids = response_ids[:end]
+    return prompt_ids, response_ids
 
 
 def value_problem(value: Any) -> str | None:
