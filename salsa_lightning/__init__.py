@@ -1,8 +1,10 @@
 """SALSA: soup-based alignment learning as PyTorch Lightning modules.
 
 The pipeline, in the order a run takes: ``data`` (DataModules) -> ``sft`` (SFTModule) ->
-``reward`` (RewardModule) -> ``soup`` (model soups) -> ``salsa`` (SALSAModule, PPO with a soup
-reference). ``task`` is the embedded default task and ``functional`` holds the math.
+``reward`` (RewardModule) -> ``soup`` (model soups) -> ``ppo`` (SALSAModule: PPO or a group
+estimator with a soup reference) -> ``evaluate`` and ``report``. ``task`` is the embedded default
+task, ``functional`` holds the math and ``cli`` every ``salsa`` command (the README's "How the
+code is laid out" names every file).
 """
 
 __version__ = "0.1.0"
