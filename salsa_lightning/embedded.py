@@ -1,10 +1,13 @@
 """The embedded default: a locally trained tokenizer, a tiny Llama config and the shipped base model.
 
 Every stage falls back to these when the user names no model and no data, so the whole
-pipeline runs offline on a laptop CPU. The shipped base model (``assets/base``) was made by
-``python -m salsa_lightning.embedded`` (the tokenizer, trained on the task's corpus) then
-``salsa fit --config configs/base.yaml`` (pre-training a tiny Llama from random weights on the
-task's raw text, about a minute on 2 CPU cores) and copying ``artifacts/base`` there.
+pipeline runs offline on a laptop CPU. The shipped base model (``assets/base``: a Llama with
+hidden size 128, 4 layers, ~0.95M parameters, 3.8 MB) was made by
+``python -m salsa_lightning.embedded`` (writes the pre-training text,
+``salsa_lightning.task.pretraining_rows``, to ``artifacts/pretrain``; ``--tokenizer`` also
+retrains the tokenizer, which is trained on the task's corpus and kept as shipped) then
+``salsa fit --config configs/base.yaml`` (pre-training from random weights; about 30 minutes
+on a shared 2-core CPU) and copying ``artifacts/base`` there.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from transformers import LlamaConfig, PreTrainedTokenizerFast
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED = "embedded"  # the YAML spelling of "the shipped base model and its tokenizer"
 TASK_DIR = "artifacts/task"  # where the embedded task's data files are written
+PRETRAIN_DIR = "artifacts/pretrain"  # where the base model's pre-training text is written
+PRETRAIN_ROWS = 240_000
 
 SPECIAL_TOKENS = {
     "pad_token": "<pad>",
@@ -108,5 +113,26 @@ def make_tokenizer_asset(out_dir: str | os.PathLike = ASSETS / "base") -> Path:
     return Path(out_dir)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m salsa_lightning.embedded``: the pre-training text ``configs/base.yaml``
+    reads (``--data``), and with ``--tokenizer`` the shipped tokenizer, retrained."""
+    import argparse
+
+    from salsa_lightning.task import write_pretraining_files
+
+    parser = argparse.ArgumentParser(prog="python -m salsa_lightning.embedded")
+    parser.add_argument("--data", default=PRETRAIN_DIR, help="where the pre-training text goes")
+    parser.add_argument("--n", type=int, default=PRETRAIN_ROWS, help="pre-training rows")
+    parser.add_argument(
+        "--tokenizer", action="store_true", help="also retrain the tokenizer into assets/base"
+    )
+    args = parser.parse_args(argv)
+    if args.tokenizer:
+        print(f"tokenizer written to {make_tokenizer_asset()}")
+    paths = write_pretraining_files(args.data, n_train=args.n)
+    print(f"pre-training text written to {paths['train']} and {paths['val']}")
+    return 0
+
+
 if __name__ == "__main__":
-    print(f"tokenizer written to {make_tokenizer_asset()}")
+    raise SystemExit(main())

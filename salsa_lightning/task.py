@@ -13,14 +13,32 @@ sort      ``Sort: 3 1 2``                     ``Put in order: 3 1 2``
           ``Sort ascending: 3 1 2``           ``Smallest first: 3 1 2``
 count     ``Count a in: a b a c``             ``How many a in: a b a c``
           ``Count the as: a b a c``           ``Number of as in: a b a c``
-add       ``Add: 12 + 7``                     ``What is 12 plus 7?``
-          ``12 + 7 =``                        ``Sum of 12 and 7:``
+add       ``Add: 8 + 7``                      ``What is 8 plus 7?``
+          ``8 + 7 =``                         ``Sum of 8 and 7:``
 ========  ==================================  ===============================================
 
 Payloads: reverse uses 3-6 letters from ``a``-``h``; sort uses 3-6 digits (repeats
 allowed); count uses 4-7 letters from ``a``-``e`` and a target letter from ``a``-``e``;
-add uses two numbers 0-99. Answers are space-separated symbols (``c a d b``, ``1 2 3``) or
-a decimal number (``2``, ``19``).
+add uses two digits 0-9 (with two-digit operands the tiny base model learned to add but not
+to judge a sum, so no reward model could). Answers are space-separated symbols
+(``c a d b``, ``1 2 3``) or a decimal number (``2``, ``15``).
+
+What the files hold, and why (issue 16: RL has to be able to improve the gold reward):
+
+* SFT demonstrations (``sft_*``): the exact answer, or, an ``imperfect_fraction`` (70 %) of
+  the time, the answer with one random slip (``corrupt``: a swapped, dropped or changed
+  symbol; a number off by one, or by ten for ``add``). A competent model that imitates them
+  samples the exact answer about half the time and a near miss otherwise, so sampling finds
+  better answers than the average one: the room RL needs.
+* Preference pairs (``pairs_*``): two different-scoring ``candidate`` answers to one prompt,
+  each the exact answer, a ``mistake`` (a wrong procedure: ``systematic_mistakes``) or one or
+  two slips, a quarter of the time each; the higher gold reward is ``chosen`` (training
+  labels flipped with probability ``label_noise``; validation labels are clean).
+* Prompts (``prompts_train``, ``prompts_val``, ``prompts_ood``) with their answers.
+* The base model's pre-training text (``pretraining_rows``, written by
+  ``python -m salsa_lightning.embedded``, not a task file): exact demonstrations and graded
+  answers (an answer, then ``yes`` or ``no`` after its end-of-turn token), so the base model
+  can do the skills and judge an answer at the token where a reward model reads its score.
 
 Gold reward, ``gold_reward(prompt, response)`` in [0, 1], computed from the two texts
 alone. The prompt is matched against every template (the whole prompt, or one line of it,
@@ -54,7 +72,7 @@ import torch
 from salsa_lightning.errors import SalsaError
 
 FAMILIES: tuple[str, ...] = ("reverse", "sort", "count", "add")
-TASK_VERSION = 1
+TASK_VERSION = 2
 
 _LETTERS = "abcdefgh"
 _COUNT_LETTERS = "abcde"
@@ -124,8 +142,8 @@ def _answer(family: str, fields: dict[str, str]) -> str:
     return str(int(fields["a"]) + int(fields["b"]))
 
 
-def _parse(prompt: str) -> tuple[str, str, bool, str]:
-    """Recovers ``(family, template, ood, answer)`` from a prompt text.
+def _match(prompt: str) -> tuple[str, str, bool, dict[str, str]]:
+    """Recovers ``(family, template, ood, fields)`` from a prompt text.
 
     Raises:
         SalsaError: the prompt matches no template.
@@ -133,8 +151,18 @@ def _parse(prompt: str) -> tuple[str, str, bool, str]:
     for family, template, ood, pattern in _PATTERNS:
         match = pattern.search(prompt)
         if match:
-            return family, template, ood, _answer(family, match.groupdict())
+            return family, template, ood, match.groupdict()
     raise SalsaError(f"prompt {prompt!r} matches no template of the default task")
+
+
+def _parse(prompt: str) -> tuple[str, str, bool, str]:
+    """Recovers ``(family, template, ood, answer)`` from a prompt text.
+
+    Raises:
+        SalsaError: the prompt matches no template.
+    """
+    family, template, ood, fields = _match(prompt)
+    return family, template, ood, _answer(family, fields)
 
 
 def sample_example(rng: random.Random, family: str, ood: bool = False) -> Example:
@@ -150,7 +178,7 @@ def sample_example(rng: random.Random, family: str, ood: bool = False) -> Exampl
         seq = rng.choices(_COUNT_LETTERS, k=rng.randint(4, 7))
         fields = {"letters": " ".join(seq), "c": rng.choice(_COUNT_LETTERS)}
     else:
-        fields = {"a": str(rng.randint(0, 99)), "b": str(rng.randint(0, 99))}
+        fields = {"a": str(rng.randint(0, 9)), "b": str(rng.randint(0, 9))}
     return Example(template.format(**fields), _answer(family, fields), family, ood)
 
 
@@ -219,6 +247,50 @@ def corrupt(rng: random.Random, example: Example, strength: int) -> str:
             return out
 
 
+def systematic_mistakes(example: Example) -> list[str]:
+    """The wrong answers a careless demonstrator gives by following a wrong procedure, each
+    different from the answer (an empty list when every such procedure happens to be right):
+
+    * reverse: the letters copied unreversed; the answer rotated by one place;
+    * sort: sorted descending; sorted with the repeats dropped; the digits copied unsorted;
+    * count: every letter counted; the count off by one (up, and down when above 0);
+    * add: the sum without the carry (digit by digit, modulo 10); the sum off by 10.
+    """
+    fields = _match(example.prompt)[3]
+    answer, family = example.answer, example.family
+    if family == "reverse":
+        seq = fields["letters"].split()
+        out = [" ".join(seq), " ".join(answer.split()[1:] + answer.split()[:1])]
+    elif family == "sort":
+        seq = fields["digits"].split()
+        out = [
+            " ".join(sorted(seq, reverse=True)),
+            " ".join(sorted(set(seq))),
+            " ".join(seq),
+        ]
+    elif family == "count":
+        n = int(answer)
+        out = [str(len(fields["letters"].split())), str(n + 1), *([str(n - 1)] if n else [])]
+    else:
+        a, b = fields["a"], fields["b"]
+        width = max(len(a), len(b))
+        digits = [
+            (int(x) + int(y)) % 10 for x, y in zip(a.zfill(width), b.zfill(width), strict=True)
+        ]
+        total = int(answer)
+        out = [str(int("".join(map(str, digits)))), str(total + 10)]
+        if total >= 10:
+            out.append(str(total - 10))
+    return list(dict.fromkeys(o for o in out if o != answer))
+
+
+def mistake(rng: random.Random, example: Example) -> str:
+    """A careless demonstrator's wrong answer: one of ``systematic_mistakes`` (chosen
+    uniformly), or a one-edit ``corrupt`` when there is none."""
+    wrong = systematic_mistakes(example)
+    return rng.choice(wrong) if wrong else corrupt(rng, example, 1)
+
+
 class GoldReward:
     """Reward function for PPO built on ``gold_reward``.
 
@@ -235,7 +307,11 @@ class GoldReward:
 
 @dataclass
 class TaskConfig:
-    """Sizes, seed and noise levels of the generated task files."""
+    """Sizes, seed and noise levels of the generated task files.
+
+    ``imperfect_fraction``: the fraction of SFT demonstrations with one slip (``corrupt``);
+    ``label_noise``: the fraction of training preference pairs whose labels are swapped.
+    """
 
     seed: int = 0
     n_sft: int = 2000
@@ -245,7 +321,7 @@ class TaskConfig:
     n_prompts: int = 512
     n_prompts_val: int = 128
     n_prompts_ood: int = 128
-    imperfect_fraction: float = 0.3
+    imperfect_fraction: float = 0.7
     label_noise: float = 0.1
 
     def __post_init__(self) -> None:
@@ -263,15 +339,26 @@ def _examples(rng: random.Random, n: int, ood: bool = False) -> list[Example]:
 def _sft_row(rng: random.Random, ex: Example, config: TaskConfig) -> dict:
     response = ex.answer
     if rng.random() < config.imperfect_fraction:
-        response = corrupt(rng, ex, rng.randint(1, 2))
+        response = corrupt(rng, ex, 1)
     messages = [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": response}]
     return {"messages": messages, "family": ex.family}
 
 
+def candidate(rng: random.Random, example: Example) -> str:
+    """One candidate answer of a preference pair, each kind a quarter of the time: the exact
+    answer, a ``mistake`` (what the SFT demonstrations get wrong), or one or two random
+    edits (``corrupt``, the slips a model makes on its own)."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        return example.answer
+    if kind == 1:
+        return mistake(rng, example)
+    return corrupt(rng, example, kind - 1)
+
+
 def _pair_row(rng: random.Random, ex: Example, label_noise: float) -> dict:
     while True:  # resample until the two candidates differ in gold reward
-        s1, s2 = rng.sample(range(4), 2)
-        a, b = corrupt(rng, ex, s1), corrupt(rng, ex, s2)
+        a, b = candidate(rng, ex), candidate(rng, ex)
         ra, rb = gold_reward(ex.prompt, a), gold_reward(ex.prompt, b)
         if ra != rb:
             break
@@ -359,6 +446,61 @@ def write_task_files(out_dir: str | Path, config: TaskConfig | None = None) -> d
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _paths(out_dir)
+
+
+def pretraining_rows(
+    n: int, seed: int | str = "pretrain", graded_fraction: float = 0.5
+) -> list[dict]:
+    """``n`` rows of the text the shipped base model is pre-trained on (``configs/base.yaml``):
+    exact demonstrations (train templates, families in turn) and, a ``graded_fraction`` of the
+    time, a graded answer instead: a ``candidate`` (exact half of the time, else a mistake or
+    one or two edits) followed, after its end of turn, by a verdict, ``yes`` when it is exact
+    and ``no`` otherwise (a ``system`` turn, which the chat template writes as raw text; the
+    empty assistant turn after it only closes the conversation). So the base model learns to
+    judge an answer at its end-of-turn token, where a reward model reads its score.
+
+    Drawn from their own random stream, so they are not the rows of any task file (the
+    chance that a given validation prompt also occurs here is what the payload space allows).
+    """
+    rng = random.Random(f"{seed}-pretrain")
+    rows = []
+    for i in range(n):
+        ex = sample_example(rng, FAMILIES[i % len(FAMILIES)])
+        messages = [{"role": "user", "content": ex.prompt}]
+        if rng.random() < graded_fraction:
+            answer = ex.answer if rng.random() < 0.5 else _wrong_candidate(rng, ex)
+            verdict = "yes" if answer == ex.answer else "no"
+            messages += [
+                {"role": "assistant", "content": answer},
+                {"role": "system", "content": verdict},
+                {"role": "assistant", "content": ""},
+            ]
+        else:
+            messages.append({"role": "assistant", "content": ex.answer})
+        rows.append({"messages": messages, "family": ex.family})
+    return rows
+
+
+def _wrong_candidate(rng: random.Random, example: Example) -> str:
+    kind = rng.random()
+    if kind < 0.25:
+        return mistake(rng, example)
+    return corrupt(rng, example, 1 if kind < 0.75 else 2)
+
+
+def write_pretraining_files(
+    out_dir: str | Path, n_train: int = 240_000, n_val: int = 512, seed: int = 0
+) -> dict[str, Path]:
+    """Writes ``train.jsonl`` and ``val.jsonl`` of :func:`pretraining_rows` into ``out_dir``
+    (what ``configs/base.yaml`` reads); returns ``{"train": path, "val": path}``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, n, s in (("train", n_train, seed), ("val", n_val, f"{seed}-val")):
+        paths[name] = out_dir / f"{name}.jsonl"
+        with open(paths[name], "w", encoding="utf-8", newline="\n") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in pretraining_rows(n, s))
+    return paths
 
 
 def corpus(config: TaskConfig) -> list[str]:

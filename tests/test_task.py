@@ -12,10 +12,15 @@ from salsa_lightning.task import (
     GoldReward,
     TaskConfig,
     _parse,
+    candidate,
     corpus,
     corrupt,
     gold_reward,
+    mistake,
+    pretraining_rows,
     sample_example,
+    systematic_mistakes,
+    write_pretraining_files,
     write_task_files,
 )
 
@@ -121,7 +126,7 @@ def test_write_task_files_columns_counts_and_determinism(tmp_path):
         assert set(row) == {"messages", "family"}
         assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
     imperfect = [gold_reward(r["messages"][0]["content"], r["messages"][1]["content"]) < 1.0 for r in sft]  # fmt: skip
-    assert 0.15 < sum(imperfect) / len(sft) < 0.45
+    assert 0.55 < sum(imperfect) / len(sft) < 0.85  # imperfect_fraction 0.7
 
     train_pairs, val_pairs = _read(paths["pairs_train"]), _read(paths["pairs_val"])
     assert len(train_pairs) == 400 and len(val_pairs) == 40
@@ -190,3 +195,55 @@ def test_corpus_covers_all_templates_and_symbols():
     for word in ("Reverse", "Write backwards", "Put in order", "plus", "Number of"):
         assert word in joined
     assert set("abcdefgh0123456789") <= set(joined)
+
+
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("Reverse: b d a c", ["b d a c", "a d b c"]),  # copied unreversed; rotated by one
+        ("Sort: 3 1 3", ["3 3 1", "1 3", "3 1 3"]),  # descending; repeats dropped; unsorted
+        ("Count a in: a b a c", ["4", "3", "1"]),  # every letter counted; off by one
+        ("Add: 7 + 5", ["2", "22"]),  # the carry dropped (= 10 down); 10 up
+        ("Add: 2 + 3", ["15"]),  # no carry to drop: only off by ten
+    ],
+)
+def test_systematic_mistakes_by_hand(prompt, expected):
+    family, _, ood, answer = _parse(prompt)
+    assert systematic_mistakes(Example(prompt, answer, family, ood)) == expected
+
+
+def test_mistakes_and_candidates_are_plausible():
+    rng = random.Random(2)
+    kinds = {"exact": 0, "wrong": 0}
+    for family in FAMILIES:
+        for _ in range(200):
+            ex = sample_example(rng, family)
+            for wrong in systematic_mistakes(ex) + [mistake(rng, ex)]:
+                assert wrong != ex.answer and 0.0 <= gold_reward(ex.prompt, wrong) < 1.0
+            kinds["exact" if candidate(rng, ex) == ex.answer else "wrong"] += 1
+    assert 0.18 < kinds["exact"] / sum(kinds.values()) < 0.32  # a quarter of candidates
+
+
+def test_pretraining_rows_grade_answers_after_the_end_of_turn(tmp_path):
+    rows = pretraining_rows(2000, seed=1)
+    assert rows == pretraining_rows(2000, seed=1) and rows != pretraining_rows(2000, seed=2)
+    graded = [r for r in rows if len(r["messages"]) == 4]
+    assert 0.4 < len(graded) / len(rows) < 0.6
+    for row in rows:
+        m = row["messages"]
+        family, _, ood, answer = _parse(m[0]["content"])
+        assert not ood and family == row["family"]
+        assert [x["role"] for x in m] in (
+            ["user", "assistant"],
+            ["user", "assistant", "system", "assistant"],
+        )
+        if len(m) == 2:
+            assert m[1]["content"] == answer
+        else:
+            assert m[2]["content"] == ("yes" if m[1]["content"] == answer else "no")
+            assert m[3]["content"] == ""
+    exact = sum(r["messages"][2]["content"] == "yes" for r in graded)
+    assert 0.4 < exact / len(graded) < 0.6
+    paths = write_pretraining_files(tmp_path, n_train=300, n_val=20, seed=1)
+    assert [len(_read(paths[k])) for k in ("train", "val")] == [300, 20]
+    assert _read(paths["train"]) == pretraining_rows(300, seed=1)
