@@ -296,12 +296,21 @@ class GoldReward:
 
     ``GoldReward()(prompts, responses)`` takes two lists of B strings and returns a
     float32 tensor of shape [B].
+
+    Args:
+        exact: 1 for the exact answer and 0 for anything else (a verifiable, all-or-nothing
+            reward, as in RL with verifiable rewards) instead of the partial credit.
     """
+
+    def __init__(self, exact: bool = False) -> None:
+        self.exact = exact
 
     def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         if len(prompts) != len(responses):
             raise SalsaError(f"got {len(prompts)} prompts but {len(responses)} responses")
         scores = [gold_reward(p, r) for p, r in zip(prompts, responses, strict=True)]
+        if self.exact:  # only the exact answer scores 1.0 (module docstring)
+            scores = [float(score == 1.0) for score in scores]
         return torch.tensor(scores, dtype=torch.float32)
 
 

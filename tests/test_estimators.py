@@ -13,6 +13,7 @@ from salsa_lightning import SalsaError, SALSAModule
 from salsa_lightning.lora import LoraSettings
 from salsa_lightning.ppo import GenerationSettings, KLSettings, PPOSettings
 from salsa_lightning.ppo.settings import EstimatorSettings
+from salsa_lightning.task import GoldReward
 
 GROUP = ("grpo", "rloo", "reinforce_baseline")
 REFERENCES = {
@@ -210,3 +211,26 @@ def test_rollout_rows_must_split_into_minibatches_with_k_samples(stage_outputs, 
     with pytest.raises(SalsaError, match=match):
         fit(module, prompts(stage_outputs, task_dir), tmp_path, 1)
     assert module.policy is None
+
+
+def test_grpo_raises_a_verifiable_reward_by_a_measured_margin(stage_outputs, task_dir, tmp_path):
+    """GRPO on the exact-answer reward (1 for the exact answer, else 0) from the session's sft-1,
+    no reward model, no critic: 24 rollouts of 4 prompts x 4 samples raise the share of exact
+    answers on 32 validation prompts from 0.312 to 0.500 at seed 0 (0.500-0.656 over seeds 0-2,
+    measured)."""
+    L.seed_everything(0)
+    module = group_module(
+        stage_outputs,
+        checkpoints=("sft-1",),
+        weights=None,
+        lr=1.5e-4,
+        reward_model=None,
+        reward_fn=GoldReward(exact=True),
+        generation=GenerationSettings(max_new_tokens=16),
+        ppo=PPOSettings(epochs=2, minibatch_size=16, micro_batch_size=16),
+    )
+    data = prompts(stage_outputs, task_dir, batch_size=4, eval_batch_size=32)
+    before = validate(module, data, tmp_path)
+    fit(module, data, tmp_path, rollouts=24)
+    after = validate(module, data, tmp_path)
+    assert after["eval/score"] >= before["eval/score"] + 0.1, (before, after)

@@ -52,12 +52,13 @@ def val_scores(model, dm) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def reward_run(task_files, tmp_path_factory):
-    """96 steps (3 epochs of 32 batches, validated at each epoch end) from the shipped base."""
+    """96 steps (3 epochs of 32 batches, validated at each epoch end) from the shipped base, at
+    the learning rate of configs/reward.yaml."""
     root = tmp_path_factory.mktemp("reward")
     L.seed_everything(0)
     dm = pair_data(task_files)
     module = RewardModule(
-        model=TOK, center_coef=0.01, optimizer=adamw(1e-3), export_dir=str(root / "export")
+        model=TOK, center_coef=0.01, optimizer=adamw(1e-4), export_dir=str(root / "export")
     )
     # inference_mode=False: see test_validate_before_fit in test_sft.py / below
     before = make_trainer(root, inference_mode=False).validate(module, datamodule=dm, verbose=False)
@@ -73,9 +74,10 @@ def test_reward_model_ranks_held_out_pairs(reward_run):
     chosen, rejected = val_scores(model, reward_run.dm)
     assert chosen.numel() == 128  # every held-out pair was scored
     accuracy = (chosen > rejected).float().mean().item()
-    # measured 0.66-0.70 over seeds 0-2 (0.45 before training)
-    assert accuracy > 0.6
-    assert accuracy > reward_run.before["val/accuracy"] + 0.1
+    # Agreement with the gold reward (validation labels are clean), lr 1e-4 as configs/reward.yaml:
+    # 0.844 at seed 0, 0.844-0.914 over seeds 0-2 (0.16-0.42 with the fresh score head), measured.
+    assert accuracy > 0.8
+    assert accuracy > reward_run.before["val/accuracy"] + 0.3
     assert (chosen - rejected).mean() > 0
 
 

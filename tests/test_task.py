@@ -101,6 +101,12 @@ def test_gold_reward_callable_returns_float32_batch():
     assert out.tolist() == pytest.approx([1.0, 1 / 3, 0.0])
 
 
+def test_exact_gold_reward_gives_full_marks_only_to_the_exact_answer():
+    prompts = ["Add: 1 + 1", "Add: 1 + 1", "Sort: 2 1 3", "Sort: 2 1 3", "Reverse: a b"]
+    responses = ["2", "2 ", "1 3 2", "1  2 3", "b"]  # surrounding and inner spaces do not count
+    assert GoldReward(exact=True)(prompts, responses).tolist() == [1.0, 1.0, 0.0, 1.0, 0.0]
+
+
 def test_example_is_frozen():
     ex = Example("Add: 1 + 1", "2", "add", False)
     with pytest.raises(AttributeError):
