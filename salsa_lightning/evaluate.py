@@ -423,7 +423,10 @@ def markdown_report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def fmt(stat: dict[str, float]) -> str:
+def fmt(stat: dict[str, float] | None) -> str:
+    """``mean [ci_low, ci_high]``, or an empty cell for a missing statistic."""
+    if not stat:
+        return ""
     return f"{stat['mean']:.3f} [{stat['ci_low']:.3f}, {stat['ci_high']:.3f}]"
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.evaluate import load_answers
+from salsa_lightning.evaluate import fmt, load_answers
 from salsa_lightning.functional import seeds_bootstrap_ci, win_rate
 
 JUDGES = {"gold": "gold reward", "score": "reward-model score"}
@@ -57,6 +57,13 @@ class ReportSpec:
     def from_yaml(cls, spec: dict[str, Any]) -> ReportSpec:
         methods = {k: Method(**v) for k, v in (spec.get("methods") or {}).items()}
         return cls(**{**spec, "methods": methods})
+
+    def models_of(self) -> dict[str, list[str]]:
+        """``{name: evaluated models}`` of every baseline (one) and method (one per seed)."""
+        return {
+            **{name: [model] for name, model in self.baselines.items()},
+            **{name: method.models for name, method in self.methods.items()},
+        }
 
 
 # ----------------------------------------------------------------------------- reading
@@ -94,14 +101,10 @@ def key_name(name: str) -> str:
 # ----------------------------------------------------------------------------- the frontier
 
 
-def sorted_curve(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """(KL, reward) points sorted by KL (a run's KL does not grow monotonically)."""
-    return sorted(points)
-
-
 def interpolate(points: list[tuple[float, float]], kl: float) -> float | None:
-    """The reward at ``kl`` on the piecewise-linear curve through KL-sorted points."""
-    points = sorted_curve(points)
+    """The reward at ``kl`` on the piecewise-linear curve through the (KL, reward) points,
+    sorted by KL first (a run's KL does not grow monotonically)."""
+    points = sorted(points)
     for (k0, v0), (k1, v1) in zip(points, points[1:], strict=False):
         if k0 <= kl <= k1:
             return v0 if k1 == k0 else v0 + (v1 - v0) * (kl - k0) / (k1 - k0)
@@ -139,6 +142,12 @@ def frontier(curves: dict[str, list[list[tuple[float, float]]]], n: int = 5) -> 
 # ----------------------------------------------------------------------------- the report
 
 
+def interval(values: torch.Tensor, seed: int) -> dict[str, float]:
+    """The mean of ``[seeds, prompts]`` values with its interval over seeds and prompts."""
+    mean, low, high = seeds_bootstrap_ci(values, seed=seed)
+    return {"mean": mean, "ci_low": low, "ci_high": high}
+
+
 def build_summary(
     spec: ReportSpec, results: dict[str, Any], answers: dict[str, Any], seed: int = 0
 ) -> dict[str, Any]:
@@ -147,15 +156,13 @@ def build_summary(
     sets: dict[str, Any] = {}
     for set_name, by_model in answers.items():
         entry: dict[str, Any] = {"methods": {}, "win_rates": {}}
-        groups = {n: [m] for n, m in spec.baselines.items()}
-        groups.update({n: m.models for n, m in spec.methods.items()})
+        groups = spec.models_of()
         for name, models in groups.items():
             stats = {}
             for judge in JUDGES:
                 values = per_seed(by_model, models, judge)
                 if values is not None:
-                    mean, low, high = seeds_bootstrap_ci(values, seed=seed)
-                    stats[judge] = {"mean": mean, "ci_low": low, "ci_high": high}
+                    stats[judge] = interval(values, seed)
                     stats[f"{judge}_per_seed"] = values.mean(1).tolist()
             entry["methods"][name] = stats
         for a, b in spec.comparisons:
@@ -170,10 +177,8 @@ def build_summary(
                     va.expand(s, -1) if len(va) == 1 else va[:s],
                     vb.expand(s, -1) if len(vb) == 1 else vb[:s],
                 )
-                mean, low, high = seeds_bootstrap_ci(win_rate(va, vb), seed=seed)
-                entry["win_rates"][f"{a}_vs_{b}/{judge}"] = {
-                    "mean": mean, "ci_low": low, "ci_high": high, "seeds": s,
-                }  # fmt: skip
+                wins = interval(win_rate(va, vb), seed)
+                entry["win_rates"][f"{a}_vs_{b}/{judge}"] = {**wins, "seeds": s}
         sets[set_name] = entry
     return {"sets": sets, "reward_model": results.get("reward_model", {})}
 
@@ -237,12 +242,6 @@ def plot_frontier(curves: dict[str, dict[str, list]], path: Path, n: int = 12) -
     fig.savefig(path, dpi=110)
 
 
-def fmt(stat: dict[str, float] | None) -> str:
-    if not stat:
-        return ""
-    return f"{stat['mean']:.3f} [{stat['ci_low']:.3f}, {stat['ci_high']:.3f}]"
-
-
 def markdown(spec: ReportSpec, summary: dict, flat: dict, results: dict, fr: dict) -> str:
     """``report.md``: every number of ``summary.json`` explained, then what they show."""
     lines = [f"# {spec.title}", "", READING_GUIDE, ""]
@@ -301,11 +300,7 @@ def markdown(spec: ReportSpec, summary: dict, flat: dict, results: dict, fr: dic
                 "| model | " + " | ".join(families) + " |",
                 "|---" * (len(families) + 1) + "|",
             ]
-            names = {
-                **{n: [m] for n, m in spec.baselines.items()},
-                **{n: m.models for n, m in spec.methods.items()},
-            }
-            for name, models in names.items():
+            for name, models in spec.models_of().items():
                 cells = []
                 for f in families:
                     vals = [groups[m][f]["gold"] for m in models if m in groups and f in groups[m]]

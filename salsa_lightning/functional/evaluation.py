@@ -26,14 +26,24 @@ def bootstrap_mean_ci(
     values = values.detach().reshape(-1).to("cpu", torch.float64)
     if values.numel() == 0:
         raise SalsaError("bootstrap_mean_ci needs at least one value.")
+    _check_resampling(n_resamples, confidence)
+    generator = torch.Generator().manual_seed(seed)
+    n = values.numel()
+    idx = torch.randint(0, n, (n_resamples, n), generator=generator)
+    return _percentile_interval(values, values[idx].mean(dim=1), confidence)
+
+
+def _check_resampling(n_resamples: int, confidence: float) -> None:
     if not 0.0 < confidence < 1.0:
         raise SalsaError(f"confidence must be in (0, 1), got {confidence}.")
     if n_resamples < 1:
         raise SalsaError(f"n_resamples must be positive, got {n_resamples}.")
-    generator = torch.Generator().manual_seed(seed)
-    n = values.numel()
-    idx = torch.randint(0, n, (n_resamples, n), generator=generator)
-    means = values[idx].mean(dim=1)
+
+
+def _percentile_interval(
+    values: Tensor, means: Tensor, confidence: float
+) -> tuple[float, float, float]:
+    """``(mean of values, low, high)``: the central ``confidence`` of the resampled means."""
     alpha = (1.0 - confidence) / 2.0
     low, high = torch.quantile(means, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64))
     return float(values.mean()), float(low), float(high)
@@ -76,14 +86,11 @@ def seeds_bootstrap_ci(
         raise SalsaError(
             f"seeds_bootstrap_ci needs [seeds, prompts] values, got {list(values.shape)}."
         )
-    if not 0.0 < confidence < 1.0:
-        raise SalsaError(f"confidence must be in (0, 1), got {confidence}.")
+    _check_resampling(n_resamples, confidence)
     generator = torch.Generator().manual_seed(seed)
     s, n = values.shape
     seeds = torch.randint(0, s, (n_resamples, s), generator=generator)
     prompts = torch.randint(0, n, (n_resamples, n), generator=generator)
     rows = values[seeds]  # [R, S, N]: each resample's seeds, then its prompts of each row
     means = rows.gather(2, prompts[:, None, :].expand(-1, s, -1)).mean(dim=(1, 2))
-    alpha = (1.0 - confidence) / 2.0
-    low, high = torch.quantile(means, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64))
-    return float(values.mean()), float(low), float(high)
+    return _percentile_interval(values, means, confidence)
