@@ -6,8 +6,8 @@ hidden size 128, 4 layers, ~0.95M parameters, 3.8 MB) was made by
 ``python -m salsa_lightning.embedded`` (writes the pre-training text,
 ``salsa_lightning.task.pretraining_rows``, to ``artifacts/pretrain``; ``--tokenizer`` also
 retrains the tokenizer, which is trained on the task's corpus and kept as shipped) then
-``salsa fit --config configs/base.yaml`` (pre-training from random weights; about 30 minutes
-on a shared 2-core CPU) and copying ``artifacts/base`` there.
+``salsa fit --config configs/base.yaml`` (pre-training from random weights; its duration is in
+that YAML) and copying ``artifacts/base`` there.
 """
 
 from __future__ import annotations
