@@ -7,7 +7,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from test_salsa import build, fit, prompts, snapshot, validate
+from test_salsa import build, fit, on_sft_1_with, prompts, snapshot, validate
 
 from salsa_lightning import SalsaError, SALSAModule
 from salsa_lightning.lora import LoraSettings
@@ -219,16 +219,7 @@ def test_grpo_raises_a_verifiable_reward_by_a_measured_margin(stage_outputs, tas
     answers on 32 validation prompts from 0.312 to 0.500 at seed 0 (0.500-0.656 over seeds 0-2,
     measured)."""
     L.seed_everything(0)
-    module = group_module(
-        stage_outputs,
-        checkpoints=("sft-1",),
-        weights=None,
-        lr=1.5e-4,
-        reward_model=None,
-        reward_fn=GoldReward(exact=True),
-        generation=GenerationSettings(max_new_tokens=16),
-        ppo=PPOSettings(epochs=2, minibatch_size=16, micro_batch_size=16),
-    )
+    module = group_module(stage_outputs, **on_sft_1_with(GoldReward(exact=True)))
     data = prompts(stage_outputs, task_dir, batch_size=4, eval_batch_size=32)
     before = validate(module, data, tmp_path)
     fit(module, data, tmp_path, rollouts=24)

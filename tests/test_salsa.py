@@ -374,21 +374,27 @@ def test_a_short_run_raises_the_reward(stage_outputs, task_dir, tmp_path):
     assert after["eval/kl"] != 0.0  # it moved away from the soup
 
 
+def on_sft_1_with(reward_fn) -> dict:
+    """``build`` settings for RL on a programmatic reward: sft-1 alone as the reference, no
+    reward model, 16 new tokens, 2 PPO epochs over one 16-row minibatch, lr 1.5e-4."""
+    return dict(
+        checkpoints=("sft-1",),
+        weights=None,
+        lr=1.5e-4,
+        reward_model=None,
+        reward_fn=reward_fn,
+        generation=GenerationSettings(max_new_tokens=16),
+        ppo=PPOSettings(epochs=2, minibatch_size=16, micro_batch_size=16),
+    )
+
+
 def test_the_oracle_raises_the_gold_reward_by_a_measured_margin(stage_outputs, task_dir, tmp_path):
     """The oracle (PPO on the gold reward itself, configs/oracle.yaml) on the session's sft-1:
     16 rollouts of 16 prompts raise the validation gold reward from 0.649 to 0.779 at seed 0
     (0.742-0.779 over seeds 0-2, measured). RL on the embedded default has room and finds it."""
     L.seed_everything(0)
     module = build(
-        stage_outputs,
-        checkpoints=("sft-1",),
-        weights=None,
-        lr=1.5e-4,
-        reward_model=None,
-        reward_fn=GoldReward(),
-        critic=str(stage_outputs["reward"]),
-        generation=GenerationSettings(max_new_tokens=16),
-        ppo=PPOSettings(epochs=2, minibatch_size=16, micro_batch_size=16),
+        stage_outputs, critic=str(stage_outputs["reward"]), **on_sft_1_with(GoldReward())
     )
     data = prompts(stage_outputs, task_dir, batch_size=16, eval_batch_size=32)
     before = validate(module, data, tmp_path)

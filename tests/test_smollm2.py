@@ -204,28 +204,30 @@ def soup(sft_1: dict, sft_2: dict, recipe: Path) -> Path:
     return recipe / "artifacts" / "smollm2-soup"
 
 
+def rl_stage(recipe: Path, name: str, args: list[str]) -> dict:
+    """``configs/smollm2/<name>.yaml`` fitted with ``args``; its export is artifacts/smollm2-<name>."""
+    facts = run_fit(recipe, name, [f"{name}.yaml"], args)
+    return {**facts, "dir": recipe / "artifacts" / f"smollm2-{name}"}
+
+
 @pytest.fixture(scope="session")
 def salsa(sft_1: dict, sft_2: dict, reward: dict, recipe: Path) -> dict:
-    facts = run_fit(recipe, "salsa", ["salsa.yaml"], PPO_SMALL)
-    return {**facts, "dir": recipe / "artifacts" / "smollm2-salsa"}
+    return rl_stage(recipe, "salsa", PPO_SMALL)
 
 
 @pytest.fixture(scope="session")
 def ppo(sft_1: dict, reward: dict, recipe: Path) -> dict:
-    facts = run_fit(recipe, "ppo", ["ppo.yaml"], PPO_SMALL)
-    return {**facts, "dir": recipe / "artifacts" / "smollm2-ppo"}
+    return rl_stage(recipe, "ppo", PPO_SMALL)
 
 
 @pytest.fixture(scope="session")
 def salsa_grpo(sft_1: dict, sft_2: dict, reward: dict, recipe: Path) -> dict:
-    facts = run_fit(recipe, "salsa-grpo", ["salsa-grpo.yaml"], GRPO_SMALL)
-    return {**facts, "dir": recipe / "artifacts" / "smollm2-salsa-grpo"}
+    return rl_stage(recipe, "salsa-grpo", GRPO_SMALL)
 
 
 @pytest.fixture(scope="session")
 def grpo(sft_1: dict, reward: dict, recipe: Path) -> dict:
-    facts = run_fit(recipe, "grpo", ["grpo.yaml"], GRPO_SMALL)
-    return {**facts, "dir": recipe / "artifacts" / "smollm2-grpo"}
+    return rl_stage(recipe, "grpo", GRPO_SMALL)
 
 
 @pytest.fixture(scope="session")
