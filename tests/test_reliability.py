@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import shutil
@@ -139,8 +140,16 @@ def test_ckpt_path_last_without_a_checkpoint_says_so_and_starts_fresh(
 ):
     overlay = write_yaml(tmp_path / "every-rollout.yaml", EVERY_ROLLOUT)
     args = rl_args(stage_outputs, task_dir, tmp_path / "run", 1, overlay)
-    with caplog.at_level("INFO"):
-        assert main([*args, "--ckpt_path", "last"]) == 0
+    # Lightning's logger stops propagating to the root, where caplog listens, when it is
+    # imported before the root has a handler; whether pytest then listens on it as well
+    # depends on pytest's version. Listen on it here.
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    lightning_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO", logger="lightning.pytorch"):
+            assert main([*args, "--ckpt_path", "last"]) == 0
+    finally:
+        lightning_logger.removeHandler(caplog.handler)
     assert "--ckpt_path last: no last.ckpt in" in caplog.text
     assert len(metric_rows(tmp_path / "run")) == 1
 
