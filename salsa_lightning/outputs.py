@@ -3,7 +3,8 @@ the end, and the temporaries an interrupted run left behind removed.
 
 Every stage that writes a directory (an export, a soup, an evaluation, a converted model) goes
 through :func:`check_output_dir` before it does any work and :func:`replace_atomically` when its
-output is complete, so the output either holds a whole result or is untouched.
+output is complete, so the output either holds a whole result or is untouched. Single files
+(the report's, the pre-training text) go through :func:`file_written_aside` the same way.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def check_output_dir(
 
 
 def temporary_sibling(target: str | os.PathLike) -> Path:
-    """The hidden sibling a directory is written into before it is renamed to ``target``."""
+    """The hidden sibling a directory or file is written into before it is renamed to
+    ``target``."""
     target = Path(target)
     return target.parent / f".{target.name}{TMP_MARK}{os.getpid()}"
 
@@ -87,7 +89,10 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     for tmp in target.parent.glob(f".{target.name}{TMP_MARK}*"):
         pid = tmp.name.rpartition(TMP_MARK)[2]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
 
@@ -108,6 +113,22 @@ def written_aside(target: str | os.PathLike) -> Iterator[Path]:
         replace_atomically(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def file_written_aside(target: str | os.PathLike) -> Iterator[Path]:
+    """:func:`written_aside` for one file: ``with file_written_aside(path) as tmp:`` write the
+    whole file at ``tmp``; when the block ends without an error it replaces ``path``, on an
+    error or interrupt it is removed and ``path`` is untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
+    tmp = temporary_sibling(target)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def replace_atomically(tmp: Path, target: Path) -> None:

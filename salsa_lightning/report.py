@@ -23,6 +23,7 @@ import torch
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.evaluate import fmt, load_answers
 from salsa_lightning.functional import seeds_bootstrap_ci, win_rate
+from salsa_lightning.outputs import file_written_aside
 
 JUDGES = {"gold": "gold reward", "score": "reward-model score"}
 
@@ -239,7 +240,7 @@ def plot_frontier(curves: dict[str, dict[str, list]], path: Path, n: int = 12) -
         ax.set_title(f"{JUDGES[judge]} at matched KL")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
 
 
 def markdown(spec: ReportSpec, summary: dict, flat: dict, results: dict, fr: dict) -> str:
@@ -408,12 +409,17 @@ def write_report(root: str | os.PathLike, spec: ReportSpec) -> Path:
                 curves[judge][name] = runs
     fr = {j: frontier(c) for j, c in curves.items()}
     out = root / spec.output
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(flat, indent=2) + "\n")
-    (out / "report.json").write_text(
-        json.dumps({"summary": summary, "frontier": fr, "curves": curves}, indent=2) + "\n"
-    )
-    plot_frontier(curves, out / "frontier.png")
-    (out / "report.md").write_text(markdown(spec, summary, flat, results, fr))
+    everything = {"summary": summary, "frontier": fr, "curves": curves}
+    texts = {
+        "summary.json": json.dumps(flat, indent=2) + "\n",
+        "report.json": json.dumps(everything, indent=2) + "\n",
+        "report.md": markdown(spec, summary, flat, results, fr),
+    }
+    for name, text in texts.items():  # each file whole or not at all
+        with file_written_aside(out / name) as tmp:
+            tmp.write_text(text)
+    if any(curves.values()):
+        with file_written_aside(out / "frontier.png") as tmp:
+            plot_frontier(curves, tmp)
     print(f"[report] written to {out / 'report.md'}", flush=True)
     return out / "report.md"

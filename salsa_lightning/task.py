@@ -70,6 +70,7 @@ from pathlib import Path
 import torch
 
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.outputs import file_written_aside
 
 FAMILIES: tuple[str, ...] = ("reverse", "sort", "count", "add")
 TASK_VERSION = 2
@@ -502,12 +503,13 @@ def write_pretraining_files(
 ) -> dict[str, Path]:
     """Writes ``train.jsonl`` and ``val.jsonl`` of :func:`pretraining_rows` into ``out_dir``
     (what ``configs/base.yaml`` reads); returns ``{"train": path, "val": path}``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, n, s in (("train", n_train, seed), ("val", n_val, f"{seed}-val")):
-        paths[name] = out_dir / f"{name}.jsonl"
-        with open(paths[name], "w", encoding="utf-8", newline="\n") as f:
+        paths[name] = Path(out_dir) / f"{name}.jsonl"
+        with (
+            file_written_aside(paths[name]) as tmp,
+            open(tmp, "w", encoding="utf-8", newline="\n") as f,
+        ):
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in pretraining_rows(n, s))
     return paths
 

@@ -25,15 +25,17 @@ from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassificatio
 
 from salsa_lightning import PreferenceDataModule, PromptDataModule, SalsaError, SFTDataModule
 from salsa_lightning.cli import main
-from salsa_lightning.evaluate import evaluate
+from salsa_lightning.evaluate import evaluate, load_answers
 from salsa_lightning.generation import GenerationSettings
 from salsa_lightning.landscape import landscape
 from salsa_lightning.outputs import TMP_MARK
 from salsa_lightning.ppo import PPOSettings
 from salsa_lightning.ppo.rollout import PassOutputs, Trajectory
 from salsa_lightning.ppo.update import ppo_update
+from salsa_lightning.report import Method, ReportSpec, write_report
 from salsa_lightning.scoring import sequence_scores
 from salsa_lightning.soup import write_soup
+from salsa_lightning.task import pretraining_rows, write_pretraining_files
 
 TOK = str(BASE)
 UNWRITABLE = "/proc/1"  # no user, root included, may create a directory here
@@ -252,6 +254,61 @@ def test_a_killed_soup_leaves_nothing_that_a_later_run_keeps(stage_outputs, tmp_
     write_soup([str(stage_outputs["sft-1"]), str(stage_outputs["sft-2"])], None, tmp_path / "soup")
     assert (tmp_path / "soup" / "model.safetensors").is_file()
     assert not dead.exists() and alive.exists()
+
+
+def test_the_report_is_written_whole_and_a_crash_leaves_the_last_one(
+    stage_outputs, task_files, tmp_path, monkeypatch
+):
+    evaluate(
+        models={"sft-1": str(stage_outputs["sft-1"]), "sft-2": str(stage_outputs["sft-2"])},
+        prompts={"in_distribution": str(task_files["prompts_val"])},
+        output=str(tmp_path / "eval"),
+        max_prompts=8,
+        generation=GenerationSettings(max_new_tokens=4),
+        batch_size=8,
+    )
+    log = tmp_path / "logs" / "b" / "version_0"
+    log.mkdir(parents=True)
+    (log / "metrics.csv").write_text("step,eval/kl,eval/gold\n3,0.1,0.5\n7,0.2,0.6\n")
+    spec = ReportSpec(
+        evaluation="eval",
+        output="report",
+        baselines={"sft": "sft-1"},
+        methods={"b": Method(models=["sft-2"], logs=["logs/b"], reference="sft")},
+        comparisons=[["b", "sft"]],
+    )
+    write_report(tmp_path, spec)
+    report = tmp_path / "report"
+    before = {p.name: p.read_bytes() for p in report.iterdir()}
+    assert set(before) == {"summary.json", "report.json", "report.md", "frontier.png"}
+    gold = load_answers(tmp_path / "eval")["in_distribution"]["sft-2"]["gold"]
+    assert json.loads(before["summary.json"])["b_gold"] == pytest.approx(gold.mean().item())
+
+    def crashes(curves, path):
+        Path(path).write_bytes(b"half a png")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("salsa_lightning.report.plot_frontier", crashes)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(tmp_path, spec)
+    assert {p.name: p.read_bytes() for p in report.iterdir()} == before  # no temporaries
+
+
+def test_interrupted_pretraining_text_leaves_the_last_file_and_no_temporary(tmp_path, monkeypatch):
+    paths = write_pretraining_files(tmp_path, n_train=40, n_val=4)
+    before = paths["train"].read_bytes()
+    stale = tmp_path / f".train.jsonl{TMP_MARK}999999999"  # a killed run's, no such process
+    stale.write_text("half")
+
+    def rows_then_interrupt(n, seed):
+        yield from pretraining_rows(3, seed)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("salsa_lightning.task.pretraining_rows", rows_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_pretraining_files(tmp_path, n_train=40, n_val=4, seed=1)
+    assert paths["train"].read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl", "val.jsonl"]
 
 
 # ----------------------------------------------------------------------------- reward functions (8)
