@@ -207,20 +207,25 @@ class FailsOnSecondModel:
         return torch.zeros(len(answers))
 
 
+def small_evaluation(stage_outputs, task_files, output: Path) -> dict:
+    """``evaluate`` arguments: sft-1 as ``a`` and sft-2 as ``b`` on 8 validation prompts
+    (``val``), 4 new tokens, into ``output``."""
+    return dict(
+        models={"a": str(stage_outputs["sft-1"]), "b": str(stage_outputs["sft-2"])},
+        prompts={"val": str(task_files["prompts_val"])},
+        output=str(output),
+        max_prompts=8,
+        generation=GenerationSettings(max_new_tokens=4),
+        batch_size=8,
+    )
+
+
 def test_a_failing_evaluation_leaves_the_previous_output_untouched(
     stage_outputs, task_files, tmp_path
 ):
     """The run fails after the first model was evaluated: the previous output (results,
     report, answers) stays byte for byte, and no temporary directory is left."""
-    kw = dict(
-        models={"a": str(stage_outputs["sft-1"]), "b": str(stage_outputs["sft-2"])},
-        prompts={"val": str(task_files["prompts_val"])},
-        output=str(tmp_path / "eval"),
-        max_prompts=8,
-        generation=GenerationSettings(max_new_tokens=4),
-        batch_size=8,
-        overwrite=True,
-    )
+    kw = {**small_evaluation(stage_outputs, task_files, tmp_path / "eval"), "overwrite": True}
     evaluate(**kw)
     before = {p: p.read_bytes() for p in (tmp_path / "eval").rglob("*") if p.is_file()}
     with pytest.raises(RuntimeError, match="judge crashed"):
@@ -259,29 +264,22 @@ def test_a_killed_soup_leaves_nothing_that_a_later_run_keeps(stage_outputs, tmp_
 def test_the_report_is_written_whole_and_a_crash_leaves_the_last_one(
     stage_outputs, task_files, tmp_path, monkeypatch
 ):
-    evaluate(
-        models={"sft-1": str(stage_outputs["sft-1"]), "sft-2": str(stage_outputs["sft-2"])},
-        prompts={"in_distribution": str(task_files["prompts_val"])},
-        output=str(tmp_path / "eval"),
-        max_prompts=8,
-        generation=GenerationSettings(max_new_tokens=4),
-        batch_size=8,
-    )
+    evaluate(**small_evaluation(stage_outputs, task_files, tmp_path / "eval"))
     log = tmp_path / "logs" / "b" / "version_0"
     log.mkdir(parents=True)
     (log / "metrics.csv").write_text("step,eval/kl,eval/gold\n3,0.1,0.5\n7,0.2,0.6\n")
     spec = ReportSpec(
         evaluation="eval",
         output="report",
-        baselines={"sft": "sft-1"},
-        methods={"b": Method(models=["sft-2"], logs=["logs/b"], reference="sft")},
+        baselines={"sft": "a"},
+        methods={"b": Method(models=["b"], logs=["logs/b"], reference="sft")},
         comparisons=[["b", "sft"]],
     )
     write_report(tmp_path, spec)
     report = tmp_path / "report"
     before = {p.name: p.read_bytes() for p in report.iterdir()}
     assert set(before) == {"summary.json", "report.json", "report.md", "frontier.png"}
-    gold = load_answers(tmp_path / "eval")["in_distribution"]["sft-2"]["gold"]
+    gold = load_answers(tmp_path / "eval")["val"]["b"]["gold"]
     assert json.loads(before["summary.json"])["b_gold"] == pytest.approx(gold.mean().item())
 
     def crashes(curves, path):
