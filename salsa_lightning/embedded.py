@@ -21,7 +21,6 @@ ASSETS = Path(__file__).parent / "assets"
 EMBEDDED = "embedded"  # the YAML spelling of "the shipped base model and its tokenizer"
 TASK_DIR = "artifacts/task"  # where the embedded task's data files are written
 PRETRAIN_DIR = "artifacts/pretrain"  # where the base model's pre-training text is written
-PRETRAIN_ROWS = 240_000
 
 SPECIAL_TOKENS = {
     "pad_token": "<pad>",
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     reads (``--data``), and with ``--tokenizer`` the shipped tokenizer, retrained."""
     import argparse
 
-    from salsa_lightning.task import write_pretraining_files
+    from salsa_lightning.task import PRETRAIN_ROWS, write_pretraining_files
 
     parser = argparse.ArgumentParser(prog="python -m salsa_lightning.embedded")
     parser.add_argument("--data", default=PRETRAIN_DIR, help="where the pre-training text goes")

@@ -458,14 +458,17 @@ def write_task_files(out_dir: str | Path, config: TaskConfig | None = None) -> d
     return _paths(out_dir)
 
 
+PRETRAIN_ROWS = 240_000  # the shipped base model's pre-training rows (configs/base.yaml)
+
+
 def pretraining_rows(
     n: int, seed: int | str = "pretrain", graded_fraction: float = 0.5
 ) -> list[dict]:
     """``n`` rows of the text the shipped base model is pre-trained on (``configs/base.yaml``):
     exact demonstrations (train templates, families in turn) and, a ``graded_fraction`` of the
-    time, a graded answer instead: a ``candidate`` (exact half of the time, else a mistake or
-    one or two edits) followed, after its end of turn, by a verdict, ``yes`` when it is exact
-    and ``no`` otherwise (a ``system`` turn, which the chat template writes as raw text; the
+    time, a graded answer instead: an answer (exact half of the time, else a ``_wrong_answer``)
+    followed, after its end of turn, by a verdict, ``yes`` when it is exact and ``no``
+    otherwise (a ``system`` turn, which the chat template writes as raw text; the
     empty assistant turn after it only closes the conversation). So the base model learns to
     judge an answer at its end-of-turn token, where a reward model reads its score.
 
@@ -478,7 +481,7 @@ def pretraining_rows(
         ex = sample_example(rng, FAMILIES[i % len(FAMILIES)])
         messages = [{"role": "user", "content": ex.prompt}]
         if rng.random() < graded_fraction:
-            answer = ex.answer if rng.random() < 0.5 else _wrong_candidate(rng, ex)
+            answer = ex.answer if rng.random() < 0.5 else _wrong_answer(rng, ex)
             verdict = "yes" if answer == ex.answer else "no"
             messages += [
                 {"role": "assistant", "content": answer},
@@ -491,7 +494,9 @@ def pretraining_rows(
     return rows
 
 
-def _wrong_candidate(rng: random.Random, example: Example) -> str:
+def _wrong_answer(rng: random.Random, example: Example) -> str:
+    """A graded pre-training answer that is wrong: a ``mistake`` a quarter of the time, one
+    random edit half of the time, two a quarter of the time."""
     kind = rng.random()
     if kind < 0.25:
         return mistake(rng, example)
@@ -499,7 +504,7 @@ def _wrong_candidate(rng: random.Random, example: Example) -> str:
 
 
 def write_pretraining_files(
-    out_dir: str | Path, n_train: int = 240_000, n_val: int = 512, seed: int = 0
+    out_dir: str | Path, n_train: int = PRETRAIN_ROWS, n_val: int = 512, seed: int = 0
 ) -> dict[str, Path]:
     """Writes ``train.jsonl`` and ``val.jsonl`` of :func:`pretraining_rows` into ``out_dir``
     (what ``configs/base.yaml`` reads); returns ``{"train": path, "val": path}``."""
