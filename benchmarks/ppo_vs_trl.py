@@ -403,7 +403,7 @@ def child_ours(
     from salsa_lightning import PromptDataModule, SALSAModule
     from salsa_lightning.generation import static_failed, use_static_cache
     from salsa_lightning.ppo import GenerationSettings, KLSettings, PPOSettings
-    from salsa_lightning.ppo.settings import EstimatorSettings
+    from salsa_lightning.ppo.settings import EstimatorSettings, RewardSettings
     from salsa_lightning.soup import SoupReference
 
     k = GRPO_SAMPLES if estimator == "grpo" else 1
@@ -454,11 +454,11 @@ def child_ours(
             max_new_tokens=s["new_tokens"],
             temperature=TEMPERATURE,
             top_p=1.0,
-            missing_eos_penalty=0.0,  # TRL: missing_eos_penalty=None
             stop_at_eos=False,
             do_sample=True,
         ),
         kl=KLSettings(coef=KL_COEF, estimator="k1", in_reward=True),
+        reward=RewardSettings(missing_eos_penalty=0.0),  # TRL: missing_eos_penalty=None
         estimator=EstimatorSettings(estimator, samples_per_prompt=k),
         ppo=PPOSettings(
             epochs=s["ppo_epochs"],

@@ -273,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         if args and args[0] in SUBCOMMANDS:
             return SUBCOMMANDS[args[0]](args[1:]) or 0
         SalsaCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+    except SystemExit:
+        if {"-h", "--help"} & set(args):  # the model's and data's choices after the help
+            print("\n".join(configured_choices(args)))
+        raise
     except (SalsaError, ValueError) as err:
         cause = salsa_cause(err)
         if cause is None:
@@ -280,6 +284,48 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {cause}", file=sys.stderr)
         return 2
     return 0
+
+
+def configured_choices(args: list[str]) -> list[str]:
+    """For ``salsa fit|validate --config ... --help``: every choice setting (a ``Literal``) of
+    the model and data classes the configs name, with its choices (LightningCLI's help lists
+    only the trainer's options in subclass mode)."""
+    import yaml
+    from jsonargparse.typing import import_object
+
+    named: dict[str, str] = {}
+    for flag, value in zip(args, args[1:], strict=False):
+        if flag in ("-c", "--config") and Path(value).is_file():
+            config = yaml.safe_load(Path(value).read_text()) or {}
+            for key in ("model", "data"):
+                if isinstance(config.get(key), dict) and "class_path" in config[key]:
+                    named[key] = config[key]["class_path"]
+    lines = []
+    for key, class_path in named.items():
+        lines += [
+            f"\nChoices of {class_path} (all its options: salsa {args[0]} --{key}.help "
+            f"{class_path}):",
+            *choice_lines(import_object(class_path).__init__, f"{key}.init_args"),
+        ]
+    return lines
+
+
+def choice_lines(function: Callable[..., Any], prefix: str) -> list[str]:
+    """``  --prefix.name {a, b}`` for each ``Literal`` argument of ``function``, and of the
+    dataclasses it takes (their fields, one level further down)."""
+    import dataclasses
+    import typing
+
+    from salsa_lightning.errors import literal_choices
+
+    lines = []
+    for name, hint in typing.get_type_hints(function).items():
+        if choices := literal_choices(hint):
+            lines.append(f"  --{prefix}.{name} {{{', '.join(str(c) for c in choices)}}}")
+        for arg in (hint, *typing.get_args(hint)):
+            if dataclasses.is_dataclass(arg):
+                lines += choice_lines(arg.__init__, f"{prefix}.{name}")
+    return lines
 
 
 def salsa_cause(err: BaseException | None) -> SalsaError | None:

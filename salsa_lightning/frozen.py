@@ -1,30 +1,11 @@
-"""Frozen models: never trained, never in train mode, never in a training checkpoint."""
+"""Frozen models: never trained, in eval mode (Lightning restores each submodule's mode after
+validation), never in a training checkpoint; and dropout off for the models RL trains."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from torch import nn
-
-
-class Frozen(nn.Module):
-    """A submodule that stays frozen: no gradients, always in eval mode (dropout off).
-
-    Lightning calls ``.train()`` on the whole LightningModule after each validation loop;
-    this wrapper ignores it, so a frozen reference or reward model can never drift into
-    train mode.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module.requires_grad_(False)
-        self.train(False)
-
-    def train(self, mode: bool = True) -> Frozen:  # noqa: ARG002 - always eval
-        return super().train(False)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
 
 
 def keep_frozen_out_of_state_dict(module: nn.Module) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import inspect
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from salsa_lightning.errors import SalsaError
+from salsa_lightning.errors import SalsaError, check_choices
 from salsa_lightning.functional import logprobs_from_logits, response_mask, truncate_after_eos
+
+Cache = Literal["auto", "static", "dynamic"]
 
 
 @dataclass
@@ -22,7 +24,6 @@ class GenerationSettings:
         max_new_tokens: Longest response.
         temperature: Sampling temperature (log-probs are computed at the same temperature).
         top_p: Nucleus sampling threshold (1.0: off).
-        missing_eos_penalty: Subtracted from the score of a response that never emits EOS.
         stop_at_eos: Stop decoding once every response has emitted EOS and mask what follows.
             Off (benchmarks, so every system generates the same number of tokens), every
             response is ``max_new_tokens`` long and EOS is an ordinary token.
@@ -39,16 +40,12 @@ class GenerationSettings:
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
-    missing_eos_penalty: float = 1.0
     stop_at_eos: bool = True
     do_sample: bool = True
-    cache: str = "auto"
+    cache: Cache = "auto"
 
     def __post_init__(self) -> None:
-        if self.cache not in CACHES:
-            raise SalsaError(
-                f"generation.cache must be one of {', '.join(CACHES)}, got {self.cache!r}."
-            )
+        check_choices("generation", type(self), self)
         if self.max_new_tokens < 1:
             raise SalsaError(
                 f"generation.max_new_tokens must be at least 1, got {self.max_new_tokens}."
@@ -62,7 +59,6 @@ class GenerationSettings:
             raise SalsaError(f"generation.top_p must be in (0, 1], got {self.top_p}.")
 
 
-CACHES = ("auto", "static", "dynamic")
 # The static cache's prompt length is a multiple of this (shorter prompts are left-padded), so
 # batches of slightly different prompt lengths reuse one compiled decoding graph.
 STATIC_PROMPT_BUCKET = 32

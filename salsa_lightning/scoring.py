@@ -1,5 +1,7 @@
-"""Scoring responses: the reward model's scalar score, read the same way when the reward model
-trains, when PPO scores a rollout and when a model is evaluated, and the gold-reward hook."""
+"""Scoring responses with a sequence classifier's score head: the reward model's scalar score,
+read the same way when the reward model trains, when PPO scores a rollout and when a model is
+evaluated; the critic's value before every response token (``ValueModel``); and the gold-reward
+hook."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.generation import position_ids
 from salsa_lightning.pretrained import check_model_source, load_pretrained, load_tokenizer
 
 REWARD_STATS = "reward_stats.json"  # written beside an exported reward model; read by PPO
@@ -22,14 +25,36 @@ def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor)
     """Scalar rewards [B] of a one-label sequence classifier for [B, T] token ids, left- or
     right-padded: the positions skip the padding, as the policy's do (an absolute-position
     model such as GPT-2 would otherwise read a left-padded rollout at shifted positions)."""
-    from salsa_lightning.generation import position_ids
-
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids(attention_mask),
     )
     return out.logits.squeeze(-1).float()
+
+
+class ValueModel(nn.Module):
+    """A critic: a sequence classifier's backbone and score head applied at every position.
+
+    A module of its own so that FSDP's hooks run when it is called. The backbone and head are
+    looked up through the classifier at each call, never registered a second time, so each
+    weight has one name in the state dict (and an FSDP wrapper put in their place is used).
+    """
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier  # a peft wrapper keeps its adapters registered
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, n: int) -> Tensor:
+        """[B, T] ids -> [B, n] values of the states before each of the last ``n`` tokens."""
+        c = self.classifier
+        inner = c.get_base_model() if hasattr(c, "get_base_model") else c
+        states = getattr(inner, inner.base_model_prefix)(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+        ).last_hidden_state
+        return inner.score(states[:, -n - 1 : -1]).squeeze(-1).float()
 
 
 def check_scores(scores: Any, n: int, what: str) -> Tensor:

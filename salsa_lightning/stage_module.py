@@ -48,11 +48,7 @@ class StageModule(L.LightningModule):
         self.lora = as_lora(lora)
         keep_frozen_out_of_state_dict(self)  # frozen weights are rebuilt from their recipe
         self.strict_loading = False
-
-    @property
-    def tokenizer(self) -> Any:
-        """The data module's tokenizer (exported with the model)."""
-        return self.trainer.datamodule.tokenizer
+        self.tokenizer: Any = None  # the data module's (exported with the model), from setup
 
     def trainable(self, model: nn.Module) -> nn.Module:
         """A model about to be trained: gradient checkpointing as configured, train mode
@@ -62,6 +58,7 @@ class StageModule(L.LightningModule):
         return model.train()
 
     def setup(self, stage: str) -> None:
+        self.tokenizer = self.trainer.datamodule.tokenizer
         if stage == "fit":  # before any training, not after it
             check_export_dir(self.hparams.export_dir, self.hparams.overwrite)
 

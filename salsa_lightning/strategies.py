@@ -16,11 +16,12 @@ The units (each one flat parameter of one dtype, gathered while it is called), i
 - every top-level model that is only called through its ``forward`` (the frozen soup reference
   and reward model, the critic, a value head, the reward stage's model), so that a frozen bf16
   model never shares a flat parameter with fp32 trainable weights;
-- the children of a model that generates (the policy, the SFT model): its backbone and its head.
-  ``generate`` calls the model's own ``forward``, which no FSDP wrapper encloses, but that forward
-  calls the backbone and head through their wrappers. A head tied to the embeddings has no
-  parameter of its own: the backbone's unit then stays gathered from forward to backward
-  (``SHARD_GRAD_OP``) so the head can read the embeddings after the backbone returned.
+- the children of a trained model that generates (the policy, the SFT model): its backbone and
+  its head. ``generate`` calls the model's own ``forward``, which no FSDP wrapper encloses, but
+  that forward calls the backbone and head through their wrappers. A head tied to the
+  embeddings has no parameter of its own: the backbone's unit then stays gathered from forward
+  to backward (``SHARD_GRAD_OP``) so the head can read the embeddings after the backbone
+  returned.
 
 The root (the LightningModule) holds no parameter. SALSA-PPO steps its optimizer inside
 ``training_step``, i.e. inside the root's forward; ``backward`` hooks each such loss the way FSDP
@@ -95,7 +96,8 @@ def fsdp_units(
             layers.update((id(m), m) for m in decoder_layers(model, layer_class))
     units: list[tuple[nn.Module, dict[str, Any]]] = [(m, {}) for m in layers.values()]
     for model in models:
-        if not (is_transformer(model) and hasattr(model, "generate")):
+        trained = any(p.requires_grad for p in model.parameters())
+        if not (is_transformer(model) and hasattr(model, "generate") and trained):
             units.append((model, {}))
             continue
         # ``generate`` calls the model's own forward: wrap its children instead (the backbone

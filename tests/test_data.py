@@ -306,7 +306,7 @@ def test_unknown_file_extension(tmp_path):
 
 
 def test_bad_settings_fail_at_construction(tmp_path):
-    with pytest.raises(SalsaError, match="overflow must be 'truncate' or 'filter', got 'cut'"):
+    with pytest.raises(SalsaError, match="data.overflow is 'cut'; choose one of truncate, filter"):
         SFTDataModule(tokenizer=TOK, overflow="cut")
     with pytest.raises(SalsaError, match="train_files or data.dataset, not both"):
         SFTDataModule(tokenizer=TOK, train_files="a.jsonl", dataset="some/dataset")

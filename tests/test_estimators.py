@@ -12,7 +12,7 @@ from test_salsa import build, fit, on_sft_1_with, prompts, snapshot, validate
 from salsa_lightning import SalsaError, SALSAModule
 from salsa_lightning.lora import LoraSettings
 from salsa_lightning.ppo import GenerationSettings, KLSettings, PPOSettings
-from salsa_lightning.ppo.settings import EstimatorSettings
+from salsa_lightning.ppo.settings import EstimatorSettings, RewardSettings
 from salsa_lightning.task import GoldReward
 
 GROUP = ("grpo", "rloo", "reinforce_baseline")
@@ -144,13 +144,14 @@ def test_all_equal_rewards_warn_once_and_do_not_train(stage_outputs, task_dir, t
     (every gradient is exactly 0: the KL term has none at the reference either), and the run
     says so once instead of training on silently."""
     L.seed_everything(0)
-    generation = GenerationSettings(max_new_tokens=6, missing_eos_penalty=0.0)
+    generation = GenerationSettings(max_new_tokens=6)
     no_decay = lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0)  # noqa: E731
     module = group_module(
         stage_outputs,
         reward_model=None,
         reward_fn=ConstantReward(),
         generation=generation,
+        reward=RewardSettings(missing_eos_penalty=0.0),
         optimizer=no_decay,
     )
     grads = GradientNorms()
@@ -167,34 +168,21 @@ def test_all_equal_rewards_warn_once_and_do_not_train(stage_outputs, task_dir, t
 
 
 @pytest.mark.parametrize(
-    "settings, match",
+    "estimator, settings, match",
     [
-        (
-            dict(estimator=EstimatorSettings("grpo", 1)),
-            r"estimator.samples_per_prompt to 2 or more \(it is 1\)",
-        ),
-        (
-            dict(estimator=EstimatorSettings("gae", 4)),
-            r"gae takes one response per prompt.*\(it is 4\)",
-        ),
-        (
-            dict(estimator=EstimatorSettings("ppo2")),
-            r"estimator.name is 'ppo2'; choose one of gae, grpo",
-        ),
-        (
-            dict(estimator=EstimatorSettings("grpo", 4, loss_aggregation="sum")),
-            r"loss_aggregation is 'sum'",
-        ),
-        (
-            dict(estimator=EstimatorSettings("rloo", 4), value_head=True),
-            r"model.value_head is set, but .*rloo uses no critic",
-        ),
+        (("grpo", 1), {}, r"estimator.samples_per_prompt to 2 or more \(it is 1\)"),
+        (("gae", 4), {}, r"gae takes one response per prompt.*\(it is 4\)"),
+        (("ppo2",), {}, r"estimator.name is 'ppo2'; choose one of gae, grpo"),
+        (("grpo", 4, True, 1e-4, "sum"), {}, r"loss_aggregation is 'sum'"),
+        (("rloo", 4), dict(value_head=True), r"model.value_head is set, but .*rloo uses no critic"),
     ],
     ids=["grpo-k1", "gae-k4", "unknown", "aggregation", "value-head-without-critic"],
 )
-def test_bad_estimator_settings_are_refused_when_the_module_is_made(stage_outputs, settings, match):
+def test_bad_estimator_settings_are_refused_when_the_module_is_made(
+    stage_outputs, estimator, settings, match
+):
     with pytest.raises(SalsaError, match=match):
-        build(stage_outputs, **settings)
+        build(stage_outputs, estimator=EstimatorSettings(*estimator), **settings)
 
 
 def test_rollout_rows_must_split_into_minibatches_with_k_samples(stage_outputs, task_dir, tmp_path):

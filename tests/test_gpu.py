@@ -16,7 +16,7 @@ from test_salsa import build, fit, prompts
 
 from salsa_lightning import generation
 from salsa_lightning.ppo import GenerationSettings, PPOSettings
-from salsa_lightning.ppo import steps as salsa_steps
+from salsa_lightning.ppo import module as salsa_module
 
 pytestmark = [
     pytest.mark.gpu,
@@ -56,7 +56,7 @@ def test_static_cache_rollout_equals_dynamic_in_training(
         used.append(generation.use_static_cache(settings.cache, query.device, sharded or synced))
         return generation.sample(model, tokenizer, query, query_mask, settings, synced, sharded)
 
-    monkeypatch.setattr(salsa_steps, "sample", spy)
+    monkeypatch.setattr(salsa_module, "sample", spy)
     metrics = {}
     for cache in ("dynamic", "auto"):
         L.seed_everything(0)

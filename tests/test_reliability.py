@@ -23,15 +23,19 @@ from test_fsdp import salsa_args
 from test_salsa import build, fit, prompts, snapshot
 from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-from salsa_lightning import PreferenceDataModule, PromptDataModule, SalsaError, SFTDataModule
+from salsa_lightning import (
+    PreferenceDataModule,
+    PromptDataModule,
+    SalsaError,
+    SALSAModule,
+    SFTDataModule,
+)
 from salsa_lightning.cli import main
 from salsa_lightning.evaluate import evaluate, load_answers
 from salsa_lightning.generation import GenerationSettings
 from salsa_lightning.landscape import landscape
 from salsa_lightning.outputs import TMP_MARK
 from salsa_lightning.ppo import PPOSettings
-from salsa_lightning.ppo.rollout import PassOutputs, Trajectory
-from salsa_lightning.ppo.update import ppo_update
 from salsa_lightning.report import Method, ReportSpec, write_report
 from salsa_lightning.scoring import sequence_scores
 from salsa_lightning.soup import write_soup
@@ -585,41 +589,36 @@ def test_the_critic_registers_each_weight_once(stage_outputs, task_dir, tmp_path
     assert len(params) == len({id(p) for p in params}) == len(keys)
 
 
-class RecordingSteps:
-    """The update loop's backward/step seam, recording what it is asked to backpropagate."""
+class RecordsBackward(SALSAModule):
+    """Every micro-batch's loss is 1 (with the graph attached); records what the update
+    backpropagates."""
 
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.steps = 0
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.backpropagated: list[float] = []
 
-    def backward(self, loss) -> None:
-        self.losses.append(float(loss))
+    def micro_batch_loss(self, mb, outputs):
+        policy_loss, value_loss, stats = super().micro_batch_loss(mb, outputs)
+        return policy_loss * 0 + 1, value_loss * 0, stats
 
-    def all_ranks_finite(self, finite) -> bool:
-        return bool(finite)
-
-    def drop(self) -> None: ...
-
-    def step_policy(self) -> None: ...
-
-    def step(self, max_grad_norm) -> None:
-        self.steps += 1
+    def manual_backward(self, loss, *args, **kwargs) -> None:
+        self.backpropagated.append(float(loss.detach()))
+        super().manual_backward(loss, *args, **kwargs)
 
 
-def test_a_short_last_minibatch_weighs_its_micro_batches_by_rows():
-    """12 rows, minibatches of 16 (so one short minibatch of 12), micro-batches of 8: 8 and 4
-    rows, each loss 1: weighted 8/12 and 4/12, not both 1/2 (the nominal accumulation)."""
-    n, t = 12, 3
-    ones = torch.ones(n, t)
-    traj = Trajectory(
-        torch.zeros(n, 2, dtype=torch.long), torch.ones(n, 2), torch.zeros(n, t, dtype=torch.long),
-        ones, ones, [ones], None, torch.ones(n), ones, ones, ones, None,
+def test_a_short_last_minibatch_weighs_its_micro_batches_by_rows(stage_outputs, task_dir, tmp_path):
+    """12 prompts in batches of 16 (so one short rollout of 12 rows), minibatches of 16,
+    micro-batches of 8: 8 and 4 rows, each loss 1: weighted 8/12 and 4/12, not both 1/2 (the
+    nominal accumulation)."""
+    rows = (task_dir / "prompts_train.jsonl").read_text().splitlines()[:12]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(rows) + "\n")
+    data = PromptDataModule(
+        tokenizer=str(stage_outputs["sft-1"]), train_files=str(tmp_path / "prompts.jsonl"),
+        val_fraction=0.0, batch_size=16, max_length=48, task_dir=str(task_dir),
     )  # fmt: skip
-    forward = lambda mb: PassOutputs(None, mb.logprobs, None)  # noqa: E731
-    loss = lambda mb, out: (torch.tensor(1.0), torch.tensor(0.0), {})  # noqa: E731
-    steps = RecordingSteps()
     ppo = PPOSettings(epochs=1, minibatch_size=16, micro_batch_size=8)
-    _, done = ppo_update(traj, ppo, forward, loss, steps)
-    assert done and steps.steps == 1
-    assert steps.losses == pytest.approx([8 / 12, 4 / 12])
-    assert sum(steps.losses) == pytest.approx(1.0)  # the minibatch's mean loss
+    module = build(stage_outputs, cls=RecordsBackward, ppo=ppo)
+    trainer, _ = fit(module, data, tmp_path, rollouts=1)
+    assert trainer.global_step == 1
+    assert module.backpropagated == pytest.approx([8 / 12, 4 / 12])
+    assert sum(module.backpropagated) == pytest.approx(1.0)  # the minibatch's mean loss

@@ -233,7 +233,7 @@ def test_the_policy_steps_first_only_when_nothing_couples_the_two_updates(
     fit(module, prompts(stage_outputs, task_dir), tmp_path / "critic", 1)
     assert module.steps_policy_first()
     for coupled in (dict(max_grad_norm=1.0), dict(micro_batch_size=4)):
-        module.ppo = PPOSettings(**{**free, **coupled})
+        module.ppo_settings = PPOSettings(**{**free, **coupled})
         assert not module.steps_policy_first(), coupled
     with_head = build(stage_outputs, ppo=PPOSettings(**free), value_head=True)
     fit(with_head, prompts(stage_outputs, task_dir), tmp_path / "value_head", 1)
@@ -486,8 +486,8 @@ class NaNLossOnSecondMicroBatch(SALSAModule):
 
     micro_batches = 0
 
-    def ppo_loss(self, mb, outputs):
-        policy_loss, value_loss, stats = super().ppo_loss(mb, outputs)
+    def micro_batch_loss(self, mb, outputs):
+        policy_loss, value_loss, stats = super().micro_batch_loss(mb, outputs)
         type(self).micro_batches += 1
         nan = type(self).micro_batches == 2
         return (policy_loss * float("nan") if nan else policy_loss), value_loss, stats

@@ -360,21 +360,34 @@ def test_cli_bad_input_returns_2_with_message(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_bad_setting_returns_2_with_message(tmp_path, monkeypatch, capsys):
+def test_cli_bad_choice_is_refused_by_the_parser_with_the_choices(tmp_path, monkeypatch, capsys):
+    """A choice setting is a ``Literal``: the parser refuses a bad value (exit status 2) with a
+    message naming the setting, the value and the choices, before anything is built."""
     monkeypatch.chdir(tmp_path)
-    rc = main(
-        [
-            "fit",
-            "--config", str(CONFIGS / "sft.yaml"),
-            "--trainer.logger", "false",
-            "--data.init_args.overflow", "bogus",
-        ]
-    )  # fmt: skip
-    assert rc == 2
-    assert (
-        "error: data.overflow must be 'truncate' or 'filter', got 'bogus'."
-        in capsys.readouterr().err
-    )
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                "fit",
+                "--config", str(CONFIGS / "sft.yaml"),
+                "--trainer.logger", "false",
+                "--data.init_args.overflow", "bogus",
+            ]
+        )  # fmt: skip
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "overflow" in err and "bogus" in err and "'truncate', 'filter'" in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # nothing was built or written
+
+
+def test_cli_help_lists_the_choices_of_the_configured_classes(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "salsa.yaml"), "--help"])
+    out = capsys.readouterr().out
+    assert "--model.init_args.reference_mode {soup, multiple_kl}" in out
+    assert "--model.init_args.estimator.name {gae, grpo, rloo, reinforce_baseline}" in out
+    assert "--model.init_args.kl.estimator {k1, k2, k3}" in out
+    assert "--data.init_args.overflow {truncate, filter}" in out
 
 
 def test_resume_with_another_world_size_is_refused(task_files, tmp_path):

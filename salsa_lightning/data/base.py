@@ -8,7 +8,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 import lightning as L
@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from salsa_lightning import embedded
 from salsa_lightning.data.chat import value_problem
 from salsa_lightning.data.files import DATA_FORMATS, read_data_files
-from salsa_lightning.errors import SalsaError
+from salsa_lightning.errors import SalsaError, check_choices
 from salsa_lightning.pretrained import load_tokenizer
 
 
@@ -66,7 +66,7 @@ class ChatDataModule(L.LightningDataModule):
         val_fraction: float = 0.05,
         columns: dict[str, str] | None = None,
         max_length: int = 128,
-        overflow: str = "truncate",
+        overflow: Literal["truncate", "filter"] = "truncate",
         max_samples: int | None = None,
         batch_size: int = 16,
         eval_batch_size: int | None = None,
@@ -75,11 +75,10 @@ class ChatDataModule(L.LightningDataModule):
         task_dir: str = embedded.TASK_DIR,
     ) -> None:
         super().__init__()
-        if overflow not in ("truncate", "filter"):
-            raise SalsaError(f"data.overflow must be 'truncate' or 'filter', got {overflow!r}.")
         if train_files is not None and dataset is not None:
             raise SalsaError("name either data.train_files or data.dataset, not both.")
         self.save_hyperparameters()
+        check_choices("data", ChatDataModule.__init__, self.hparams)
         self.tokenizer_name = embedded.resolve(tokenizer)
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.train_data: datasets.Dataset | None = None

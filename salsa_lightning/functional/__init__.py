@@ -33,6 +33,7 @@ from salsa_lightning.functional.evaluation import bootstrap_mean_ci, seeds_boots
 from salsa_lightning.functional.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
+    KLEstimator,
     kl_estimate,
     reference_kl,
     weighted_kl_estimate,
@@ -40,9 +41,9 @@ from salsa_lightning.functional.kl import (
 from salsa_lightning.functional.logits import entropy_from_logits, logprobs_from_logits
 from salsa_lightning.functional.losses import (
     LOSS_AGGREGATIONS,
+    LossAggregation,
     aggregate,
     bradley_terry_loss,
-    explained_variance,
     ppo_policy_loss,
     ppo_value_loss,
     reward_centering_loss,
@@ -60,11 +61,12 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "AdaptiveKLController",
+    "KLEstimator",
+    "LossAggregation",
     "aggregate",
     "bootstrap_mean_ci",
     "bradley_terry_loss",
     "entropy_from_logits",
-    "explained_variance",
     "gae",
     "group_advantages",
     "group_centred",

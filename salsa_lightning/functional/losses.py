@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.functional.masked import masked_mean, masked_sum, masked_var
+from salsa_lightning.functional.masked import masked_mean, masked_sum
 
-LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "constant")
+LossAggregation = Literal["token_mean", "sequence_mean", "constant"]
+LOSS_AGGREGATIONS = get_args(LossAggregation)
 
 
 def aggregate(
@@ -109,26 +112,6 @@ def ppo_value_loss(
     loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
     clipfrac = masked_mean((clipped > unclipped).to(loss.dtype), mask).detach()
     return loss, clipfrac
-
-
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
-    """How much of the variance of the returns the value head explains.
-
-    Args:
-        values: ``[B, T]`` value predictions.
-        returns: ``[B, T]`` value targets.
-        mask: ``[B, T]`` response mask.
-
-    Returns:
-        Scalar ``1 - var(returns - values) / var(returns)`` over the masked positions: 1
-        for perfect predictions, 0 for predicting the mean, negative when worse. When
-        ``var(returns)`` is 0 the result is 0 (never nan).
-    """
-    var_returns = masked_var(returns, mask, unbiased=False)
-    var_residual = masked_var(returns - values, mask, unbiased=False)
-    nonzero = var_returns > 0
-    safe = torch.where(nonzero, var_returns, torch.ones_like(var_returns))
-    return torch.where(nonzero, 1.0 - var_residual / safe, torch.zeros_like(var_returns))
 
 
 def bradley_terry_loss(

@@ -1,27 +1,33 @@
 """Stage 4: SALSA-PPO, PPO whose KL reference is a frozen model soup.
 
-- ``settings``: the ``kl:`` and ``ppo:`` sections of the YAML;
-- ``rollout``: the records one iteration builds (``Rollout`` -> scores -> ``Trajectory``);
-- ``models``: the policy, references, reward model and critic, built in ``configure_model``;
-- ``checks``: input checks run before any model is built;
-- ``passes``: forward passes over rollout rows;
+- ``module``: ``SALSAModule``, the LightningModule; one PPO iteration is its ``training_step``,
+  read top to bottom in that file;
+- ``rollout``: the records one iteration hands on (``Rollout`` -> scores -> ``Trajectory``)
+  and the metrics a trajectory is logged with;
 - ``estimators``: the advantage estimators, by name;
-- ``losses``: the PPO loss of a micro-batch;
-- ``update``: the update loop (epochs, minibatches, accumulation);
-- ``metrics``, ``validation``, ``recipe``: logging, held-out evaluation, the frozen weights'
-  recipe checked on resume;
-- ``module``: ``SALSAModule``, the LightningModule that orchestrates them.
+- ``settings``: the ``estimator:``, ``kl:``, ``ppo:`` and ``reward:`` sections of the YAML;
+- ``models``: building the policy, references, reward model and critic (``configure_model``);
+- ``checks``: input checks run before any model is built;
+- ``validation``: what validation records per held-out answer;
+- ``recipe``: the frozen weights' recipe, checked on resume.
 """
 
 from salsa_lightning.generation import GenerationSettings
 from salsa_lightning.ppo.module import SALSAModule
 from salsa_lightning.ppo.rollout import Rollout, Trajectory
-from salsa_lightning.ppo.settings import KLSettings, PPOSettings
+from salsa_lightning.ppo.settings import (
+    EstimatorSettings,
+    KLSettings,
+    PPOSettings,
+    RewardSettings,
+)
 
 __all__ = [
+    "EstimatorSettings",
     "GenerationSettings",
     "KLSettings",
     "PPOSettings",
+    "RewardSettings",
     "Rollout",
     "SALSAModule",
     "Trajectory",

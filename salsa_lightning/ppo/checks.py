@@ -7,7 +7,6 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.functional import LOSS_AGGREGATIONS
 from salsa_lightning.ppo.estimators import ESTIMATORS, Estimator
 from salsa_lightning.ppo.settings import EstimatorSettings, PPOSettings
 from salsa_lightning.pretrained import load_tokenizer
@@ -73,11 +72,8 @@ def check_context(config: PretrainedConfig, max_length: int, max_new_tokens: int
 
 
 def check_estimator(est: EstimatorSettings, critic: str | None, value_head: bool) -> Estimator:
-    """The estimator exists and its settings fit it; returns it."""
-    if est.name not in ESTIMATORS:
-        raise SalsaError(
-            f"model.estimator.name is {est.name!r}; choose one of {', '.join(ESTIMATORS)}."
-        )
+    """The estimator's settings fit it (its name is a choice of ``EstimatorSettings.name``);
+    returns it."""
     estimator, k = ESTIMATORS[est.name], est.samples_per_prompt
     if estimator.group and k < 2:
         raise SalsaError(
@@ -89,11 +85,6 @@ def check_estimator(est: EstimatorSettings, critic: str | None, value_head: bool
             f"model.estimator.name {est.name} takes one response per prompt: set "
             f"model.estimator.samples_per_prompt to 1 (it is {k}), or use a group estimator "
             f"({', '.join(n for n, e in ESTIMATORS.items() if e.group)})."
-        )
-    if est.loss_aggregation not in (None, *LOSS_AGGREGATIONS):
-        raise SalsaError(
-            f"model.estimator.loss_aggregation is {est.loss_aggregation!r}; choose one of "
-            f"{', '.join(LOSS_AGGREGATIONS)} (or null for the estimator's default)."
         )
     if not estimator.critic and (critic is not None or value_head):
         setting = "model.critic" if critic is not None else "model.value_head"

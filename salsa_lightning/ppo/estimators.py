@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from torch import Tensor
 
 from salsa_lightning.functional import (
+    LossAggregation,
     gae,
     group_advantages,
     group_centred,
@@ -28,7 +30,12 @@ from salsa_lightning.functional import (
     returns_to_go,
     token_rewards,
 )
-from salsa_lightning.ppo.settings import EstimatorSettings, PPOSettings
+
+if TYPE_CHECKING:  # the settings name their choices from here
+    from salsa_lightning.ppo.settings import EstimatorSettings, PPOSettings
+
+# The keys of ESTIMATORS, as the type of ``EstimatorSettings.name``.
+EstimatorName = Literal["gae", "grpo", "rloo", "reinforce_baseline"]
 
 
 @dataclass(frozen=True)
@@ -109,10 +116,10 @@ class Estimator:
     critic: bool  # needs a value model
     group: bool  # needs k >= 2 samples per prompt (its baseline)
     kl_in_reward: bool  # where the KL penalty goes unless kl.in_reward says
-    aggregation: str  # the loss aggregation unless estimator.loss_aggregation says
+    aggregation: LossAggregation  # the loss aggregation unless estimator.loss_aggregation says
 
 
-ESTIMATORS: dict[str, Estimator] = {
+ESTIMATORS: dict[EstimatorName, Estimator] = {
     "gae": Estimator(gae_advantages, True, False, True, "token_mean"),
     "grpo": Estimator(grpo_advantages, False, True, False, "sequence_mean"),
     "rloo": Estimator(rloo_advantages, False, True, True, "token_mean"),

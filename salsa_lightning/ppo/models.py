@@ -1,44 +1,21 @@
 """The models of the SALSA-PPO stage, built in ``configure_model``: the policy (from the soup or a
-checkpoint), the frozen references, the frozen reward model and the critic."""
+checkpoint), the frozen references, the frozen reward model and the critic (a
+``scoring.ValueModel``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from salsa_lightning.frozen import Frozen
-from salsa_lightning.generation import position_ids
+from salsa_lightning.frozen import freeze
 from salsa_lightning.lora import LoraSettings, add_lora
+from salsa_lightning.ppo.settings import ReferenceMode
 from salsa_lightning.pretrained import load_pretrained, load_tokenizer
 from salsa_lightning.sharding import shard
 from salsa_lightning.soup import SoupReference, load_soup
-
-
-class ValueModel(nn.Module):
-    """A critic: a sequence classifier's backbone and score head applied at every position.
-
-    A module of its own so that FSDP's hooks run when it is called. The backbone and head are
-    looked up through the classifier at each call, never registered a second time, so each
-    weight has one name in the state dict (and an FSDP wrapper put in their place is used).
-    """
-
-    def __init__(self, classifier: nn.Module) -> None:
-        super().__init__()
-        self.classifier = classifier  # a peft wrapper keeps its adapters registered
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, n: int) -> Tensor:
-        """[B, T] ids -> [B, n] values of the states before each of the last ``n`` tokens."""
-        c = self.classifier
-        inner = c.get_base_model() if hasattr(c, "get_base_model") else c
-        states = getattr(inner, inner.base_model_prefix)(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-        ).last_hidden_state
-        return inner.score(states[:, -n - 1 : -1]).squeeze(-1).float()
 
 
 def build_policy(
@@ -59,17 +36,19 @@ def build_policy(
 
 
 def build_references(
-    reference: SoupReference, mode: str, dtype: torch.dtype | None
+    reference: SoupReference, mode: ReferenceMode, dtype: torch.dtype | None
 ) -> nn.ModuleList:
     """The frozen KL references: the soup (``mode`` soup) or each checkpoint (multiple_kl)."""
     models = [reference.build(dtype=dtype)] if mode == "soup" else reference.build_each(dtype=dtype)
-    return nn.ModuleList(Frozen(m) for m in models)
+    return nn.ModuleList(models)
 
 
-def build_reward(path: str, dtype: torch.dtype | None, policy_tokenizer: Any) -> tuple[Frozen, Any]:
+def build_reward(
+    path: str, dtype: torch.dtype | None, policy_tokenizer: Any
+) -> tuple[nn.Module, Any]:
     """The frozen reward model and, when its vocabulary differs from the policy's, its own
     tokenizer (None when it reads the policy's token ids)."""
-    reward = Frozen(load_pretrained(AutoModelForSequenceClassification, path, dtype=dtype))
+    reward = freeze(load_pretrained(AutoModelForSequenceClassification, path, dtype=dtype))
     tokenizer = load_tokenizer(path)
     same = tokenizer.get_vocab() == policy_tokenizer.get_vocab()
     return reward, None if same else tokenizer
@@ -87,6 +66,24 @@ def value_head(hidden_size: int, dtype: torch.dtype | None) -> nn.Linear:
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     return head
+
+
+def build_ingredients(
+    reference: SoupReference,
+    dtype: torch.dtype | None,
+    device: torch.device,
+    mesh: Any = None,
+    layer_class: str | None = None,
+) -> list[nn.Module]:
+    """Each soup ingredient as a frozen model on ``device`` (sharded like the other frozen
+    models under FSDP2), to measure the KL to each."""
+    out = []
+    for model in reference.build_each(dtype=dtype):
+        model = model.to(device)
+        if mesh is not None:
+            shard(model, mesh, layer_class)
+        out.append(model)
+    return out
 
 
 def shard_all(models: list[nn.Module | None], mesh: Any, layer_class: str | None) -> None:

@@ -1,17 +1,19 @@
-"""``SALSAModule``: the LightningModule of the SALSA-PPO stage, orchestration only.
+"""``SALSAModule``: the LightningModule of the SALSA-PPO stage.
 
-One ``training_step`` is one PPO iteration, in the order of the algorithm box:
+One ``training_step`` is one PPO iteration, in the order of the algorithm box, each step a
+method of this class (which owns the models it runs):
 
-1. ``generate``: sample responses to a batch of prompts with the KV cache;
-2. ``score``: the reference log-probs and the reward (frozen models), and the policy's old
-   log-probs and the critic's values;
-3. ``estimate``: the advantage estimator, by name (``gae``: KL-penalised per-token rewards,
-   GAE against the critic, whitening; ``grpo``, ``rloo``, ``reinforce_baseline``: k samples per
-   prompt, a baseline from the other samples of the same prompt, no critic);
-4. ``update``: K epochs of clipped policy and value losses over minibatches.
+1. ``generate``: sample ``k`` responses per prompt with the KV cache;
+2. ``score_frozen``: the reference log-probs and the reward (frozen models, no grad);
+   ``score_policy``: the policy's old log-probs and the critic's values;
+3. ``estimate``: the per-token KL and the advantage estimator, by name (``estimators.py``);
+4. ``update``: K epochs of clipped policy and value losses over shuffled minibatches, with
+   gradient accumulation over micro-batches (Lightning's manual optimisation).
 
-With one checkpoint in ``reference`` it is classic PPO (SALSA-1). ``reference_mode:
-multiple_kl`` is the paper's baseline: a KL penalty to each SFT model, weighted, no averaging.
+The math is in ``salsa_lightning.functional``; the records the steps hand on are in
+``rollout.py``. With one checkpoint in ``reference`` it is classic PPO (SALSA-1).
+``reference_mode: multiple_kl`` is the paper's baseline: a KL penalty to each SFT model,
+weighted, no averaging.
 """
 
 from __future__ import annotations
@@ -21,43 +23,70 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
-from salsa_lightning.errors import SalsaError
+from salsa_lightning import functional as fn
+from salsa_lightning.errors import SalsaError, check_choices
 from salsa_lightning.frozen import without_dropout
-from salsa_lightning.functional import (
-    AdaptiveKLController,
-    kl_estimate,
-    masked_sum,
+from salsa_lightning.generation import (
+    GenerationSettings,
+    response_logits,
+    response_logprobs,
+    sample,
 )
-from salsa_lightning.generation import GenerationSettings
 from salsa_lightning.lora import LoraSettings
 from salsa_lightning.ppo import checks, models
-from salsa_lightning.ppo.losses import ppo_loss
-from salsa_lightning.ppo.metrics import mean_stats, rollout_metrics, timing_metrics
+from salsa_lightning.ppo.estimators import EstimatorInputs
 from salsa_lightning.ppo.recipe import check_same_reference, reference_recipe
 from salsa_lightning.ppo.rollout import (
     FirstPass,
     FrozenScores,
     PassOutputs,
+    PolicyScores,
+    Rollout,
     Trajectory,
+    timing_metrics,
+    trajectory_metrics,
 )
-from salsa_lightning.ppo.settings import EstimatorSettings, KLSettings, PPOSettings
-from salsa_lightning.ppo.steps import RolloutSteps
-from salsa_lightning.ppo.update import OptimizerSteps, can_step_policy_first, ppo_update
-from salsa_lightning.ppo.validation import ValidationHooks
+from salsa_lightning.ppo.settings import (
+    EstimatorSettings,
+    KLSettings,
+    PPOSettings,
+    ReferenceMode,
+    RewardSettings,
+)
+from salsa_lightning.ppo.validation import (
+    append_samples,
+    eval_rows,
+    held_out_rows,
+    sample_records,
+)
 from salsa_lightning.pretrained import check_model_source, export_pretrained, torch_dtype
-from salsa_lightning.scoring import check_reward_model, read_reward_stats
+from salsa_lightning.scoring import (
+    ValueModel,
+    check_reward_model,
+    check_scores,
+    gold_scores,
+    read_reward_stats,
+    sequence_scores,
+    text_scores,
+)
 from salsa_lightning.soup import SoupReference
 from salsa_lightning.stage_module import StageModule
 
 # (prompts, responses) -> Tensor[B]; typed loosely so YAML can name any callable class.
 RewardFunction = Callable[..., Any]
+
+# The validation metrics, each a mean over held-out answers (``validation.eval_rows``).
+EVAL_METRICS = ("score", "gold", "kl", "response_length")
 
 
 def default_ppo_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -65,7 +94,7 @@ def default_ppo_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
 
 
-class SALSAModule(RolloutSteps, ValidationHooks, StageModule):
+class SALSAModule(StageModule):
     """SALSA-PPO with a frozen soup reference.
 
     Args:
@@ -87,9 +116,8 @@ class SALSAModule(RolloutSteps, ValidationHooks, StageModule):
         generation: Sampling settings.
         kl: KL penalty settings.
         ppo: PPO update settings.
-        normalize_rewards: Normalise reward-model scores with the mean/std in its
-            ``reward_stats.json``.
-        reward_clip: Clip normalised scores to [-reward_clip, reward_clip] (None: off).
+        reward: How raw rewards become PPO's scores (normalisation, clipping, missing-EOS
+            penalty).
         max_skips: Stop after this many consecutive updates skipped for a non-finite reward or
             loss.
         dtype: Weights dtype of the trained models (``float32``, ``bfloat16``, ``float16``);
@@ -109,7 +137,7 @@ class SALSAModule(RolloutSteps, ValidationHooks, StageModule):
     def __init__(
         self,
         reference: SoupReference,
-        reference_mode: str = "soup",
+        reference_mode: ReferenceMode = "soup",
         policy: str | None = None,
         reward_model: str | None = "artifacts/reward",
         reward_fn: RewardFunction | None = None,
@@ -120,8 +148,7 @@ class SALSAModule(RolloutSteps, ValidationHooks, StageModule):
         generation: GenerationSettings | None = None,
         kl: KLSettings | None = None,
         ppo: PPOSettings | None = None,
-        normalize_rewards: bool = True,
-        reward_clip: float | None = 5.0,
+        reward: RewardSettings | None = None,
         max_skips: int = 3,
         dtype: str | None = None,
         frozen_dtype: str | None = None,
@@ -133,44 +160,51 @@ class SALSAModule(RolloutSteps, ValidationHooks, StageModule):
         fsdp_layer_class: str | None = None,
     ) -> None:
         super().__init__(lora)
-        if reference_mode not in ("soup", "multiple_kl"):
-            raise SalsaError(
-                f"reference_mode must be 'soup' or 'multiple_kl', got {reference_mode!r}."
-            )
         if reward_model is None and reward_fn is None:
             raise SalsaError(
                 "set model.reward_model (a reward model directory) or model.reward_fn."
             )
         self.save_hyperparameters(ignore=["optimizer", "reward_fn"])
+        check_choices("model", SALSAModule.__init__, self.hparams)
         self.automatic_optimization = False
         self.reference = reference
+        self.reference_mode = reference_mode
+        self.reference_weights: list[float] = []  # validated in setup
         self.reward_fn = reward_fn
         self.generation = generation or GenerationSettings()
         self.kl_settings = kl or KLSettings()
-        self.ppo = ppo or PPOSettings()
+        self.ppo_settings = ppo or PPOSettings()
+        self.reward_settings = reward or RewardSettings()
         self.estimator_settings = estimator or EstimatorSettings()
         self.estimator = checks.check_estimator(self.estimator_settings, critic, value_head)
-        kl_estimate(torch.zeros(1), torch.zeros(1), self.kl_settings.estimator)  # validates
         in_reward = self.kl_settings.in_reward
         self.kl_in_reward = self.estimator.kl_in_reward if in_reward is None else in_reward
         self.loss_aggregation = (
             self.estimator_settings.loss_aggregation or self.estimator.aggregation
         )
-        self.kl_ctl = AdaptiveKLController(
+        self.kl_ctl = fn.AdaptiveKLController(
             self.kl_settings.coef, self.kl_settings.target, self.kl_settings.horizon
         )
         self.optimizer_factory = optimizer
+        # The models, built in configure_model.
         self.policy: nn.Module | None = None
-        self.critic: nn.Module | None = None
+        self.critic: ValueModel | None = None
+        self.value_head_layer: nn.Module | None = None
         self.ref_models: nn.ModuleList | None = None
         self.reward: nn.Module | None = None
-        self.value_head_layer: nn.Module | None = None
         self.reward_stats: dict[str, float] | None = None
         self.reward_tokenizer: Any = None
         # Each soup ingredient, built on the first validation that measures the KL to it; a
         # plain list, so never registered, checkpointed or optimised.
-        self._ingredients: list[nn.Module] | None = None
-        self.skips = 0
+        self.ingredients: list[nn.Module] | None = None
+        # Validation: a mean over every held-out answer (exact over ranks with unequal counts).
+        names = [*EVAL_METRICS, *(f"kl_{name}" for name in self.ingredient_names())]
+        self.eval_means = nn.ModuleDict(
+            {n.replace(".", "_"): MeanMetric(nan_strategy="disable") for n in names}
+        )
+        self.last_eval: dict[str, float] = {}
+        self.eval_samples: list[dict[str, Any]] = []
+        self.skips = 0  # consecutive updates skipped for a non-finite reward or loss
         self.warned_ties = False
 
     # ------------------------------------------------------------------ building
@@ -182,12 +216,21 @@ class SALSAModule(RolloutSteps, ValidationHooks, StageModule):
     @property
     def shares_reference(self) -> bool:
         """LoRA on the soup: the reference is the policy with its adapter disabled."""
-        hp = self.hparams
-        return self.lora is not None and hp.policy is None and hp.reference_mode == "soup"
+        return (
+            self.lora is not None and self.hparams.policy is None and self.reference_mode == "soup"
+        )
+
+    def ingredient_names(self) -> list[str]:
+        """The soup ingredients validation measures the KL to, by checkpoint name."""
+        if not self.hparams.eval_kl_to_each or len(self.reference.checkpoints) < 2:
+            return []
+        return [Path(path).name for path in self.reference.checkpoints]
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         # Every check that can fail runs before any model is built or trained.
         self.reference.validate()
+        self.reference_weights = self.reference.resolved_weights()
         hp = self.hparams
         for path, what in ((hp.policy, "model.policy"), (hp.critic, "model.critic")):
             if path is not None:
@@ -200,8 +243,7 @@ class SALSAModule(RolloutSteps, ValidationHooks, StageModule):
         checks.check_context(config, data.max_length, self.generation.max_new_tokens)
         if stage == "fit":
             k, world = self.estimator_settings.samples_per_prompt, self.trainer.world_size
-            checks.check_batch_sizes(data.batch_size, k, self.ppo, world)
-        super().setup(stage)
+            checks.check_batch_sizes(data.batch_size, k, self.ppo_settings, world)
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -211,7 +253,7 @@ class SALSAModule(RolloutSteps, ValidationHooks, StageModule):
         policy = models.build_policy(self.reference, hp.policy, dtype, pad_id, self.lora)
         self.policy = without_dropout(self.trainable(policy))  # sample, score, update alike
         if not self.shares_reference:
-            self.ref_models = models.build_references(self.reference, hp.reference_mode, frozen)
+            self.ref_models = models.build_references(self.reference, self.reference_mode, frozen)
         if hp.reward_model is not None:
             self.reward, self.reward_tokenizer = models.build_reward(
                 hp.reward_model, frozen, self.tokenizer
@@ -236,42 +278,252 @@ class SALSAModule(RolloutSteps, ValidationHooks, StageModule):
             self.value_head_layer = models.value_head(self.policy.config.hidden_size, dtype)
         else:
             critic = models.build_critic(source, dtype, self.lora)
-            self.critic = models.ValueModel(without_dropout(self.trainable(critic)))
+            self.critic = ValueModel(without_dropout(self.trainable(critic)))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
 
-    # ------------------------------------------------------------------ the update
+    # ------------------------------------------------------------------ one PPO iteration
 
-    def ppo_loss(
-        self, mb: Trajectory, outputs: PassOutputs
-    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """The policy's and the critic's loss terms of a micro-batch (see ``losses.ppo_loss``)."""
-        kl_loss = None if self.kl_in_reward else (lambda lp, refs: self.kl(lp, refs, "k3"))
-        return ppo_loss(
-            outputs, mb, self.ppo, self.generation.temperature, kl_loss, self.kl_ctl.value,
-            self.loss_aggregation, self.generation.max_new_tokens,
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        t0 = time.perf_counter()
+        rollout = self.generate(batch, self.estimator_settings.samples_per_prompt)
+        t1 = time.perf_counter()
+        frozen = self.score_frozen(rollout)
+        # Before clipping hides an inf; every rank skips, or none does (a rank alone would wait
+        # for the others in the next collective).
+        finite = torch.isfinite(frozen.raw_scores).all() & torch.isfinite(frozen.scores).all()
+        if not self.trainer.strategy.reduce_boolean_decision(bool(finite)):
+            self.skip("reward", {})
+            return
+        if self.scores_in_first_pass(rollout):  # timed as part of the update
+            t2 = time.perf_counter()
+            first = self.first_pass(rollout)
+            old = first.old_scores(rollout.mask)
+        else:
+            first, old = None, self.score_policy(rollout)
+            t2 = time.perf_counter()
+        trajectory = self.estimate(rollout, frozen, old)
+        stats = self.update(trajectory, first)
+        t3 = time.perf_counter()
+        self.log_iteration(frozen, trajectory, stats, (t0, t1, t2, t3))
+        # The controller steps on the whole batch's KL, so every rank's coefficient is the same.
+        rows = torch.tensor(float(trajectory.mask.shape[0]), device=self.device)
+        kl_rows = torch.stack([fn.masked_sum(trajectory.kl, trajectory.mask), rows])
+        kl_sum, rows = self.all_sum(kl_rows)
+        self.kl_ctl.update(float(kl_sum / rows), int(rows))
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any], k: int = 1) -> Rollout:
+        """Sample ``k`` responses per prompt (consecutive rows) with the KV cache; truncate
+        after EOS."""
+        tok, strategy = self.tokenizer, self.trainer.strategy
+        synced = self.trainer.world_size > 1
+        sharded = not isinstance(strategy, SingleDeviceStrategy)
+        query = batch["input_ids"].repeat_interleave(k, 0)
+        query_mask = batch["attention_mask"].repeat_interleave(k, 0)
+        response, mask = sample(
+            self.policy, tok, query, query_mask, self.generation, synced, sharded
+        )
+        texts = tok.batch_decode(response, skip_special_tokens=True)
+        prompts = [p for p in batch["prompt"] for _ in range(k)]
+        return Rollout(query, query_mask, response, mask, prompts, texts)
+
+    @torch.no_grad()
+    def score_frozen(self, rollout: Rollout) -> FrozenScores:
+        """Reference log-probs and the shaped reward of a rollout."""
+        ref_logprobs = self.reference_logprobs(rollout)
+        raw = self.raw_scores(rollout)
+        has_eos = (rollout.response == self.tokenizer.eos_token_id).any(dim=1)
+        r = self.reward_settings
+        stats = self.reward_stats if self.reward is not None and r.normalize else None
+        scores = fn.shaped_scores(raw, has_eos, stats, r.missing_eos_penalty, r.clip)
+        return FrozenScores(ref_logprobs, raw, scores)
+
+    @torch.no_grad()
+    def reference_logprobs(self, rollout: Rollout) -> list[Tensor]:
+        """[B, R] log-probs of the responses under each reference model (the policy with its
+        adapter disabled when it shares the reference)."""
+        seq, mask, response = rollout.sequence, rollout.attention_mask, rollout.response
+        temperature = self.generation.temperature
+        if self.shares_reference:
+            with self.policy.disable_adapter():
+                return [response_logprobs(self.policy, seq, mask, response, temperature)]
+        return [response_logprobs(m, seq, mask, response, temperature) for m in self.ref_models]
+
+    @torch.no_grad()
+    def raw_scores(self, rollout: Rollout) -> Tensor:
+        """[B] reward-model scores (re-tokenised when the reward model has another vocabulary),
+        else the reward function's."""
+        if self.reward is None:
+            scores = self.reward_fn(rollout.prompts, rollout.texts)
+            what = f"model.reward_fn {type(self.reward_fn).__name__}"
+            return check_scores(scores, len(rollout.texts), what).to(self.device)
+        if self.reward_tokenizer is not None:
+            return text_scores(self.reward, self.reward_tokenizer, rollout.prompts, rollout.texts)
+        return sequence_scores(self.reward, rollout.sequence, rollout.attention_mask)
+
+    def policy_pass(self, rows: Rollout | Trajectory) -> PassOutputs:
+        """Response logits, log-probs and values of rollout rows under the policy and its
+        critic (a separate ``critic``, a value head on the policy, or none).
+
+        A separate critic runs first, so that backward (newest nodes first) finishes the
+        policy's gradients before it allocates the critic's: the peak then holds one model's
+        gradients and the tied-embedding gradient's temporaries, not both."""
+        n, head = rows.response.shape[1], self.value_head_layer
+        seq, mask = rows.sequence, rows.attention_mask
+        values = self.critic(seq, mask, n) if self.critic is not None else None
+        out = response_logits(self.policy, seq, mask, n, output_hidden_states=head is not None)
+        logprobs = fn.logprobs_from_logits(out.logits, rows.response, self.generation.temperature)
+        if head is not None:  # the last hidden states that predict the response tokens
+            values = head(out.hidden_states[-1][:, -n - 1 : -1]).squeeze(-1).float()
+        return PassOutputs(out.logits, logprobs, values)
+
+    @torch.no_grad()
+    def score_policy(self, rollout: Rollout) -> PolicyScores:
+        """Old log-probs and values of a rollout, no grad."""
+        outputs = self.policy_pass(rollout)
+        values = None if outputs.values is None else outputs.values * rollout.mask
+        return PolicyScores(outputs.logprobs, values)
+
+    def scores_in_first_pass(self, rollout: Rollout) -> bool:
+        """Whether the first update pass is also the policy's and critic's scoring pass: only
+        when it runs on the whole rollout (one micro-batch), before any weight changes."""
+        ppo = self.ppo_settings
+        return ppo.score_in_first_pass and ppo.micro_batch_size >= len(rollout.query)
+
+    def first_pass(self, rollout: Rollout) -> FirstPass:
+        """The first update pass over the first epoch's shuffled rows, with grad: same weights,
+        same rows, so the same old log-probs and values as a scoring pass, one forward fewer."""
+        order = torch.randperm(len(rollout.query), device=self.device)
+        return FirstPass(order, self.policy_pass(rollout.select(order)))
+
+    def kl(self, logprobs: Tensor, ref_logprobs: list[Tensor], estimator: str) -> Tensor:
+        """[B, R] per-token KL estimate to the reference (weighted over models in multiple_kl)."""
+        return fn.reference_kl(logprobs, ref_logprobs, self.reference_weights, estimator)
+
+    @torch.no_grad()
+    def estimate(self, rollout: Rollout, frozen: FrozenScores, old: PolicyScores) -> Trajectory:
+        """The per-token KL and the estimator's rewards, advantages and returns."""
+        kl = self.kl(old.logprobs, frozen.ref_logprobs, self.kl_settings.estimator) * rollout.mask
+        coef = self.kl_ctl.value if self.kl_in_reward else 0.0
+        all_sum = self.all_sum if self.trainer.world_size > 1 else None
+        inputs = EstimatorInputs(frozen.scores, kl, old.values, rollout.mask, coef, all_sum)
+        out = self.estimator.estimate(inputs, self.ppo_settings, self.estimator_settings)
+        if self.estimator.group:
+            self.warn_ties(frozen.scores)
+        return Trajectory(
+            rollout.query, rollout.query_mask, rollout.response, rollout.mask, old.logprobs,
+            frozen.ref_logprobs, old.values, frozen.scores, kl, out.rewards, out.advantages,
+            out.returns,
         )  # fmt: skip
 
     def update(self, trajectory: Trajectory, first: FirstPass | None = None) -> dict[str, float]:
-        """K epochs of clipped PPO over minibatches (``update.ppo_update``); ``first`` holds the
-        first epoch's order and first pass when that pass scored the rollout."""
-        totals, done = ppo_update(
-            trajectory, self.ppo, self.policy_pass, self.ppo_loss, OptimizerSteps(self),
-            first, self.steps_policy_first(),
-        )  # fmt: skip
-        if not done:
-            return self.skip("loss", totals)
+        """K epochs of clipped PPO over shuffled minibatches, gradients accumulated over
+        micro-batches; returns the mean of each loss statistic.
+
+        ``first``, when the first update pass scored the rollout, holds the first epoch's row
+        order and that pass's outputs: it is the one micro-batch of the first epoch. The
+        device is synchronised once per optimizer step (is every micro-batch's loss finite on
+        every rank?), so the host queues the next passes while the device computes."""
+        ppo, opt = self.ppo_settings, self.optimizers()
+        policy_first = self.steps_policy_first()
+        rows, totals = len(trajectory.query), {}
+        for epoch in range(ppo.epochs):
+            reuse_first = first is not None and epoch == 0
+            order = first.order if reuse_first else torch.randperm(rows, device=self.device)
+            for minibatch in order.split(ppo.minibatch_size):
+                finite = torch.ones((), device=self.device)
+                micro_batches = minibatch.split(ppo.micro_batch_size)
+                for micro in micro_batches:
+                    mb = trajectory.select(micro)
+                    outputs = first.outputs if reuse_first else self.policy_pass(mb)
+                    policy_loss, value_loss, stats = self.micro_batch_loss(mb, outputs)
+                    finite = finite * torch.isfinite(policy_loss + value_loss)
+                    if not policy_first:
+                        # Each micro-batch weighs by its rows: a short minibatch (an epoch's
+                        # last, smaller batch of prompts) is not scaled down by the nominal count.
+                        share = len(minibatch) / len(micro)
+                        self.manual_backward((policy_loss + value_loss) / share)
+                    for k, v in stats.items():
+                        totals.setdefault(k, []).append(v.detach().float())
+                if policy_first:  # one micro-batch per minibatch: the losses of the one above
+                    self.manual_backward(policy_loss)
+                if not self.trainer.strategy.reduce_boolean_decision(bool(finite)):
+                    opt.zero_grad()  # throw the step's gradients away, stop the update
+                    return self.skip("loss", totals)
+                if policy_first:
+                    self.step_policy_alone(opt)
+                    self.manual_backward(value_loss)
+                if ppo.max_grad_norm is not None:
+                    self.clip_gradients(opt, ppo.max_grad_norm, "norm")
+                opt.step()
+                opt.zero_grad()
         self.skips = 0
         return mean_stats(totals)
 
+    def micro_batch_loss(
+        self, mb: Trajectory, outputs: PassOutputs
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The policy's terms (clipped policy loss, - entropy bonus, + the KL coefficient x the
+        k3 KL when the KL is a loss term) and the critic's (``vf_coef`` x clipped value loss; 0
+        without a critic) of a micro-batch; the PPO loss is their sum. The stats are detached
+        scalars named as TRL names them (``value/clipfrac``: the value function's)."""
+        ppo = self.ppo_settings
+        policy_loss, clipfrac, approxkl = fn.ppo_policy_loss(
+            outputs.logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.clip_range,
+            ppo.max_log_ratio, self.loss_aggregation, self.generation.max_new_tokens,
+        )  # fmt: skip
+        stats = {
+            "loss/policy": policy_loss.detach(),
+            "policy/clipfrac": clipfrac,
+            "policy/approxkl": approxkl,
+        }
+        value_loss = torch.zeros((), device=policy_loss.device)
+        if mb.returns is not None:
+            vf_loss, vf_clipfrac = fn.ppo_value_loss(
+                outputs.values, mb.values, mb.returns, mb.mask, ppo.value_clip_range
+            )
+            value_loss = ppo.vf_coef * vf_loss
+            stats.update({"loss/value": vf_loss.detach(), "value/clipfrac": vf_clipfrac})
+        if ppo.entropy_coef:
+            logits = outputs.logits / self.generation.temperature
+            entropy = fn.masked_mean(fn.entropy_from_logits(logits), mb.mask)
+            policy_loss = policy_loss - ppo.entropy_coef * entropy
+            stats["policy/entropy"] = entropy.detach()
+        if not self.kl_in_reward:
+            kl = fn.masked_mean(self.kl(outputs.logprobs, mb.ref_logprobs, "k3"), mb.mask)
+            policy_loss = policy_loss + self.kl_ctl.value * kl
+            stats["loss/kl"] = kl.detach()
+        return policy_loss, value_loss, stats
+
     def steps_policy_first(self) -> bool:
         """Whether each optimizer step applies (and frees) the policy's gradients before the
-        critic's backward (``update.can_step_policy_first``)."""
-        return can_step_policy_first(
-            self.ppo, self.critic is not None, self.trainer.precision_plugin,
-            self.trainer.strategy,
-        )  # fmt: skip
+        critic's backward allocates its own, so the peak holds one model's gradients, not both.
+
+        Only when nothing couples the two models' updates, so the weights are the same as with
+        one joint step: a separate critic (not a value head, not none), one micro-batch per
+        minibatch, no global-norm clipping, no gradient scaler, one unsharded device. Callbacks'
+        ``on_before_optimizer_step`` then runs twice per step, seeing the policy's gradients,
+        then the critic's."""
+        ppo, trainer = self.ppo_settings, self.trainer
+        return (
+            self.critic is not None
+            and ppo.micro_batch_size >= ppo.minibatch_size
+            and ppo.max_grad_norm is None
+            and getattr(trainer.precision_plugin, "scaler", None) is None
+            and isinstance(trainer.strategy, SingleDeviceStrategy)
+        )
+
+    def step_policy_alone(self, opt: Any) -> None:
+        """Apply and free the gradients accumulated so far: the policy's (the critic's
+        parameters have none yet, so the optimizer skips them).
+
+        Through the strategy and its precision plugin, as ``opt.step()`` goes, but not counted
+        as a Lightning step: the critic's step that follows completes the one optimizer step
+        that ``trainer.global_step`` counts, as it does when both step together."""
+        self.trainer.strategy.optimizer_step(opt.optimizer, closure=lambda: None)
+        opt.zero_grad()
 
     def skip(self, what: str, totals: dict[str, list[Tensor]]) -> dict[str, float]:
         """Count an update skipped for a non-finite ``what``; stop after ``max_skips`` in a row."""
@@ -287,41 +539,31 @@ class SALSAModule(RolloutSteps, ValidationHooks, StageModule):
             )
         return mean_stats(totals)
 
-    # ------------------------------------------------------------------ Lightning hooks
+    def all_sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over every rank (itself on one device)."""
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        t0 = time.perf_counter()
-        rollout = self.generate(batch, self.estimator_settings.samples_per_prompt)
-        t1 = time.perf_counter()
-        frozen = self.score_frozen(rollout)
-        # Before clipping hides an inf; every rank skips, or none does (a rank alone would wait
-        # for the others in the next collective).
-        finite = torch.isfinite(frozen.raw_scores).all() & torch.isfinite(frozen.scores).all()
-        if not self.all_ranks(finite):
-            self.skip("reward", {})
-            return
-        if self.scores_in_first_pass(rollout):  # timed as part of the update
-            t2 = time.perf_counter()
-            first = self.first_pass(rollout)
-            old = first.old_scores(rollout.mask)
-        else:
-            first, old = None, self.score_policy(rollout)
-            t2 = time.perf_counter()
-        trajectory = self.estimate(rollout, frozen, old)
-        stats = self.update(trajectory, first)
-        t3 = time.perf_counter()
-        self.log_rollout(frozen, trajectory, stats, (t0, t1, t2, t3))
-        # The controller steps on the whole batch's KL, so every rank's coefficient is the same.
-        rows = torch.tensor(float(trajectory.mask.shape[0]), device=self.device)
-        kl_sum, rows = self.all_sum(torch.stack([masked_sum(trajectory.kl, trajectory.mask), rows]))
-        self.kl_ctl.update(float(kl_sum / rows), int(rows))
+    def warn_ties(self, scores: Tensor) -> None:
+        """Warn once per run when whole groups scored alike: their advantages are 0, so they
+        teach nothing (more samples per prompt or a higher temperature help)."""
+        groups = scores.reshape(-1, self.estimator_settings.samples_per_prompt)
+        tied = int((groups.amax(1) == groups.amin(1)).sum())
+        self.log("rollout/tied_groups", tied / groups.shape[0])
+        if tied and not self.warned_ties:
+            self.warned_ties = True
+            rank_zero_warn(
+                f"{tied} of {groups.shape[0]} prompts got the same reward for all their "
+                f"{groups.shape[1]} samples: their advantages are 0 and they do not train "
+                "(warned once; `rollout/tied_groups` logs the fraction every iteration)."
+            )
 
-    def log_rollout(
+    def log_iteration(
         self, frozen: FrozenScores, t: Trajectory, stats: dict[str, float], times: tuple
     ) -> None:
         """TRL-named metrics of one PPO iteration, synced across ranks (a sharded run logs the
         same numbers as a single device)."""
-        metrics = rollout_metrics(t, frozen, self.kl_ctl.value, self.tokenizer.eos_token_id)
+        eos = self.tokenizer.eos_token_id
+        metrics = trajectory_metrics(t, frozen.raw_scores, self.kl_ctl.value, eos)
         metrics = {**metrics, **timing_metrics(t, times), **stats}
         # Lightning's step counts optimizer steps; this counts rollouts (restored on resume).
         metrics["train/rollouts"] = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
@@ -330,6 +572,71 @@ class SALSAModule(RolloutSteps, ValidationHooks, StageModule):
         self.log("reward", float(metrics["objective/scores"]), prog_bar=True, logger=False)
         self.log("kl", float(metrics["objective/kl"]), prog_bar=True, logger=False)
 
+    # ------------------------------------------------------------------ validation
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Sample answers to held-out prompts (seeded), score them, measure their KL to the
+        reference and to each soup ingredient."""
+        # A fixed seed per batch: every validation samples the same way, and training's RNG
+        # stream is untouched (resuming reproduces an uninterrupted run).
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(10_000 + batch_idx)
+            rollout = self.generate(batch)
+        temperature = self.generation.temperature
+        seq, mask, response = rollout.sequence, rollout.attention_mask, rollout.response
+        logprobs = response_logprobs(self.policy, seq, mask, response, temperature)
+        kl = self.kl(logprobs, self.reference_logprobs(rollout), "k1")
+        raw = self.raw_scores(rollout)
+        # The reward function is the judge beside a reward model; else the task's gold reward.
+        judge = self.reward_fn if self.reward is not None else None
+        gold = gold_scores(judge, rollout.prompts, rollout.texts)
+        rows = eval_rows(rollout, kl, raw, gold, logprobs, self.ingredient_logprobs(rollout))
+        loader = self.trainer.val_dataloaders
+        weights = held_out_rows(loader.sampler, batch_idx, loader.batch_size, len(raw))
+        for name, values in rows.items():
+            metric = self.eval_means[name.removeprefix("eval/").replace(".", "_")]
+            metric.update(values.detach().float(), weights.to(values.device))
+        if batch_idx == 0:
+            self.eval_samples += sample_records(rollout, raw)
+
+    @torch.no_grad()
+    def ingredient_logprobs(self, rollout: Rollout) -> dict[str, Tensor]:
+        """[B, R] log-probs of the answers under each soup ingredient, by checkpoint name."""
+        names = self.ingredient_names()
+        if not names:
+            return {}
+        if self.reference_mode == "multiple_kl":
+            ingredients = list(self.ref_models)
+        else:
+            if self.ingredients is None:
+                self.ingredients = models.build_ingredients(
+                    self.reference, self.frozen_dtype, self.device, self.device_mesh,
+                    self.hparams.fsdp_layer_class,
+                )  # fmt: skip
+            ingredients = self.ingredients
+        seq, mask, response = rollout.sequence, rollout.attention_mask, rollout.response
+        t = self.generation.temperature
+        return {
+            name: response_logprobs(model, seq, mask, response, t)
+            for name, model in zip(names, ingredients, strict=True)
+        }
+
+    def on_validation_epoch_end(self) -> None:
+        # compute() syncs each mean over the ranks; every rank updated the same metrics.
+        means = {
+            f"eval/{name}": metric.compute()
+            for name, metric in self.eval_means.items()
+            if metric.update_called
+        }
+        for metric in self.eval_means.values():
+            metric.reset()
+        self.log_dict(means, prog_bar=False)
+        self.last_eval = {k: float(v) for k, v in means.items()}
+        log_dir = self.trainer.log_dir  # a collective under FSDP: read it on every rank
+        if self.eval_samples and self.trainer.is_global_zero and log_dir:
+            append_samples(log_dir, self.global_step, self.eval_samples)
+        self.eval_samples = []
+
     # ------------------------------------------------------------------ checkpoints and export
 
     def training_record(self) -> dict[str, Any]:
@@ -337,9 +644,7 @@ class SALSAModule(RolloutSteps, ValidationHooks, StageModule):
 
     def recipe(self) -> dict[str, Any]:
         """What the frozen weights are made of: enough to rebuild and verify them."""
-        return reference_recipe(
-            self.reference, self.hparams.reference_mode, self.hparams.reward_model
-        )
+        return reference_recipe(self.reference, self.reference_mode, self.hparams.reward_model)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -364,19 +669,20 @@ class SALSAModule(RolloutSteps, ValidationHooks, StageModule):
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
 
     def on_fit_start(self) -> None:
-        data = self.trainer.datamodule.hparams
+        data, ppo = self.trainer.datamodule.hparams, self.ppo_settings
         rows = data.batch_size * self.estimator_settings.samples_per_prompt
-        steps = self.ppo.epochs * -(-rows // self.ppo.minibatch_size)
+        steps = ppo.epochs * -(-rows // ppo.minibatch_size)
         rank_zero_info(
             f"SALSA: one rollout of {rows} responses = {steps} optimizer steps (ppo.epochs "
-            f"{self.ppo.epochs} x minibatches): trainer.max_steps and checkpoint step= count those."
+            f"{ppo.epochs} x minibatches): trainer.max_steps and checkpoint step= count those."
         )
         rank_zero_info(
-            f"SALSA: reference {self.hparams.reference_mode} of {len(self.reference.checkpoints)} "
+            f"SALSA: reference {self.reference_mode} of {len(self.reference.checkpoints)} "
             f"checkpoint(s) with weights {self.reference.resolved_weights()}; policy from "
             f"{self.hparams.policy or 'the soup'}; estimator {asdict(self.estimator_settings)} "
             f"(KL {'in the reward' if self.kl_in_reward else 'as a loss term'}, loss "
-            f"{self.loss_aggregation}); PPO settings {asdict(self.ppo)}; KL {asdict(self.kl_settings)}"
+            f"{self.loss_aggregation}); PPO settings {asdict(ppo)}; KL {asdict(self.kl_settings)}; "
+            f"reward {asdict(self.reward_settings)}"
         )
 
     def export_model(self) -> nn.Module:
@@ -395,3 +701,9 @@ class SALSAModule(RolloutSteps, ValidationHooks, StageModule):
                 "the reference recipe in salsa_training.json."
             )
         export_pretrained(model, self.tokenizer, self.hparams.export_dir, extras, state_dict)
+
+
+def mean_stats(totals: dict[str, list[Tensor]]) -> dict[str, float]:
+    """The mean of each stat's scalar tensors, read from the device in one transfer."""
+    means = [torch.stack(v).mean() for v in totals.values()]
+    return dict(zip(totals, torch.stack(means).tolist(), strict=True)) if means else {}

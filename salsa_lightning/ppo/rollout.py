@@ -2,7 +2,8 @@
 and handed on (torchtune's ``Trajectory``):
 
 ``Rollout`` (sampled) -> ``FrozenScores`` (reference log-probs, reward) and ``PolicyScores`` (old
-log-probs, values) -> ``Trajectory`` (everything the update reads, with the advantages).
+log-probs, values) -> ``Trajectory`` (everything the update reads, with the advantages); and the
+metrics a trajectory is logged with, named as TRL names them.
 
 Shapes: B prompts; P prompt length (left-padded); R response length (pad after the first EOS).
 """
@@ -13,6 +14,7 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
+from torchmetrics.functional import explained_variance
 
 
 @dataclass(frozen=True)
@@ -117,3 +119,36 @@ class FirstPass:
         logprobs = self.outputs.logprobs.detach()[unshuffle]
         values = self.outputs.values
         return PolicyScores(logprobs, None if values is None else values.detach()[unshuffle] * mask)
+
+
+def trajectory_metrics(
+    t: Trajectory, raw_scores: Tensor, kl_coef: float, eos_token_id: int
+) -> dict[str, Tensor | float]:
+    """``objective/*``, ``value/explained_var`` and ``rollout/*`` of one trajectory."""
+    kl_sum = (t.kl * t.mask).sum(1)
+    metrics = {
+        "objective/kl": kl_sum.mean(),
+        "objective/entropy": (-t.logprobs * t.mask).sum(1).mean(),
+        "objective/scores": t.scores.mean(),
+        "objective/raw_scores": raw_scores.mean(),
+        "objective/rlhf_reward": (t.scores - kl_coef * kl_sum).mean(),
+        "rollout/response_length": t.mask.sum(1).mean(),
+        "rollout/eos_rate": (t.response == eos_token_id).any(1).float().mean(),
+        "objective/kl_coef": kl_coef,
+    }
+    if t.returns is not None:
+        on = t.mask.bool()  # the response tokens
+        metrics["value/explained_var"] = explained_variance(t.values[on], t.returns[on])
+    return metrics
+
+
+def timing_metrics(t: Trajectory, times: tuple[float, float, float, float]) -> dict[str, float]:
+    """``time/*`` of each phase and ``throughput/*`` from the phases' start and end times."""
+    t0, t1, t2, t3 = times
+    return {
+        "time/generation": t1 - t0,
+        "time/scoring": t2 - t1,
+        "time/update": t3 - t2,
+        "throughput/generated_tokens_per_s": t.response.numel() / max(t1 - t0, 1e-9),
+        "throughput/tokens_per_s": float(t.mask.sum()) / max(t3 - t0, 1e-9),
+    }

@@ -1,35 +1,25 @@
-"""The SALSA-PPO stage's settings, as YAML sections of ``SALSAModule``: ``estimator:``, ``kl:``
-and ``ppo:``."""
+"""The SALSA-PPO stage's settings, as YAML sections of ``SALSAModule``: ``estimator:``, ``kl:``,
+``ppo:`` and ``reward:``.
+
+Choices are ``Literal`` types, so ``salsa fit --help`` lists them and the parser refuses a bad
+one; ranges are checked in each ``__post_init__``, so a Python caller gets the same refusal.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from salsa_lightning.errors import SalsaError
+from salsa_lightning.errors import check_choices, require
+from salsa_lightning.functional import KLEstimator, LossAggregation
 from salsa_lightning.generation import GenerationSettings
+from salsa_lightning.ppo.estimators import EstimatorName
 from salsa_lightning.soup import SoupReference
 
-
-def check_ranges(settings: object, section: str, rules: dict[str, str]) -> None:
-    """Refuse a setting outside its range, naming it: ``rules`` maps a field to ``"positive"``,
-    ``"non-negative"``, ``"at least 1"`` or ``"in [0, 1]"`` (None always passes)."""
-    tests = {
-        "positive": lambda v: v > 0,
-        "non-negative": lambda v: v >= 0,
-        "at least 1": lambda v: v >= 1,
-        "in [0, 1]": lambda v: 0 <= v <= 1,
-    }
-    for f in fields(settings):
-        value, rule = getattr(settings, f.name), rules.get(f.name)
-        if rule is None or value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise SalsaError(f"{section}.{f.name} must be a number, got {value!r}.")
-        if not (math.isfinite(value) and tests[rule](value)):
-            raise SalsaError(f"{section}.{f.name} must be {rule}, got {value}.")
+ReferenceMode = Literal["soup", "multiple_kl"]
 
 
 @dataclass
@@ -48,14 +38,19 @@ class KLSettings:
     """
 
     coef: float = 0.05
-    estimator: str = "k1"
+    estimator: KLEstimator = "k1"
     in_reward: bool | None = None
     target: float | None = None
     horizon: int = 10000
 
     def __post_init__(self) -> None:
-        rules = {"coef": "non-negative", "target": "positive", "horizon": "at least 1"}
-        check_ranges(self, "model.kl", rules)
+        check_choices("model.kl", type(self), self)
+        require(
+            math.isfinite(self.coef) and self.coef >= 0, "model.kl.coef", "non-negative", self.coef
+        )
+        if self.target is not None:
+            require(self.target > 0, "model.kl.target", "positive", self.target)
+        require(self.horizon >= 1, "model.kl.horizon", "at least 1", self.horizon)
 
 
 @dataclass
@@ -76,16 +71,17 @@ class EstimatorSettings:
             None: the estimator's default (``sequence_mean`` for grpo, ``token_mean`` else).
     """
 
-    name: str = "gae"
+    name: EstimatorName = "gae"
     samples_per_prompt: int = 1
     scale_by_std: bool = True
     std_eps: float = 1e-4
-    loss_aggregation: str | None = None
+    loss_aggregation: LossAggregation | None = None
 
     def __post_init__(self) -> None:
-        check_ranges(
-            self, "model.estimator", {"samples_per_prompt": "at least 1", "std_eps": "non-negative"}
-        )
+        check_choices("model.estimator", type(self), self)
+        k = self.samples_per_prompt
+        require(k >= 1, "model.estimator.samples_per_prompt", "at least 1", k)
+        require(self.std_eps >= 0, "model.estimator.std_eps", "non-negative", self.std_eps)
 
 
 @dataclass
@@ -128,16 +124,46 @@ class PPOSettings:
     score_in_first_pass: bool = True
 
     def __post_init__(self) -> None:
-        rules = dict.fromkeys(("epochs", "minibatch_size", "micro_batch_size"), "at least 1")
-        rules.update(dict.fromkeys(("clip_range", "value_clip_range", "max_grad_norm"), "positive"))
-        rules.update(max_log_ratio="positive", vf_coef="non-negative", entropy_coef="non-negative")
-        rules.update(gamma="in [0, 1]", lam="in [0, 1]")
-        check_ranges(self, "model.ppo", rules)
+        for name in ("epochs", "minibatch_size", "micro_batch_size"):
+            value = getattr(self, name)
+            require(value >= 1, f"model.ppo.{name}", "at least 1", value)
+        for name in ("clip_range", "value_clip_range", "max_grad_norm", "max_log_ratio"):
+            value = getattr(self, name)
+            if value is not None:
+                require(math.isfinite(value) and value > 0, f"model.ppo.{name}", "positive", value)
+        for name in ("vf_coef", "entropy_coef"):
+            value = getattr(self, name)
+            require(math.isfinite(value) and value >= 0, f"model.ppo.{name}", "non-negative", value)
+        for name in ("gamma", "lam"):
+            value = getattr(self, name)
+            require(0 <= value <= 1, f"model.ppo.{name}", "in [0, 1]", value)
+
+
+@dataclass
+class RewardSettings:
+    """How a response's raw reward becomes the score PPO optimises (``functional.shaped_scores``).
+
+    Attributes:
+        normalize: Normalise reward-model scores with the mean/std in its
+            ``reward_stats.json`` (a reward function's scores are used as they are).
+        clip: Clip the normalised scores to [-clip, clip] (None: off).
+        missing_eos_penalty: Subtracted from the score of a response that never emits EOS.
+    """
+
+    normalize: bool = True
+    clip: float | None = 5.0
+    missing_eos_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.clip is not None:
+            require(self.clip > 0, "model.reward.clip", "positive", self.clip)
+        penalty = self.missing_eos_penalty
+        require(math.isfinite(penalty), "model.reward.missing_eos_penalty", "finite", penalty)
 
 
 # The settings and the reference recipe are saved in checkpoints' hyper_parameters when the
 # module is built in Python; Lightning resumes with torch.load(weights_only=True), which only
 # unpickles allowlisted classes (plain dataclasses of numbers, strings and lists).
 torch.serialization.add_safe_globals(
-    [EstimatorSettings, GenerationSettings, KLSettings, PPOSettings, SoupReference]
+    [EstimatorSettings, GenerationSettings, KLSettings, PPOSettings, RewardSettings, SoupReference]
 )

@@ -1,9 +1,11 @@
-"""Validation of the SALSA-PPO stage on held-out prompts.
+"""What the SALSA-PPO stage's validation records about held-out prompts (the hooks are
+``SALSAModule``'s).
 
 Per sampled answer: ``eval/score`` (the reward), ``eval/gold`` (the judge, see
 ``scoring.gold_scores``), ``eval/kl`` (k1 KL to the training reference, summed over the answer),
 ``eval/kl_<checkpoint>`` (to each soup ingredient) and ``eval/response_length``; a few answers
-go to ``samples.jsonl`` in the log directory.
+go to ``samples.jsonl`` in the log directory. Each metric is the mean over every held-out
+prompt, whatever the number of ranks (``held_out_rows``).
 """
 
 from __future__ import annotations
@@ -13,15 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+from torch.utils.data import DistributedSampler
 
-from salsa_lightning.frozen import Frozen
 from salsa_lightning.functional import kl_estimate
-from salsa_lightning.generation import response_logprobs
 from salsa_lightning.ppo.rollout import Rollout
-from salsa_lightning.scoring import gold_scores
-from salsa_lightning.sharding import shard
-from salsa_lightning.soup import SoupReference
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -74,82 +72,25 @@ def append_samples(log_dir: str, step: int, samples: list[dict[str, Any]]) -> No
             f.write(json.dumps({"step": step, **s}) + "\n")
 
 
-def build_ingredients(
-    reference: SoupReference,
-    dtype: torch.dtype | None,
-    device: torch.device,
-    mesh: Any = None,
-    layer_class: str | None = None,
-) -> list[nn.Module]:
-    """Each soup ingredient as a frozen model on ``device`` (sharded like the other frozen
-    models under FSDP2), to measure the KL to each."""
-    out = []
-    for model in reference.build_each(dtype=dtype):
-        model = Frozen(model).to(device)
-        if mesh is not None:
-            shard(model, mesh, layer_class)
-        out.append(model)
-    return out
+def held_out_rows(sampler: Any, batch_idx: int, batch_size: int, rows: int) -> Tensor:
+    """[rows] 1 for the held-out prompts of a validation batch, 0 for the copies a
+    ``DistributedSampler`` appends so that every rank runs as many batches as the others.
 
+    Without the copies' zero weight, a data set that does not split evenly over the ranks would
+    count some prompts twice, and the metrics would differ from one process's.
 
-class ValidationHooks:
-    """The validation hooks of ``SALSAModule``: per held-out batch, sample answers (seeded),
-    score them, measure their KL to the reference and to each soup ingredient.
-
-    Uses the module's ``generate``, ``reference_logprobs``, ``raw_scores`` and ``kl`` steps."""
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval: dict[str, list[Tensor]] = {}
-        self._samples: list[dict[str, Any]] = []
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        # A fixed seed per batch: every validation samples the same way, and training's RNG
-        # stream is untouched (resuming reproduces an uninterrupted run).
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(10_000 + batch_idx)
-            rollout = self.generate(batch)
-        temperature = self.generation.temperature
-        seq, mask = rollout.sequence, rollout.attention_mask
-        logprobs = response_logprobs(self.policy, seq, mask, rollout.response, temperature)
-        kl = self.kl(logprobs, self.reference_logprobs(rollout), "k1")
-        raw = self.raw_scores(rollout)
-        # The reward function is the judge beside a reward model; else the task's gold reward.
-        judge = self.reward_fn if self.reward is not None else None
-        gold = gold_scores(judge, rollout.prompts, rollout.texts)
-        rows = eval_rows(rollout, kl, raw, gold, logprobs, self.ingredient_logprobs(rollout))
-        for k, v in rows.items():
-            self._eval.setdefault(k, []).append(v.detach().float().cpu())
-        if batch_idx == 0:
-            self._samples += sample_records(rollout, raw)
-
-    def ingredient_logprobs(self, rollout: Rollout) -> dict[str, Tensor]:
-        """[B, R] log-probs of the answers under each soup ingredient, by checkpoint name."""
-        if not self.hparams.eval_kl_to_each or len(self.reference.checkpoints) < 2:
-            return {}
-        if self.hparams.reference_mode == "multiple_kl":
-            models_ = list(self.ref_models)
-        else:
-            if self._ingredients is None:
-                self._ingredients = build_ingredients(
-                    self.reference, self.frozen_dtype, self.device, self.device_mesh,
-                    self.hparams.fsdp_layer_class,
-                )  # fmt: skip
-            models_ = self._ingredients
-        seq, mask, temperature = (
-            rollout.sequence,
-            rollout.attention_mask,
-            self.generation.temperature,
-        )
-        return {
-            Path(path).name: response_logprobs(model, seq, mask, rollout.response, temperature)
-            for path, model in zip(self.reference.checkpoints, models_, strict=True)
-        }
-
-    def on_validation_epoch_end(self) -> None:
-        # On the module's device: NCCL cannot reduce CPU tensors (sync_dist on GPUs).
-        means = {k: torch.cat(v).mean().to(self.device) for k, v in self._eval.items()}
-        self.log_dict(means, prog_bar=False, sync_dist=True)
-        self.last_eval = {k: float(v) for k, v in means.items()}
-        log_dir = self.trainer.log_dir  # a collective under FSDP: read it on every rank
-        if self._samples and self.trainer.is_global_zero and log_dir:
-            append_samples(log_dir, self.global_step, self._samples)
+    Args:
+        sampler: The validation loader's sampler (Lightning's ``DistributedSampler`` on several
+            ranks; anything else adds no copies).
+        batch_idx: The batch's index in this rank's loader.
+        batch_size: The loader's batch size.
+        rows: The batch's rows.
+    """
+    weights = torch.ones(rows)
+    if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+        # Rank r serves positions r, r + world, ... of the padded index list; those from the
+        # data set's length on are copies.
+        own = len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))
+        first = batch_idx * batch_size
+        weights[max(own - first, 0) :] = 0.0
+    return weights
