@@ -434,27 +434,29 @@ class SALSAModule(StageModule):
             order = first.order if reuse_first else torch.randperm(rows, device=self.device)
             for minibatch in order.split(ppo.minibatch_size):
                 finite = torch.ones((), device=self.device)
-                micro_batches = minibatch.split(ppo.micro_batch_size)
-                for micro in micro_batches:
+                critic_losses = []  # policy first: backpropagated after the policy's step
+                for micro in minibatch.split(ppo.micro_batch_size):
                     mb = trajectory.select(micro)
                     outputs = first.outputs if reuse_first else self.policy_pass(mb)
                     policy_loss, value_loss, stats = self.micro_batch_loss(mb, outputs)
                     finite = finite * torch.isfinite(policy_loss + value_loss)
-                    if not policy_first:
+                    if policy_first:
+                        self.manual_backward(policy_loss)
+                        critic_losses.append(value_loss)
+                    else:
                         # Each micro-batch weighs by its rows: a short minibatch (an epoch's
                         # last, smaller batch of prompts) is not scaled down by the nominal count.
                         share = len(minibatch) / len(micro)
                         self.manual_backward((policy_loss + value_loss) / share)
                     for k, v in stats.items():
                         totals.setdefault(k, []).append(v.detach().float())
-                if policy_first:  # one micro-batch per minibatch: the losses of the one above
-                    self.manual_backward(policy_loss)
                 if not self.trainer.strategy.reduce_boolean_decision(bool(finite)):
                     opt.zero_grad()  # throw the step's gradients away, stop the update
                     return self.skip("loss", totals)
                 if policy_first:
+                    (critic_loss,) = critic_losses  # one micro-batch per minibatch
                     self.step_policy_alone(opt)
-                    self.manual_backward(value_loss)
+                    self.manual_backward(critic_loss)
                 if ppo.max_grad_norm is not None:
                     self.clip_gradients(opt, ppo.max_grad_norm, "norm")
                 opt.step()
