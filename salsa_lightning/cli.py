@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         cause = salsa_cause(err)
         if cause is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        print(f"{cause.details}error: {cause}", file=sys.stderr)
         return 2
     return 0
 

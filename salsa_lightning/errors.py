@@ -13,8 +13,13 @@ class SalsaError(ValueError):
     """A user-fixable problem with an input: a file, a column, a tensor or a setting.
 
     The message names the culprit and says what to do. The ``salsa`` command prints it
-    without a traceback and exits with status 2.
+    without a traceback and exits with status 2; ``details`` (for example the traceback of the
+    user's own code that failed) is printed before it.
     """
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
 
 
 def literal_choices(annotation: Any) -> tuple[Any, ...]:

@@ -28,6 +28,23 @@ class RankInGroupReward:
         return torch.tensor(scores)
 
 
+class RaisesOnSecondCall:
+    """The embedded task's gold reward, except that its second call raises (a bug in the
+    user's reward function)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 2:
+            return self.score_badly(prompts)
+        return GoldReward()(prompts, responses)
+
+    def score_badly(self, prompts: list[str]) -> torch.Tensor:
+        raise KeyError(f"no score for {prompts[0]!r}")
+
+
 class NaNOnRankOne:
     """The embedded task's gold reward, except that on its third call the process of global
     rank 1 returns NaN for every response (the other ranks get finite rewards)."""

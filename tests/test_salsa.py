@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 
 import lightning as L
@@ -517,6 +518,89 @@ def test_a_non_finite_loss_drops_the_whole_optimizer_step(stage_outputs, task_di
     assert recorder.metrics[0]["train/skipped_updates"] == 1.0
     assert same(after_first.weights, recorder.start)  # nothing of the first rollout applied
     assert module.skips == 0 and not same(snapshot(module), recorder.start)
+
+
+def cli_salsa(stage_outputs, task_dir, root, *extra) -> list[str]:
+    """``salsa fit --config configs/salsa.yaml`` on the session's stage outputs: 3 rollouts of
+    8 prompts, 8 new tokens, one PPO epoch, checkpoints every 2 rollouts in ``root/ckpt``."""
+    out = stage_outputs
+    return [
+        "fit",
+        "--config", str(CONFIGS / "salsa.yaml"),
+        "--model.init_args.reference.checkpoints", f"[{out['sft-1']}, {out['sft-2']}]",
+        "--model.init_args.reward_model", str(out["reward"]),
+        "--model.init_args.generation.max_new_tokens", "8",
+        "--model.init_args.ppo.epochs", "1",
+        "--model.init_args.ppo.minibatch_size", "8",
+        "--model.init_args.ppo.micro_batch_size", "8",
+        "--model.init_args.export_dir", str(root / "policy"),
+        "--data.init_args.tokenizer", str(out["sft-1"]),
+        "--data.init_args.task_dir", str(task_dir),
+        "--data.init_args.batch_size", "8",
+        "--trainer.accelerator", "cpu",
+        "--trainer.limit_train_batches", "3",
+        "--trainer.max_epochs", "1",
+        "--trainer.limit_val_batches", "0",
+        "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(root),
+        "--trainer.callbacks.init_args.dirpath", str(root / "ckpt"),
+        "--trainer.callbacks.init_args.every_n_train_steps", "2",
+        *extra,
+    ]  # fmt: skip
+
+
+def lr_args(lr: float) -> list[str]:
+    return ["--model.init_args.optimizer.init_args.lr", str(lr)]
+
+
+@pytest.mark.parametrize(
+    "lr, what",
+    [(1e15, "policy's next-token logits are non-finite"), (1e30, "PPO update made")],
+    ids=["huge-weights", "non-finite-weights"],
+)
+def test_a_diverged_update_stops_the_run_in_one_line_before_any_checkpoint_of_it(
+    lr, what, stage_outputs, task_dir, tmp_path, capsys
+):
+    """A learning rate far too high (the issue's lr 1000 on the quickstart's models): the first
+    update leaves the weights huge but finite (the next rollout's logits are not) or makes them
+    non-finite. The run stops at that rollout with one line naming it, the last checkpoint
+    (none yet) and the likely cause, before sampling from or checkpointing the broken weights
+    (before the fix: a raw traceback from torch.multinomial at the next rollout)."""
+    from salsa_lightning.cli import main
+
+    code = main(cli_salsa(stage_outputs, task_dir, tmp_path, *lr_args(lr)))
+    err = capsys.readouterr().err
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    assert re.match(rf"error: rollout [12]: the {what}.* \(the run diverged\)", line), line
+    assert "Last checkpoint: none yet" in line and f"learning rate ({lr:g})" in line
+    assert "Traceback" not in err and "multinomial" not in err
+    assert not (tmp_path / "policy").exists()
+    assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").iterdir())
+
+
+def test_a_failing_reward_function_keeps_its_own_traceback_and_names_itself(
+    stage_outputs, task_dir, tmp_path, capsys
+):
+    from salsa_lightning.cli import main
+
+    reward = ["--model.init_args.reward_model", "null",
+              "--model.init_args.reward_fn", "cli_plugins.RaisesOnSecondCall"]  # fmt: skip
+    code = main(cli_salsa(stage_outputs, task_dir, tmp_path, *reward))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("Traceback (most recent call last):") == 1  # theirs, nothing of ours
+    traceback, line = err[err.index("Traceback") :].strip().rsplit("\n", 1)
+    assert "in __call__" in traceback and "in score_badly" in traceback
+    assert traceback.splitlines()[-1].startswith('KeyError: "no score for ')
+    assert "lightning" not in traceback and "salsa_lightning" not in traceback  # their code only
+    assert line == (
+        "error: model.reward_fn RaisesOnSecondCall (cli_plugins.RaisesOnSecondCall) raised "
+        "KeyError on rollout 2 (its traceback above); fix the reward function and resume "
+        "with --ckpt_path last."
+    )
+    assert not (tmp_path / "policy").exists()
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -30,6 +30,7 @@ def test_validation_means_over_unequal_ranks_equal_one_process(stage_outputs, ta
         "--model.init_args.generation.max_new_tokens", "8",
         "--data.init_args.tokenizer", str(out["sft-1"]),
         "--data.init_args.task_dir", str(task_dir),
+        "--data.init_args.train_files", str(task_dir / "prompts_train.jsonl"),
         "--data.init_args.val_files", str(tmp_path / "val.jsonl"),
         "--data.init_args.eval_batch_size", "2",
         "--trainer.accelerator", "cpu",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
@@ -305,6 +306,7 @@ class SALSAModule(StageModule):
             t2 = time.perf_counter()
         trajectory = self.estimate(rollout, frozen, old)
         stats = self.update(trajectory, first)
+        self.check_finite_weights()  # before a checkpoint or the next rollout reads them
         t3 = time.perf_counter()
         self.log_iteration(frozen, trajectory, stats, (t0, t1, t2, t3))
         # The controller steps on the whole batch's KL, so every rank's coefficient is the same.
@@ -322,9 +324,14 @@ class SALSAModule(StageModule):
         sharded = not isinstance(strategy, SingleDeviceStrategy)
         query = batch["input_ids"].repeat_interleave(k, 0)
         query_mask = batch["attention_mask"].repeat_interleave(k, 0)
-        response, mask = sample(
-            self.policy, tok, query, query_mask, self.generation, synced, sharded
-        )
+        try:
+            response, mask = sample(
+                self.policy, tok, query, query_mask, self.generation, synced, sharded
+            )
+        except RuntimeError as err:  # torch.multinomial on non-finite probabilities
+            if "probability tensor contains" not in str(err):
+                raise
+            raise self.diverged("the policy's next-token logits are non-finite") from err
         texts = tok.batch_decode(response, skip_special_tokens=True)
         prompts = [p for p in batch["prompt"] for _ in range(k)]
         return Rollout(query, query_mask, response, mask, prompts, texts)
@@ -356,8 +363,17 @@ class SALSAModule(StageModule):
         """[B] reward-model scores (re-tokenised when the reward model has another vocabulary),
         else the reward function's."""
         if self.reward is None:
-            scores = self.reward_fn(rollout.prompts, rollout.texts)
             what = f"model.reward_fn {type(self.reward_fn).__name__}"
+            try:
+                scores = self.reward_fn(rollout.prompts, rollout.texts)
+            except Exception as err:  # the user's code: keep its traceback, frame it in one line
+                user_frames = err.__traceback__.tb_next  # from the reward function's own call
+                raise SalsaError(
+                    f"{what} ({type(self.reward_fn).__module__}.{type(self.reward_fn).__qualname__}) "
+                    f"raised {type(err).__name__} on rollout {self.rollout_index()} (its "
+                    "traceback above); fix the reward function and resume with --ckpt_path last.",
+                    details="".join(traceback.format_exception(type(err), err, user_frames)),
+                ) from err
             return check_scores(scores, len(rollout.texts), what).to(self.device)
         if self.reward_tokenizer is not None:
             return text_scores(self.reward, self.reward_tokenizer, rollout.prompts, rollout.texts)
@@ -541,6 +557,36 @@ class SALSAModule(StageModule):
             )
         return mean_stats(totals)
 
+    def check_finite_weights(self) -> None:
+        """Stop when an update made a trained weight non-finite (the run diverged), naming the
+        rollout, the last good checkpoint and the likely causes, before this rollout's weights
+        are checkpointed or exported. One norm per parameter (of its local shard under FSDP),
+        all read in one transfer."""
+        params = [p.detach() for p in self.parameters() if p.requires_grad]
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+        norms = torch.stack([torch.linalg.vector_norm(p) for p in local])
+        finite = bool(torch.isfinite(norms).all())
+        if self.trainer.strategy.reduce_boolean_decision(finite):
+            return
+        raise self.diverged("the PPO update made the trained weights non-finite")
+
+    def diverged(self, what: str) -> SalsaError:
+        """The one-line stop of a diverged run: the rollout, the last checkpoint, the likely
+        causes and how to go on."""
+        last = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
+        then = "resume with --ckpt_path last" if last else "rerun"
+        lr = self.optimizers().param_groups[0]["lr"]
+        return SalsaError(
+            f"rollout {self.rollout_index()}: {what} (the run diverged); nothing of it is "
+            f"checkpointed or exported. Last checkpoint: {last or 'none yet'}. Likely causes: "
+            f"the learning rate ({lr:g}) or the KL coefficient (model.kl.coef "
+            f"{self.kl_ctl.value:g}) is too high; lower it and {then}."
+        )
+
+    def rollout_index(self) -> int:
+        """The current rollout's number in the run, from 1 (restored on resume)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+
     def all_sum(self, tensor: Tensor) -> Tensor:
         """``tensor`` summed over every rank (itself on one device)."""
         return self.trainer.strategy.reduce(tensor, reduce_op="sum")
@@ -568,7 +614,7 @@ class SALSAModule(StageModule):
         metrics = trajectory_metrics(t, frozen.raw_scores, self.kl_ctl.value, eos)
         metrics = {**metrics, **timing_metrics(t, times), **stats}
         # Lightning's step counts optimizer steps; this counts rollouts (restored on resume).
-        metrics["train/rollouts"] = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        metrics["train/rollouts"] = self.rollout_index()
         sync = self.trainer.world_size > 1
         self.log_dict({k: float(v) for k, v in metrics.items()}, prog_bar=False, sync_dist=sync)
         self.log("reward", float(metrics["objective/scores"]), prog_bar=True, logger=False)
