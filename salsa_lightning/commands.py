@@ -245,7 +245,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def run_command(argv: list[str]) -> int:
-    """Run one stage command, e.g. ``["fit", "--config", "sft.yaml"]``; returns its exit
+    """Run one stage command, e.g. ``["fit", "--config", "configs/sft.yaml"]``; returns its exit
     status: 0, or 2 after printing ``error: ...`` for bad input."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
