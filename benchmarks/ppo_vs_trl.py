@@ -51,7 +51,7 @@ iteration (batch / 4 prompts x 4 samples): no critic is built, so its peak memor
 critic costs in a PPO iteration.
 
 The ``smollm2`` preset runs the real SmolLM2-135M-Instruct (converted with ``salsa convert``,
-see the README) instead of random weights: policy and reference are the checkpoint, reward and
+see docs/real-models.md) instead of random weights: policy and reference are the checkpoint, reward and
 value models a one-label classifier of it with a fresh score head, and the prompts the embedded
 task's, in the model's chat template, all of ``prompt_length`` tokens.
 
@@ -122,7 +122,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "repeats": 1,
         },
     },
-    # SmolLM2-135M-Instruct, the real model converted by `salsa convert` (see the README): the
+    # SmolLM2-135M-Instruct, the real model converted by `salsa convert` (see docs/real-models.md): the
     # same pretrained weights on both sides, the embedded task's prompts in its chat template.
     "smollm2": {
         "checkpoint": "artifacts/smollm2",
@@ -329,7 +329,7 @@ def checkpoint_inputs(root: Path, s: dict[str, Any]) -> dict[str, str]:
     if not (source / "config.json").is_file():
         raise SystemExit(
             f"--checkpoint {source}: no model there; convert it first (salsa convert --gguf "
-            "FILE --output artifacts/smollm2, see the README)"
+            "FILE --output artifacts/smollm2, see docs/real-models.md)"
         )
     tokenizer = AutoTokenizer.from_pretrained(source)
     torch.manual_seed(s["seed"] + 1)

@@ -3,8 +3,8 @@
 The pipeline, in the order a run takes: ``data`` (DataModules) -> ``sft`` (SFTModule) ->
 ``reward`` (RewardModule) -> ``soup`` (model soups) -> ``ppo`` (SALSAModule: PPO or a group
 estimator with a soup reference) -> ``evaluate`` and ``report``. ``task`` is the embedded default
-task, ``functional`` holds the math and ``cli`` every ``salsa`` command (the README's "How the
-code is laid out" names every file).
+task, ``functional`` holds the math and ``cli`` the ``salsa`` command (``docs/layout.md`` names
+every file).
 """
 
 __version__ = "0.1.0"

@@ -5,8 +5,9 @@ A pipeline YAML lists stages, each one ``salsa`` command (``fit``, ``soup``, ``e
 paths it writes (``outputs``). The driver checks, before anything runs, that every input exists
 or is written by an earlier stage; it runs the stages in order from the output directory,
 printing a line per stage, and skips a stage whose outputs all exist (so a rerun resumes).
-Config paths are relative to the pipeline YAML; stage paths are relative to the output directory.
-``salsa quickstart [--output DIR]`` runs ``configs/quickstart.yaml`` and then writes the report.
+Config paths are relative to the pipeline YAML (so a packaged pipeline runs the packaged
+stages); stage paths are relative to the output directory. ``salsa quickstart [--output DIR]``
+runs ``configs/quickstart.yaml`` and then writes the report.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from salsa_lightning.commands import run_command
+from salsa_lightning.config_files import find_config
 from salsa_lightning.errors import SalsaError
-
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass
@@ -61,12 +62,10 @@ def check_plan(stages: list[Stage], root: Path, config_dir: Path) -> None:
 
 
 def run_stage(stage: Stage, config_dir: Path) -> None:
-    from salsa_lightning.cli import main
-
     args = [stage.command]
     for cfg in stage.configs:
         args += ["--config", str(config_dir / cfg)]
-    code = main(args + [str(a) for a in stage.args])
+    code = run_command(args + [str(a) for a in stage.args])
     if code:
         raise SalsaError(
             f"stage {stage.name!r} failed (exit status {code}); see the message above."
@@ -105,22 +104,14 @@ def run_pipeline(
     return root
 
 
-def find_config(name: str) -> Path:
-    """A YAML from ./configs, else from the configs/ of the source checkout."""
-    for base in (Path.cwd() / "configs", REPO_CONFIGS):
-        if (base / name).is_file():
-            return base / name
-    raise SalsaError(f"configs/{name} not found here or in {REPO_CONFIGS}; pass --config.")
-
-
 def run_with_report(config: str | os.PathLike, output: str | os.PathLike = ".") -> Path:
-    """Run a pipeline YAML, then write the report its ``report:`` section names (the quickstart);
-    returns the output directory."""
+    """Run a pipeline YAML (a file, or a packaged name such as ``quickstart.yaml``), then write
+    the report its ``report:`` section names (the quickstart); returns the output directory."""
     import yaml
 
     from salsa_lightning.report import ReportSpec, write_report
 
-    config = Path(config)
+    config = find_config(config)
     start = time.perf_counter()
     report = (yaml.safe_load(config.read_text()) or {}).get("report")
     spec = ReportSpec.from_yaml(report) if report else None  # a bad report section fails first

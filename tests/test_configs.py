@@ -1,6 +1,8 @@
 """Every LightningCLI YAML under configs/ parses and instantiates with SalsaCLI, into the classes
 and settings it names. Files that are not LightningCLI configs (no top-level ``model:`` with a
-``class_path``, e.g. ``configs/soup.yaml``) are skipped."""
+``class_path``, e.g. ``configs/soup.yaml``) are skipped. The same YAMLs are the packaged ones: a
+``--config`` name finds them from any directory, and ``salsa configs list|copy`` show and copy
+them."""
 
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import BASE, CONFIGS
+from conftest import BASE, CONFIGS, REPO
 
+import salsa_lightning
 from salsa_lightning import embedded
-from salsa_lightning.cli import SalsaCLI
+from salsa_lightning.cli import SalsaCLI, main
 from salsa_lightning.finetune import FineTuneModule
 
 
@@ -172,3 +175,163 @@ def test_fsdp1_config_stacks_on_every_stage(stage, tmp_path, monkeypatch):
     assert type(strategy) is FSDP1Strategy
     assert strategy.kwargs["use_orig_params"] is True
     assert strategy._state_dict_type == "sharded"
+
+
+# ----------------------------------------------------------------------------- packaged configs
+
+
+def test_the_packaged_configs_are_the_repos_configs():
+    """In a checkout the packaged folder is configs/ itself (the wheel maps it in): no YAML
+    exists twice."""
+    from salsa_lightning.config_files import packaged_dir, packaged_names
+
+    assert packaged_dir() == CONFIGS.resolve()
+    assert packaged_names() == sorted(p.relative_to(CONFIGS).as_posix() for p in ALL_YAML)
+    assert not (Path(salsa_lightning.__file__).parent / "configs").exists()
+
+
+def test_pyproject_packages_every_folder_of_the_package():
+    """pyproject.toml lists the packages by hand (package-dir maps configs/ in): a new
+    subpackage missing from the list would be missing from the wheel."""
+    import tomllib
+
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    package = Path(salsa_lightning.__file__).parent
+    found = {"salsa_lightning"} | {
+        "salsa_lightning." + p.parent.relative_to(package).as_posix().replace("/", ".")
+        for p in package.rglob("__init__.py")
+        if p.parent != package
+    }
+    assert found | {"salsa_lightning.configs"} == set(setuptools["packages"])
+    assert setuptools["package-dir"] == {"salsa_lightning.configs": "configs"}
+
+
+def test_a_config_name_finds_the_packaged_yaml_and_says_so(tmp_path, monkeypatch, capsys):
+    """From an empty directory: ``sft.yaml`` and ``configs/fsdp1.yaml`` are the packaged files,
+    each named in one line on stderr; stdout keeps only the printed config."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:  # --print_config prints, then exits 0
+        main(["fit", "--config", "sft.yaml", "--config", "configs/fsdp1.yaml", "--print_config"])
+    out, err = capsys.readouterr()
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(out)
+    assert printed["model"]["class_path"] == "salsa_lightning.SFTModule"
+    assert printed["trainer"]["strategy"]["class_path"].endswith("FSDP1Strategy")
+    lines = [line for line in err.splitlines() if "using the packaged" in line]
+    assert lines == [
+        f"--config sft.yaml: using the packaged {CONFIGS / 'sft.yaml'}",
+        f"--config configs/fsdp1.yaml: using the packaged {CONFIGS / 'fsdp1.yaml'}",
+    ]
+
+
+def test_a_local_file_wins_over_the_packaged_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    doc = load_yaml(CONFIGS / "sft.yaml")
+    doc["trainer"]["max_epochs"] = 7
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "sft.yaml", "--print_config"])
+    out, err = capsys.readouterr()
+    assert yaml.safe_load(out)["trainer"]["max_epochs"] == 7
+    assert "packaged" not in err
+
+
+def test_an_unknown_config_lists_close_packaged_names(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", "sfft.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "error: config 'sfft.yaml' is neither a file here nor a packaged config" in err
+    assert "Close matches: sft.yaml" in err and "salsa configs list" in err
+    assert main(["pipeline", "--config", "pipeline.yaml"]) == 2
+    assert "Close matches: smollm2/pipeline.yaml" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_packaged_pipeline_reads_its_stage_yamls_from_the_package(tmp_path, monkeypatch, capsys):
+    """``salsa pipeline --config configs/smollm2/pipeline.yaml`` from an empty directory: every
+    stage YAML is found beside the packaged pipeline, and the plan stops, before any stage
+    runs, at the first input nobody writes (the converted model)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["pipeline", "--config", "configs/smollm2/pipeline.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert f"using the packaged {CONFIGS / 'smollm2/pipeline.yaml'}" in err
+    assert "config file" not in err  # every stage YAML was found
+    assert "reads 'artifacts/smollm2', which neither exists" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_configs_list_shows_every_yaml_with_its_first_comment(capsys):
+    from salsa_lightning.config_files import first_comment
+
+    assert main(["configs", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{len(ALL_YAML)} packaged configs in {CONFIGS.resolve()}")
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in lines[1:]}
+    assert set(rows) == {p.relative_to(CONFIGS).as_posix() for p in ALL_YAML}
+    assert rows["sft.yaml"] == first_comment(CONFIGS / "sft.yaml")
+    assert rows["sft.yaml"].startswith("Stage 1: supervised fine-tuning")
+
+
+def test_configs_copy_a_file_and_a_folder_and_never_overwrites_unasked(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    assert main(["configs", "copy", "sft.yaml"]) == 0
+    assert (tmp_path / "sft.yaml").read_bytes() == (CONFIGS / "sft.yaml").read_bytes()
+    assert main(["configs", "copy", "smollm2", "mine"]) == 0
+    copied = sorted(
+        p.relative_to(tmp_path / "mine").as_posix() for p in (tmp_path / "mine").rglob("*")
+    )
+    assert copied == ["smollm2"] + sorted(
+        f"smollm2/{p.name}" for p in (CONFIGS / "smollm2").glob("*.yaml")
+    )
+    capsys.readouterr()
+
+    # An edited copy is kept unless --overwrite says otherwise; nothing else is written.
+    (tmp_path / "sft.yaml").write_text("edited: true\n")
+    (tmp_path / "mine/smollm2/ppo.yaml").write_text("edited: true\n")
+    assert main(["configs", "copy", "sft.yaml", "."]) == 2
+    assert "sft.yaml already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["configs", "copy", "smollm2", "mine"]) == 2
+    assert "already exist; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "sft.yaml").read_text() == "edited: true\n"
+    assert (tmp_path / "mine/smollm2/ppo.yaml").read_text() == "edited: true\n"
+    assert main(["configs", "copy", "smollm2", "mine", "--overwrite"]) == 0
+    ppo = CONFIGS / "smollm2/ppo.yaml"
+    assert (tmp_path / "mine/smollm2/ppo.yaml").read_bytes() == ppo.read_bytes()
+    assert main(["configs", "copy", "configs/sft.yaml", "renamed.yaml"]) == 0
+    assert (tmp_path / "renamed.yaml").read_bytes() == (CONFIGS / "sft.yaml").read_bytes()
+    assert not [p for p in tmp_path.rglob(".*tmp-*")]  # no temporary left
+
+    assert main(["configs", "copy", "smolm2"]) == 2
+    assert "Close matches: smollm2" in capsys.readouterr().err
+
+
+def test_configs_copy_configs_copies_all_of_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["configs", "copy", "configs", "."]) == 0
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.yaml")) == sorted(
+        f"configs/{p.relative_to(CONFIGS).as_posix()}" for p in ALL_YAML
+    )
+
+
+def test_cli_and_pipeline_do_not_import_each_other():
+    """The commands a stage runs live in commands.py, which imports neither cli.py nor
+    pipeline.py; pipeline.py imports commands.py, and cli.py both."""
+    import ast
+
+    def imported(name: str) -> set[str]:
+        tree = ast.parse((Path(salsa_lightning.__file__).parent / f"{name}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+        return {
+            m.removeprefix("salsa_lightning.") for m in found if m.startswith("salsa_lightning")
+        }
+
+    assert "cli" not in imported("pipeline")
+    assert not {"cli", "pipeline"} & imported("commands")
+    assert not {"cli", "pipeline", "commands"} & imported("config_files")

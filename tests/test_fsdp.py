@@ -98,7 +98,7 @@ def first(rows: list[dict[str, float]], key: str) -> float:
     return next(r[key] for r in rows if key in r)
 
 
-# Exactly the README's flags (with the CPU accelerator): no data_parallel_size of our own.
+# Exactly docs/fsdp.md's flags (with the CPU accelerator): no data_parallel_size of our own.
 FSDP2 = [
     "--config",
     str(CONFIGS / "fsdp.yaml"),

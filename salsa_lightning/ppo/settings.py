@@ -86,7 +86,7 @@ class EstimatorSettings:
 
 @dataclass
 class PPOSettings:
-    """The PPO update (defaults: the field's usual values, see the README).
+    """The PPO update (defaults: the field's usual values, see docs/algorithm.md).
 
     Attributes:
         epochs: PPO epochs over each rollout.
