@@ -266,13 +266,28 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``salsa`` console script."""
+    """Entry point of the ``salsa`` console script.
+
+    Returns:
+        0 on success; 2 on a bad input (the message is printed as ``error: ...``); 143 when
+        SIGTERM stopped the run (one ``stopped by SIGTERM: ...`` line says what was kept).
+    """
+    from lightning.pytorch.utilities import rank_zero_only
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from salsa_lightning.preemption import SIGTERM_STATUS, Terminated, sigterm_raises, stop_message
+
     args = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        if args and args[0] in SUBCOMMANDS:
-            return SUBCOMMANDS[args[0]](args[1:]) or 0
-        SalsaCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+        with sigterm_raises():  # a fit's own stop takes over while it trains
+            if args and args[0] in SUBCOMMANDS:
+                return SUBCOMMANDS[args[0]](args[1:]) or 0
+            SalsaCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+    except (SIGTERMException, Terminated) as stop:
+        if rank_zero_only.rank == 0:  # every rank stopped; one says so
+            print(stop_message(stop), file=sys.stderr, flush=True)
+        return SIGTERM_STATUS
     except (SalsaError, ValueError) as err:
         cause = salsa_cause(err)
         if cause is None:
