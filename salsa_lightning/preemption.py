@@ -193,7 +193,11 @@ class StopOnSigterm(L.Callback):
         # (ModelCheckpoint itself writes one here only when it wrote none during the run.)
         path, callback = last_checkpoint(trainer), trainer.checkpoint_callback
         saved = self.saved_step
-        if path is not None and callback.save_last and saved not in (None, trainer.global_step):
+        if (
+            path
+            and getattr(callback, "save_last", False)
+            and saved not in (None, trainer.global_step)
+        ):
             save_last(trainer, path)
 
     def on_save_checkpoint(

@@ -72,7 +72,7 @@ def keep_metrics(logger: Any) -> None:
     with warnings.catch_warnings():  # "previous log files ... will be deleted": not these
         warnings.simplefilter("ignore")
         writer = logger.experiment  # made now: it deletes the file
-    if rows and hasattr(writer, "metrics"):  # rank 0 (other ranks get a dummy)
+    if rows and isinstance(getattr(writer, "metrics", None), list):  # rank 0 (others: a dummy)
         writer.metrics = rows + writer.metrics
         writer.save()
 

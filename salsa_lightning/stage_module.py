@@ -25,7 +25,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -61,16 +60,17 @@ class AsideCheckpointIO(TorchCheckpointIO):
     it into place (``outputs.file_written_aside``): a write that fails, a full disk above all,
     leaves the previous ``last.ckpt`` as it was and says so in one line naming the directory.
 
-    Lightning's own writer (``_atomic_save``) writes a temporary file in the system's temporary
-    directory and copies it over the target: on a full disk that left a truncated ``last.ckpt``
-    in place of the good one (measured with lightning 2.6.6 on a 1 MiB tmpfs). Remote paths
-    (``s3://``, ...) are left to Lightning's writer.
+    Lightning's own writer serialises the checkpoint in memory, writes it to a file in the
+    system's temporary directory and moves that onto the target, which across file systems is a
+    copy over the target: on a full disk it left a truncated ``last.ckpt`` in place of the good
+    one (measured with lightning 2.6.6, the target on a 1 MiB tmpfs). Remote paths (``s3://``,
+    ...) are left to Lightning's writer.
     """
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
     ) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
+        if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         # Through a Python file, whose failed write raises an OSError with its errno (torch's
         # own file writer reports a full disk as "iostream error").
