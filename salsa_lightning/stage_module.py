@@ -171,16 +171,21 @@ class StageModule(L.LightningModule):
         if not self.trainer.strategy.reduce_boolean_decision(error is None, all=True):
             raise error or SalsaError("another process refused to go on; see its message.")
 
-    def check_finite(self, model: nn.Module, what: str) -> None:
-        """Refuse to write ``what`` (a checkpoint, the export) when a trainable weight of
-        ``model`` holds NaN or inf: every rank checks its shards and all learn the first bad
-        tensor on any rank. One ``isfinite`` pass; nothing is gathered."""
+    def nonfinite_weight(self, model: nn.Module) -> str | None:
+        """The name of the first trainable weight of ``model`` that holds NaN or inf on any rank,
+        or None; every rank gets the same answer (a collective: call it on every rank). Each
+        rank checks its own shards with one ``isfinite`` pass; nothing is gathered."""
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         bad = first_nonfinite(p for _, p in named)
         index = torch.tensor(len(named) if bad is None else bad, device=self.device)
         index = int(self.trainer.strategy.reduce(index, reduce_op="min"))
-        if index < len(named):
-            name = named[index][0].replace("_fsdp_wrapped_module.", "")
+        return named[index][0].replace("_fsdp_wrapped_module.", "") if index < len(named) else None
+
+    def check_finite(self, model: nn.Module, what: str) -> None:
+        """Refuse to write ``what`` (a checkpoint, the export) when a trainable weight of
+        ``model`` holds NaN or inf (:meth:`nonfinite_weight`)."""
+        name = self.nonfinite_weight(model)
+        if name is not None:
             raise SalsaError(
                 f"not writing {what}: the trainable weight '{name}' holds NaN or inf after step "
                 f"{self.trainer.global_step}. The run diverged: lower the learning rate "
