@@ -148,8 +148,8 @@ class StopOnSigterm(L.Callback):
         step, path = trainer.global_step, last_checkpoint(trainer)
         if path is None:
             self.stopping = (
-                f"stopped after step {step} without a checkpoint (this run has no checkpoint "
-                "callback: trainer.enable_checkpointing is false); a rerun starts over"
+                f"no checkpoint written after step {step} (this run has no checkpoint callback: "
+                "trainer.enable_checkpointing is false); a rerun starts over"
             )
             return
         save_last(trainer, path)

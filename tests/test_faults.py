@@ -116,6 +116,20 @@ def test_sigterm_stops_the_pipeline_in_its_stage_and_a_rerun_resumes_the_stage(t
     assert [int(r["step"]) for r in rows if r["train/loss"]] == [0, 1, 2, 3, 4, 5]
 
 
+def test_sigterm_in_a_run_without_checkpointing_exits_143_and_says_nothing_was_kept(
+    task_dir, tmp_path
+):
+    args = ["fit", "--config", CONFIGS / "sft.yaml", *sft_args(task_dir, tmp_path),
+            "--trainer.enable_checkpointing", "false", *sigterm_after(3)]  # fmt: skip
+    code, err = salsa(args)
+    assert code == 143
+    assert stop_lines(err) == [
+        "stopped by SIGTERM: no checkpoint written after step 3 (this run has no checkpoint "
+        "callback: trainer.enable_checkpointing is false); a rerun starts over"
+    ]
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "export").exists()
+
+
 @pytest.mark.slow
 def test_sigterm_on_one_fsdp_rank_stops_every_rank_after_the_same_step(task_dir, tmp_path):
     """SIGTERM reaches rank 1 only (rank 0 never sees it): both ranks stop after step 2, write
