@@ -264,10 +264,21 @@ def run_command(argv: list[str]) -> int:
 
 
 def exit_status(run: Callable[[], int]) -> int:
-    """``run()``, with a SalsaError behind any error printed as one ``error:`` line (status 2),
-    after its details (for example the traceback of the user's own code that failed)."""
+    """``run()``'s exit status: 2 after printing a SalsaError behind any error as one ``error:``
+    line (after its details, for example the traceback of the user's own code that failed);
+    143 when SIGTERM stopped the run (one ``stopped by SIGTERM: ...`` line says what was kept)."""
+    from lightning.pytorch.utilities import rank_zero_only
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from salsa_lightning.preemption import SIGTERM_STATUS, Terminated, sigterm_raises, stop_message
+
     try:
-        return run()
+        with sigterm_raises():  # a fit's own stop takes over while it trains
+            return run()
+    except (SIGTERMException, Terminated) as stop:
+        if rank_zero_only.rank == 0:  # every rank stopped; one says so
+            print(stop_message(stop), file=sys.stderr, flush=True)
+        return SIGTERM_STATUS
     except (SalsaError, ValueError) as err:
         cause = salsa_cause(err)
         if cause is None:

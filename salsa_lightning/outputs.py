@@ -4,14 +4,18 @@ the end, and the temporaries an interrupted run left behind removed.
 Every stage that writes a directory (an export, a soup, an evaluation, a converted model) goes
 through :func:`check_output_dir` before it does any work and :func:`replace_atomically` when its
 output is complete, so the output either holds a whole result or is untouched. Single files
-(the report's, the pre-training text) go through :func:`file_written_aside` the same way.
+(the report's, the pre-training text, training checkpoints) go through :func:`file_written_aside`
+the same way. Before the work, :func:`check_free_space` compares what will be written with the
+free space of each device; a write that still runs out of space (the space was taken meanwhile)
+ends in a :class:`SalsaError` that names the directory, with the temporary removed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,9 +30,7 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise SalsaError(f"{what} {str(path)!r} is a file, not a directory; choose another path.")
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
+    probe = existing_parent(path)
     if not probe.is_dir():
         raise SalsaError(
             f"{what} {str(path)!r} cannot be created: {str(probe)!r} is a file; choose another path."
@@ -39,6 +41,64 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
             "user; choose another path or fix its permissions."
         )
     return path
+
+
+def existing_parent(path: str | os.PathLike) -> Path:
+    """``path`` itself when it exists, else its nearest existing parent (where it would be made)."""
+    probe = Path(path).expanduser()
+    while not probe.exists():
+        probe = probe.parent
+    return probe
+
+
+def megabytes(n: int) -> str:
+    """A byte count as people read it in a message (``3.8 MB``)."""
+    return f"{n / 1e6:.1f} MB" if n < 1e10 else f"{n / 1e9:.1f} GB"
+
+
+def check_free_space(needs: Iterable[tuple[str | os.PathLike, int, str]]) -> None:
+    """Refuse, before any work, outputs that do not fit: ``needs`` lists ``(path, bytes, what)``;
+    outputs on one device are added up and compared with that device's free space
+    (``shutil.disk_usage`` of the nearest existing parent).
+
+    Raises:
+        SalsaError: Naming what does not fit, where, the bytes needed and the bytes free.
+    """
+    devices: dict[int, list[tuple[Path, int, str]]] = {}
+    for path, size, what in needs:
+        devices.setdefault(existing_parent(path).stat().st_dev, []).append((path, size, what))
+    for outputs in devices.values():
+        needed = sum(size for _, size, _ in outputs)
+        where = existing_parent(outputs[0][0])
+        free = shutil.disk_usage(where).free
+        if needed > free:
+            parts = " and ".join(f"{what} {str(p)!r} ({megabytes(n)})" for p, n, what in outputs)
+            raise SalsaError(
+                f"not enough disk space for {parts}: {megabytes(needed)} needed, "
+                f"{megabytes(free)} free in {str(where)!r}; free space there or write elsewhere."
+            )
+
+
+def is_disk_full(err: BaseException | None) -> bool:
+    """Whether ``err`` (or an error it was raised from) is a write that found the disk full
+    (safetensors reports it as text, not as an ``OSError``)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def disk_full_error(target: Path, err: BaseException) -> SalsaError:
+    """The one-line error for a write of ``target`` that ran out of space."""
+    free = shutil.disk_usage(existing_parent(target.parent)).free
+    return SalsaError(
+        f"no space left on the device of {str(target.parent)!r} while writing {target.name} "
+        f"({megabytes(free)} free now): the unfinished copy was removed and what was there "
+        "before is untouched; free space there or write elsewhere."
+    )
 
 
 def check_output_dir(
@@ -101,7 +161,9 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
 def written_aside(target: str | os.PathLike) -> Iterator[Path]:
     """``with written_aside(out) as tmp:`` write the whole output into ``tmp``; when the block
     ends without an error, ``tmp`` replaces ``target`` (an existing one is removed: the caller
-    checked consent). On an error or interrupt ``tmp`` is removed and ``target`` is untouched."""
+    checked consent). On an error or interrupt ``tmp`` is removed and ``target`` is untouched: a
+    full disk becomes a :class:`SalsaError` naming the directory, and an interrupt (Ctrl-C,
+    SIGTERM) carries a note naming the temporary it removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
@@ -111,6 +173,10 @@ def written_aside(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         replace_atomically(tmp, target)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        explain_failed_write(err, target, tmp)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -127,8 +193,22 @@ def file_written_aside(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, target)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        explain_failed_write(err, target, tmp)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def explain_failed_write(err: BaseException, target: Path, tmp: Path) -> None:
+    """After a write aside failed and ``tmp`` was removed: raise a full disk as a one-line
+    :class:`SalsaError`; note on an interrupt (Ctrl-C, SIGTERM) the temporary it removed; leave
+    any other error as it is (the caller re-raises it)."""
+    if isinstance(err, Exception) and is_disk_full(err):
+        raise disk_full_error(target, err) from err
+    if not isinstance(err, Exception):
+        err.add_note(f"removed the unfinished {tmp}; {target} is as it was")
 
 
 def replace_atomically(tmp: Path, target: Path) -> None:

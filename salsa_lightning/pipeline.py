@@ -4,10 +4,11 @@ A pipeline YAML lists stages, each one ``salsa`` command (``fit``, ``soup``, ``e
 ``landscape``) with its YAML files and extra arguments, the paths it reads (``inputs``) and the
 paths it writes (``outputs``). The driver checks, before anything runs, that every input exists
 or is written by an earlier stage; it runs the stages in order from the output directory,
-printing a line per stage, and skips a stage whose outputs all exist (so a rerun resumes).
+printing a line per stage, and skips a stage whose outputs all exist (so a rerun resumes); a fit
+stage that was stopped (SIGTERM, a crash) resumes from its own ``last.ckpt``.
 Config paths are relative to the pipeline YAML (so a packaged pipeline runs the packaged
-stages); stage paths are relative to the output directory. ``salsa quickstart [--output DIR]``
-runs ``configs/quickstart.yaml`` and then writes the report.
+stages); stage paths are relative to the output directory.
+``salsa quickstart [--output DIR]`` runs ``configs/quickstart.yaml`` and then writes the report.
 """
 
 from __future__ import annotations
@@ -62,10 +63,30 @@ def check_plan(stages: list[Stage], root: Path, config_dir: Path) -> None:
 
 
 def run_stage(stage: Stage, config_dir: Path) -> None:
+    """Run one stage in this process. A fit stage resumes from its own ``last.ckpt`` when an
+    earlier run of it was stopped (``--ckpt_path last``; a new run when there is none). A stage
+    that fails stops the pipeline, named: SIGTERM with :class:`Terminated` (status 143), any
+    other failure with a :class:`SalsaError` or its own exception."""
+    from salsa_lightning.preemption import SIGTERM_STATUS, Terminated
+
     args = [stage.command]
     for cfg in stage.configs:
         args += ["--config", str(config_dir / cfg)]
-    code = run_command(args + [str(a) for a in stage.args])
+    args += [str(a) for a in stage.args]
+    if stage.command == "fit" and "--ckpt_path" not in args:
+        args += ["--ckpt_path", "last"]
+    try:
+        code = run_command(args)
+    except Exception as err:
+        err.add_note(f"(in stage {stage.name!r} of the pipeline)")
+        raise
+    if code == SIGTERM_STATUS:
+        stop = Terminated()
+        stop.add_note(
+            f"the pipeline stopped in stage {stage.name!r}; run the same command again: finished "
+            "stages are skipped and this one resumes from its last.ckpt"
+        )
+        raise stop
     if code:
         raise SalsaError(
             f"stage {stage.name!r} failed (exit status {code}); see the message above."

@@ -8,12 +8,14 @@ replaced (LightningCLI's own behaviour) or silently honoured.
 from __future__ import annotations
 
 import csv
+import os
 import re
 import warnings
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 
 from salsa_lightning.errors import SalsaError
@@ -70,7 +72,7 @@ def keep_metrics(logger: Any) -> None:
     with warnings.catch_warnings():  # "previous log files ... will be deleted": not these
         warnings.simplefilter("ignore")
         writer = logger.experiment  # made now: it deletes the file
-    if rows and hasattr(writer, "metrics"):  # rank 0 (other ranks get a dummy)
+    if rows and isinstance(getattr(writer, "metrics", None), list):  # rank 0 (others: a dummy)
         writer.metrics = rows + writer.metrics
         writer.save()
 
@@ -121,9 +123,14 @@ def conflicts(saved: dict[str, Any], current: dict[str, Any], section: str) -> l
 
 
 def check_resume(path: Path, module: Any, datamodule: Any) -> None:
-    """Refuse to resume from ``path`` with settings other than the ones it was written with."""
+    """Refuse to resume from ``path`` with settings other than the ones it was written with
+    (the seed among them: it orders the data)."""
     ckpt = read_checkpoint(path)
-    found = conflicts(ckpt.get("hyper_parameters", {}), dict(module.hparams), "model")
+    seed, now = ckpt.get("seed"), os.environ.get("PL_GLOBAL_SEED")
+    found = (
+        [] if seed in (None, now) else [f"seed_everything: {seed} in the checkpoint, {now} here"]
+    )
+    found += conflicts(ckpt.get("hyper_parameters", {}), dict(module.hparams), "model")
     if datamodule is not None:
         saved = ckpt.get("datamodule_hyper_parameters", {})
         found += conflicts(saved, dict(datamodule.hparams), "data")
@@ -135,3 +142,21 @@ def check_resume(path: Path, module: Any, datamodule: Any) -> None:
             + "\nResume with the checkpoint's settings (the same --config files and flags), or "
             f"start a new run without --ckpt_path. A resumed run may change only {allowed}."
         )
+
+
+class ReloadTrainDataOnResume(L.Callback):
+    """Make a resumed fit continue at the checkpoint's data position.
+
+    A module whose ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (the
+    SFT and reward stages size their learning-rate schedule with it) makes Lightning build the
+    training dataloader, and draw its first batch, before the checkpoint's loop state is
+    restored; Lightning then keeps that loader and never hands it the saved position, so a
+    resumed ``max_epochs`` run replayed its epoch from the first batch (measured with lightning
+    2.6.6: SFT resumed at step 3 of 6 trained on batches 0-2 again and ended with other weights;
+    under FSDP too). Dropping that loader when fit starts, which is before any restore (under
+    FSDP the checkpoint is only opened later), makes Lightning build it again after the restore,
+    with the position; a fresh run gets the same loader again.
+    """
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        trainer.fit_loop._combined_loader = None  # rebuilt, with any saved state, when fit runs

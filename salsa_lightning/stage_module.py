@@ -2,25 +2,42 @@
 
 - the data module's tokenizer, exported with the model;
 - LoRA settings and gradient checkpointing of the trained models;
-- checks before fit that would otherwise fail after training (the export directory);
+- checks before fit that would otherwise fail after training (the export directory), and before
+  the first step, the disk space the export and the checkpoints need;
 - frozen weights kept out of training checkpoints (they are rebuilt from their recipe), and
-  the world size a checkpoint was written with, checked on resume;
+  the world size and seed a checkpoint was written with, checked on resume;
+- checkpoint files written aside and renamed into place (:class:`AsideCheckpointIO`), and never
+  a checkpoint or an export of non-finite weights (:meth:`StageModule.check_finite`);
+- SIGTERM stops the run with a resumable ``last.ckpt`` (``preemption.StopOnSigterm``);
 - the export when fit ends: a Hugging Face directory written atomically by rank 0, from a full
   state dict gathered on every rank under FSDP.
+
+Every check that can fail on one rank alone is decided by all ranks together, so no rank is left
+waiting in a collective.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
+from torch import Tensor, nn
+from torch.distributed.fsdp import FlatParameter
+from torch.distributed.tensor import DTensor
 
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.frozen import keep_frozen_out_of_state_dict
 from salsa_lightning.lora import LoraSettings, as_lora, enable_gradient_checkpointing
+from salsa_lightning.outputs import check_free_space, file_written_aside, is_disk_full
+from salsa_lightning.preemption import StopOnSigterm, last_checkpoint
 from salsa_lightning.pretrained import check_export_dir, export_pretrained
+from salsa_lightning.resume import ReloadTrainDataOnResume
 from salsa_lightning.sharding import full_state_dict
 
 
@@ -36,6 +53,65 @@ def check_world_size(written: int | None, trainer: Any) -> None:
             f"checkpoint written with world size {written}, this run has {world}; resume "
             f"with {written} process(es) (trainer.devices x trainer.num_nodes)."
         )
+
+
+class AsideCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, writing each checkpoint file beside its target and renaming
+    it into place (``outputs.file_written_aside``): a write that fails, a full disk above all,
+    leaves the previous ``last.ckpt`` as it was and says so in one line naming the directory.
+
+    Lightning's own writer serialises the checkpoint in memory, writes it to a file in the
+    system's temporary directory and moves that onto the target, which across file systems is a
+    copy over the target: on a full disk it left a truncated ``last.ckpt`` in place of the good
+    one (measured with lightning 2.6.6, the target on a 1 MiB tmpfs). Remote paths (``s3://``,
+    ...) are left to Lightning's writer.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        # Through a Python file, whose failed write raises an OSError with its errno (torch's
+        # own file writer reports a full disk as "iostream error").
+        with file_written_aside(path) as tmp, open(tmp, "wb") as file:
+            torch.save(checkpoint, file)
+
+
+def first_nonfinite(tensors: Iterable[Tensor]) -> int | None:
+    """The index of the first floating-point tensor that holds NaN or inf, or None; a sharded
+    tensor (FSDP2's ``DTensor``) is checked on this rank's shard, so nothing is gathered. One
+    ``isfinite`` pass per tensor and one device sync in all."""
+    flags = [
+        torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all()
+        for t in tensors
+        if t.is_floating_point()
+    ]
+    if not flags:
+        return None
+    bad = (~torch.stack([f.to(flags[0].device) for f in flags])).nonzero()
+    return int(bad[0]) if len(bad) else None
+
+
+def stored_bytes(params: Iterable[Tensor], world_size: int) -> int:
+    """Bytes these parameters take in a checkpoint or an export: an FSDP2 ``DTensor`` at its
+    global size, an FSDP1 flat parameter (one rank's equal, padded share) times the world size."""
+    total = 0
+    for p in params:
+        copies = world_size if isinstance(p, FlatParameter) else 1
+        total += p.numel() * p.element_size() * copies
+    return total
+
+
+def optimizer_copies(optimizer: torch.optim.Optimizer) -> int:
+    """Tensors an optimizer keeps per parameter once it has stepped (saved in checkpoints):
+    Adam's two moments (three with amsgrad), SGD's momentum buffer; 2 for others."""
+    defaults = optimizer.defaults
+    if "betas" in defaults:
+        return 2 + bool(defaults.get("amsgrad"))
+    if "momentum" in defaults:
+        return int(bool(defaults["momentum"]))
+    return 2
 
 
 class StageModule(L.LightningModule):
@@ -57,15 +133,90 @@ class StageModule(L.LightningModule):
             enable_gradient_checkpointing(model)
         return model.train()
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [StopOnSigterm(), ReloadTrainDataOnResume()]
+
     def setup(self, stage: str) -> None:
         self.tokenizer = self.trainer.datamodule.tokenizer
         if stage == "fit":  # before any training, not after it
             check_export_dir(self.hparams.export_dir, self.hparams.overwrite)
+            strategy = self.trainer.strategy
+            if type(strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user chose
+                strategy.checkpoint_io = AsideCheckpointIO()
+
+    def on_train_start(self) -> None:
+        # The models and optimizers exist now, and nothing has trained yet.
+        needs = []
+        if self.hparams.export_dir is not None:
+            needs.append((self.hparams.export_dir, self.export_bytes(), "the export"))
+        last = last_checkpoint(self.trainer)
+        if last is not None:
+            needs.append((last.parent, self.checkpoint_bytes(), "a checkpoint"))
+        self.together(lambda: check_free_space(needs))
+
+    # -- decisions every rank takes together
+
+    def together(self, check: Callable[[], None]) -> None:
+        """Run ``check`` on every rank; if it raises a :class:`SalsaError` on any rank, every
+        rank raises (the others name the failing rank's message), so none is left waiting in a
+        collective."""
+        error = None
+        try:
+            check()
+        except SalsaError as err:
+            error = err
+        if not self.trainer.strategy.reduce_boolean_decision(error is None, all=True):
+            raise error or SalsaError("another process refused to go on; see its message.")
+
+    def nonfinite_weight(self, model: nn.Module) -> str | None:
+        """The name of the first trainable weight of ``model`` that holds NaN or inf on any rank,
+        or None; every rank gets the same answer (a collective: call it on every rank). Each
+        rank checks its own shards with one ``isfinite`` pass; nothing is gathered."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        bad = first_nonfinite(p for _, p in named)
+        index = torch.tensor(len(named) if bad is None else bad, device=self.device)
+        index = int(self.trainer.strategy.reduce(index, reduce_op="min"))
+        return named[index][0].replace("_fsdp_wrapped_module.", "") if index < len(named) else None
+
+    def check_finite(self, model: nn.Module, what: str) -> None:
+        """Refuse to write ``what`` (a checkpoint, the export) when a trainable weight of
+        ``model`` holds NaN or inf (:meth:`nonfinite_weight`)."""
+        name = self.nonfinite_weight(model)
+        if name is not None:
+            raise SalsaError(
+                f"not writing {what}: the trainable weight '{name}' holds NaN or inf after step "
+                f"{self.trainer.global_step}. The run diverged: lower the learning rate "
+                "(model.init_args.optimizer.init_args.lr) or clip gradients "
+                "(trainer.gradient_clip_val), then resume from the last good checkpoint "
+                "(--ckpt_path last) or start over."
+            )
+
+    # -- sizes
+
+    def export_bytes(self) -> int:
+        """Bytes of weights the export writes: the whole model; with LoRA, the adapter and the
+        merged model (the SALSA stage writes one of the two; a stage with an ``export_merged``
+        setting writes the merged model only when it is set)."""
+        model, world = self.export_model(), self.trainer.world_size
+        merged = stored_bytes((p for n, p in model.named_parameters() if "lora_" not in n), world)
+        if self.lora is None:
+            return merged
+        adapter = stored_bytes((p for p in model.parameters() if p.requires_grad), world)
+        return adapter + merged * bool(self.hparams.get("export_merged", True))
+
+    def checkpoint_bytes(self) -> int:
+        """Bytes of one training checkpoint: the trainable weights and the optimizer's state for
+        each (the frozen weights are never in it)."""
+        copies = max((optimizer_copies(o) for o in self.trainer.optimizers), default=0)
+        trainable = (p for p in self.parameters() if p.requires_grad)
+        return stored_bytes(trainable, self.trainer.world_size) * (1 + copies)
 
     # -- checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite(self, "a checkpoint")
         checkpoint["world_size"] = self.trainer.world_size
+        checkpoint["seed"] = os.environ.get("PL_GLOBAL_SEED")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_world_size(checkpoint.get("world_size"), self._trainer)
@@ -95,9 +246,32 @@ class StageModule(L.LightningModule):
         if self.hparams.export_dir is None or self.trainer.interrupted:
             return
         model = self.export_model()
+        self.check_finite(model, "the export")
         state_dict = full_state_dict(model)  # gathered on every rank under FSDP
         extras = self.export_extras()
-        if self.trainer.is_global_zero:
-            self.write_export(model, state_dict, extras)
-            rank_zero_info(f"{type(self).__name__}: exported to {self.hparams.export_dir}")
-        self.trainer.strategy.barrier("export")
+
+        def write() -> None:
+            if self.trainer.is_global_zero:
+                try:
+                    self.write_export(model, state_dict, extras)
+                except SalsaError as err:
+                    if not is_disk_full(err):
+                        raise
+                    raise SalsaError(f"{err} {self.where_the_weights_are()}") from err
+                rank_zero_info(f"{type(self).__name__}: exported to {self.hparams.export_dir}")
+
+        self.together(write)
+
+    def where_the_weights_are(self) -> str:
+        """What a failed export says about the trained weights."""
+        last = last_checkpoint(self.trainer)
+        if last is None or not Path(last).exists():
+            return (
+                "The trained weights are lost: this run kept no checkpoint (enable "
+                "checkpointing for the next run)."
+            )
+        return (
+            f"The trained weights are in {last} (written before the export): free space and rerun "
+            "with --ckpt_path last, which exports them without training, or name another "
+            "--model.init_args.export_dir."
+        )

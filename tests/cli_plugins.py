@@ -1,10 +1,12 @@
 """Classes that tests name by ``class_path`` in ``salsa`` runs in subprocesses (the tests
-folder is on their PYTHONPATH): reward functions and a callback."""
+folder is on their PYTHONPATH): reward functions and callbacks."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -69,3 +71,34 @@ class DumpKLCoefficient(L.Callback):
     def on_train_end(self, trainer, module) -> None:
         out = Path(f"{self.path}.rank{trainer.global_rank}.json")
         out.write_text(json.dumps({"kl_coef": module.kl_ctl.value, "skips": module.skips}))
+
+
+class SigtermAt(L.Callback):
+    """Sends SIGTERM to its own process when optimizer step ``step`` ends, as a scheduler that
+    pre-empts the job would: on the process of global rank ``rank`` only (-1: on every rank)."""
+
+    def __init__(self, step: int, rank: int = 0) -> None:
+        self.step, self.rank, self.sent = step, rank, False
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        mine = self.rank in (-1, trainer.global_rank)
+        if trainer.global_step == self.step and mine and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class FillDiskWhenTrainingEnds(L.Callback):
+    """When training ends (after the checks before it, before the export), fills the file system
+    of ``path`` up to ``leave`` free bytes, as another job writing there meanwhile would."""
+
+    def __init__(self, path: str, leave: int = 0) -> None:
+        self.path, self.leave = Path(path), leave
+
+    def on_train_end(self, trainer, module) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.path).free - self.leave
+        try:
+            with (self.path / "filler").open("wb") as f:
+                f.write(b"\0" * max(free, 0))
+        except OSError:  # full already: what was wanted
+            pass

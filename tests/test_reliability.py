@@ -141,6 +141,30 @@ def test_resume_refuses_a_changed_setting_by_name(resumed, capsys):
     assert "A resumed run may change only" in err and "model.export_dir" in err
 
 
+def test_sigterm_mid_rl_fit_exits_143_and_its_last_ckpt_resumes_like_the_uninterrupted_run(
+    resumed, stage_outputs, task_dir, capsys
+):
+    """SIGTERM after rollout 1 of 2: exit 143, one line, no export; --ckpt_path last runs
+    rollout 2 as the uninterrupted run did."""
+    root = resumed["root"] / "sigterm"
+    args = rl_args(stage_outputs, task_dir, root, 2, resumed["overlay"])
+    sigterm = ["--trainer.callbacks+=cli_plugins.SigtermAt", "--trainer.callbacks.step", "1"]
+    code, err = cli([*args, *sigterm], resumed["root"], capsys)
+    assert code == 143
+    last = root / "logs/salsa/version_0/checkpoints/last.ckpt"
+    assert [x for x in err.splitlines() if "SIGTERM" in x] == [
+        f"stopped by SIGTERM: {last} written after step 1; resume with the same command and "
+        "--ckpt_path last"
+    ]
+    assert not (root / "policy").exists()
+    assert main([*args, "--ckpt_path", "last"]) == 0
+    a, b = metric_rows(resumed["full"]), metric_rows(root)
+    assert [r["train/rollouts"] for r in b] == ["1.0", "2.0"]
+    for key in ("objective/scores", "objective/kl", "loss/policy", "objective/entropy"):
+        assert [float(r[key]) for r in b] == pytest.approx([float(r[key]) for r in a], abs=1e-6)
+    assert (root / "policy" / "config.json").is_file()
+
+
 def test_ckpt_path_last_without_a_checkpoint_says_so_and_starts_fresh(
     stage_outputs, task_dir, tmp_path, caplog
 ):

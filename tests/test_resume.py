@@ -1,14 +1,17 @@
-"""Resuming SALSA-PPO after an interruption reproduces the uninterrupted run.
+"""Resuming after an interruption reproduces the uninterrupted run.
 
-Sampling is on, as in real training: the rollouts depend on the global RNG, the data position,
-the KL controller (adaptive here, so its state matters), the optimizer state and the weights,
-and a resumed run must restore every one of them. The SFT stage's resume (data position and
-bit-identical weights, mid-epoch and at an epoch end) is covered by
-``tests/test_data.py::test_resume_continues_data_position``.
+SALSA-PPO: sampling is on, as in real training: the rollouts depend on the global RNG, the data
+position, the KL controller (adaptive here, so its state matters), the optimizer state and the
+weights, and a resumed run must restore every one of them. The SFT and reward stages: their
+shipped YAMLs, stopped by SIGTERM mid-epoch and resumed with ``--ckpt_path last``, end with the
+uninterrupted run's weights bit for bit (the data position and bit-identical weights through a
+plain Trainer are also covered by ``tests/test_data.py::test_resume_continues_data_position``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import shutil
 from pathlib import Path
@@ -16,11 +19,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import CONFIGS, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
 
 from salsa_lightning import PromptDataModule, SalsaError, SALSAModule
+from salsa_lightning.cli import main
 from salsa_lightning.ppo import GenerationSettings, KLSettings, PPOSettings
 from salsa_lightning.soup import SoupReference
 
@@ -218,3 +222,94 @@ def test_resume_with_another_world_size_is_refused(runs, stage_outputs, task_dir
     torch.save(ckpt, path)
     with pytest.raises(SalsaError, match="world size 2, this run has 1"):
         fit(build(stage_outputs), prompts(stage_outputs, task_dir), runs["root"], 3, path)
+
+
+# ----------------------------------------------------------------------------- SFT and reward stages
+
+STEPS = 6  # optimizer steps of the small runs (16 rows a batch: less than an epoch)
+SIGTERM_AFTER_3 = ["--trainer.callbacks+=cli_plugins.SigtermAt", "--trainer.callbacks.step", "3"]
+
+
+def stage_args(stage: str, out: dict[str, Path], task_dir: Path, root: Path) -> list[str]:
+    """``salsa fit`` of the shipped ``configs/<stage>.yaml`` (its checkpoint callback included),
+    small, with everything it writes under ``root``."""
+    args = [
+        "fit", "--config", str(CONFIGS / f"{stage}.yaml"),
+        "--data.init_args.task_dir", str(task_dir), "--data.init_args.batch_size", "16",
+        "--trainer.max_steps", str(STEPS), "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(root),
+        "--trainer.logger.init_args.save_dir", str(root / "logs"),
+        "--model.init_args.export_dir", str(root / "export"),
+    ]  # fmt: skip
+    if stage == "reward":
+        sft = str(out["sft-1"])
+        args += ["--model.init_args.model", sft, "--data.init_args.tokenizer", sft]
+    return args
+
+
+def salsa(args: list[str]) -> tuple[int, str]:
+    """``salsa <args>`` in this process: (exit status, what it printed on stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(args)
+    return code, err.getvalue()
+
+
+@pytest.fixture(scope="module", params=["sft", "reward"])
+def stopped(request, stage_outputs, task_dir, tmp_path_factory):
+    """A stage run uninterrupted; the same run stopped by SIGTERM after step 3, then resumed
+    with ``--ckpt_path last``."""
+    stage = request.param
+    root = tmp_path_factory.mktemp(f"sigterm-{stage}")
+    full = stage_args(stage, stage_outputs, task_dir, root / "full")
+    assert main(full) == 0
+    args = stage_args(stage, stage_outputs, task_dir, root / "stopped")
+    code, err = salsa(args + SIGTERM_AFTER_3)
+    (last,) = (root / "stopped").rglob("last.ckpt")
+    at_stop = torch.load(last, weights_only=False)
+    exported_on_stop = (root / "stopped" / "export").exists()
+    assert main([*args, "--ckpt_path", "last"]) == 0
+    return dict(
+        stage=stage, out=stage_outputs, task_dir=task_dir, root=root, args=args, code=code,
+        err=err, last=last, at_stop=at_stop, exported_on_stop=exported_on_stop,
+    )  # fmt: skip
+
+
+def test_sigterm_mid_fit_exits_143_with_a_resumable_last_ckpt_and_no_export(stopped):
+    assert stopped["code"] == 143
+    assert not stopped["exported_on_stop"]
+    assert stopped["at_stop"]["global_step"] == 3
+    (line,) = [x for x in stopped["err"].splitlines() if "SIGTERM" in x]
+    assert line == (
+        f"stopped by SIGTERM: {stopped['last']} written after step 3; resume with the same "
+        "command and --ckpt_path last"
+    )
+
+
+def test_sft_and_reward_resume_from_last_to_the_uninterrupted_weights(stopped):
+    full = load_file(stopped["root"] / "full" / "export" / "model.safetensors")
+    resumed = load_file(stopped["root"] / "stopped" / "export" / "model.safetensors")
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    # The runs moved: the stop's weights are not the end's.
+    (name, first), *_ = stopped["at_stop"]["state_dict"].items()
+    assert not torch.equal(first, full[name.removeprefix("model.")])
+    # The resumed run kept last.ckpt current (the final weights, before the export) in place.
+    assert torch.load(stopped["last"], weights_only=False)["global_step"] == STEPS
+    assert [p.name for p in stopped["last"].parent.iterdir()] == ["last.ckpt"]
+
+
+def test_the_yaml_checkpoint_callback_leaves_the_training_unchanged(stopped):
+    """The quickstart's numbers do not move: without the callback, the same export."""
+    root = stopped["root"] / "unchecked"
+    args = stage_args(stopped["stage"], stopped["out"], stopped["task_dir"], root)
+    assert main([*args, "--trainer.enable_checkpointing", "false"]) == 0
+    assert not list(root.rglob("*.ckpt"))
+    full = (stopped["root"] / "full" / "export" / "model.safetensors").read_bytes()
+    assert (root / "export" / "model.safetensors").read_bytes() == full
+
+
+def test_resume_refuses_a_checkpoint_written_with_another_seed(stopped):
+    code, err = salsa([*stopped["args"], "--seed_everything", "2", "--ckpt_path", "last"])
+    assert code == 2
+    assert "seed_everything: 1 in the checkpoint, 2 here" in err

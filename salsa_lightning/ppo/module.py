@@ -306,7 +306,7 @@ class SALSAModule(StageModule):
             t2 = time.perf_counter()
         trajectory = self.estimate(rollout, frozen, old)
         stats = self.update(trajectory, first)
-        self.check_finite_weights()  # before a checkpoint or the next rollout reads them
+        self.stop_if_diverged()  # before a checkpoint or the next rollout reads them
         t3 = time.perf_counter()
         self.log_iteration(frozen, trajectory, stats, (t0, t1, t2, t3))
         # The controller steps on the whole batch's KL, so every rank's coefficient is the same.
@@ -557,18 +557,13 @@ class SALSAModule(StageModule):
             )
         return mean_stats(totals)
 
-    def check_finite_weights(self) -> None:
-        """Stop when an update made a trained weight non-finite (the run diverged), naming the
-        rollout, the last good checkpoint and the likely causes, before this rollout's weights
-        are checkpointed or exported. One norm per parameter (of its local shard under FSDP),
-        all read in one transfer."""
-        params = [p.detach() for p in self.parameters() if p.requires_grad]
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
-        norms = torch.stack([torch.linalg.vector_norm(p) for p in local])
-        finite = bool(torch.isfinite(norms).all())
-        if self.trainer.strategy.reduce_boolean_decision(finite):
-            return
-        raise self.diverged("the PPO update made the trained weights non-finite")
+    def stop_if_diverged(self) -> None:
+        """Stop when an update made a trained weight non-finite (the run diverged), before this
+        rollout's weights are checkpointed, exported or sampled from (one ``isfinite`` pass over
+        each rank's shards, :meth:`StageModule.nonfinite_weight`)."""
+        name = self.nonfinite_weight(self)
+        if name is not None:
+            raise self.diverged(f"the PPO update made the trained weight '{name}' non-finite")
 
     def diverged(self, what: str) -> SalsaError:
         """The one-line stop of a diverged run: the rollout, the last checkpoint, the likely

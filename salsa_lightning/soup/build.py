@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.outputs import check_writable_dir, written_aside
+from salsa_lightning.outputs import check_free_space, check_writable_dir, written_aside
 from salsa_lightning.pretrained import TOKENIZER_FILES, check_finite_weights
 from salsa_lightning.soup.files import (
     ADAPTER_CONFIG,
@@ -27,6 +27,7 @@ from salsa_lightning.soup.files import (
     copy_files,
     file_hashes,
     sha256,
+    tensor_bytes,
     write_safetensors,
 )
 from salsa_lightning.soup.merge import (
@@ -36,7 +37,13 @@ from salsa_lightning.soup.merge import (
     merged_lora_weight,
     weighted_sum,
 )
-from salsa_lightning.soup.plan import Plan, lora_modules, plain_tensors, plan_soup
+from salsa_lightning.soup.plan import (
+    Plan,
+    lora_modules,
+    plain_tensors,
+    plan_soup,
+    warn_duplicates,
+)
 
 Log = Callable[[str], None]
 
@@ -85,6 +92,14 @@ def soup_state_dict(
     weights = check_weights(weights, len(checkpoints))
     plan = plan_soup(checkpoints)
     return {name: merged_tensor(plan, name, weights) for name in soup_layout(plan).meta}
+
+
+def soup_bytes(plan: Plan, lora_output: str) -> int:
+    """Bytes of weights the soup writes: the first input's tensors (LoRA merged: the base's), or
+    for an adapter soup the adapters' factors side by side."""
+    if plan.kind == "lora" and lora_output == "adapter":
+        return sum(tensor_bytes(a.tensors.meta) for a in plan.adapters)
+    return tensor_bytes(soup_layout(plan).meta)
 
 
 def _write_full(plan: Plan, weights: Sequence[float], tmp: Path, log: Log) -> list[str]:
@@ -179,12 +194,16 @@ def write_soup(
         if any(output.resolve() == r.resolve() for r in plan.weight_roots()):
             raise SalsaError(f"output {output} is one of the soup's inputs; choose another")
     check_writable_dir(output.parent, "output's parent")
+    log("hashing inputs")  # for the recipe, and to find an input listed twice under two names
+    hashes = [file_hashes(src) for src in plan.sources]
+    warn_duplicates(plan, hashes)
+    check_free_space([(output, soup_bytes(plan, lora_output), "the soup")])
     with written_aside(output) as tmp:  # and the temporaries of killed runs removed
         if plan.kind == "lora" and lora_output == "adapter":
             out_files = _write_adapter(plan, weights, tmp, log)
         else:
             out_files = _write_full(plan, weights, tmp, log)
-        log("hashing inputs and outputs")
+        log("hashing outputs")
         recipe = {
             "salsa_lightning_version": _version(),
             "kind": plan.kind,
@@ -196,9 +215,9 @@ def write_soup(
                     "path": given,
                     "resolved": str(src.root.resolve()),
                     "weight": w,
-                    "sha256": file_hashes(src),
+                    "sha256": h,
                 }
-                for given, src, w in zip(plan.given, plan.sources, weights, strict=True)
+                for given, src, w, h in zip(plan.given, plan.sources, weights, hashes, strict=True)
             ],
             "base": (
                 {"resolved": str(plan.base.root), "sha256": file_hashes(plan.base)}

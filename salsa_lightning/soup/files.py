@@ -167,6 +167,11 @@ ST_DTYPES = {
 }
 
 
+def tensor_bytes(meta: Mapping[str, tuple[list[int], str]]) -> int:
+    """Bytes the tensors of a safetensors header take on disk (``{name: (shape, dtype)}``)."""
+    return sum(math.prod(shape) * ST_DTYPES[dtype].itemsize for shape, dtype in meta.values())
+
+
 def write_safetensors(
     path: Path, names: Sequence[str], meta: Mapping[str, tuple[list[int], str]], make: Callable
 ) -> None:
@@ -186,7 +191,7 @@ def write_safetensors(
         shape, dtype = meta[n]
         if dtype not in ST_DTYPES:
             raise SalsaError(f"tensor '{n}' has dtype {dtype}, which soups do not support")
-        size = math.prod(shape) * ST_DTYPES[dtype].itemsize
+        size = tensor_bytes({n: meta[n]})
         header[n] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()

@@ -3,6 +3,7 @@ safetensors headers before any tensor is read or anything is written."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,29 @@ class Plan:
     def weight_roots(self) -> list[Path]:
         """Every directory the soup reads weights from (an output must not replace one)."""
         return [s.root for s in self.sources] + ([self.base.root] if self.base else [])
+
+
+def warn_duplicates(plan: Plan, hashes: Sequence[dict[str, str]] | None = None) -> None:
+    """Warn about an input listed twice: one directory under two entries (by resolved path;
+    ``plan_soup`` checks this for every soup), or, given ``hashes`` (the sha256 of each input's
+    weight files, which ``write_soup`` computes for its recipe anyway), two directories holding
+    the same weights. A duplicate is a valid soup (that model counts twice): not refused."""
+    roots = [s.root.resolve() for s in plan.sources]
+    for j in range(len(roots)):
+        for i in range(j):
+            if hashes is None and roots[i] == roots[j]:
+                why = f"are the same directory ({roots[i]})"
+            elif hashes is not None and roots[i] != roots[j] and hashes[i] == hashes[j]:
+                why = "hold identical weight files (same sha256)"
+            else:
+                continue
+            warnings.warn(
+                f"soup inputs {i + 1} ({plan.given[i]}) and {j + 1} ({plan.given[j]}) {why}: that "
+                "model counts twice in the soup; list it once (with the sum of its weights) "
+                "unless that is meant.",
+                stacklevel=3,
+            )
+            break
 
 
 def _config_diffs(a: Any, b: Any, where: str = "") -> list[str]:
@@ -312,7 +336,9 @@ def plan_soup(checkpoints: Sequence[str | Path]) -> Plan:
         sources = [read_weights(d) for d in dirs]
         _check_tensors(sources)
         _check_vocabs(dirs)
-        return Plan("full", given, sources, [], None, dirs[0], dirs[0])
+        plan = Plan("full", given, sources, [], None, dirs[0], dirs[0])
+        warn_duplicates(plan)
+        return plan
 
     adapters = [_read_adapter(d) for d in dirs]
     a0 = adapters[0]
@@ -355,4 +381,6 @@ def plan_soup(checkpoints: Sequence[str | Path]) -> Plan:
             )
     _check_vocabs(dirs)
     tok_dir = dirs[0] if any((dirs[0] / f).is_file() for f in TOKENIZER_FILES) else a0.base
-    return Plan("lora", given, [a.tensors for a in adapters], adapters, base, a0.base, tok_dir)
+    plan = Plan("lora", given, [a.tensors for a in adapters], adapters, base, a0.base, tok_dir)
+    warn_duplicates(plan)
+    return plan
