@@ -238,8 +238,8 @@ def test_the_documented_command_builds_with_the_settings(name, tmp_path, monkeyp
     assert (data.dataset, data.train_split, data.val_split) == (DATASET, train_split, val_split)
     if stage in ("sft", "reward"):
         assert data.max_length == 1024
-        per_device = data.batch_size * (2 if stage == "reward" else 1)  # sequences
-        assert per_device * trainer.accumulate_grad_batches * 8 == 128
+        sequences = data.batch_size * (2 if stage == "reward" else 1)  # over all 8 devices
+        assert sequences * trainer.accumulate_grad_batches == 128
     else:
         assert trainer.accumulate_grad_batches == 1  # manual optimisation: PPO accumulates itself
         generation = cli.model.generation

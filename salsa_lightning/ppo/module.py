@@ -20,7 +20,7 @@ import copy
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -255,9 +255,11 @@ class SALSAModule(RolloutSteps, ValidationHooks, StageModule):
 
     def update(self, trajectory: Trajectory, first: FirstPass | None = None) -> dict[str, float]:
         """K epochs of clipped PPO over minibatches (``update.ppo_update``); ``first`` holds the
-        first epoch's order and first pass when that pass scored the rollout."""
+        first epoch's order and first pass when that pass scored the rollout. Each rank steps
+        on its share of a minibatch (``ppo.minibatch_size`` counts over all ranks)."""
+        ppo = replace(self.ppo, minibatch_size=self.ppo.minibatch_size // self.trainer.world_size)
         totals, done = ppo_update(
-            trajectory, self.ppo, self.policy_pass, self.ppo_loss, OptimizerSteps(self),
+            trajectory, ppo, self.policy_pass, self.ppo_loss, OptimizerSteps(self),
             first, self.steps_policy_first(),
         )  # fmt: skip
         if not done:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -37,17 +36,11 @@ class RolloutSteps:
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], k: int = 1) -> Rollout:
         """Sample ``k`` responses per prompt (consecutive rows) with the KV cache; truncate
-        after EOS."""
-        tok, strategy = self.tokenizer, self.trainer.strategy
-        synced, sharded = (
-            self.trainer.world_size > 1,
-            not isinstance(strategy, SingleDeviceStrategy),
-        )
+        after EOS. Under FSDP the policy is gathered once for the rollout (``generation.gather``)."""
+        tok = self.tokenizer
         query = batch["input_ids"].repeat_interleave(k, 0)
         query_mask = batch["attention_mask"].repeat_interleave(k, 0)
-        response, mask = sample(
-            self.policy, tok, query, query_mask, self.generation, synced, sharded
-        )
+        response, mask = sample(self.policy, tok, query, query_mask, self.generation)
         texts = tok.batch_decode(response, skip_special_tokens=True)
         prompts = [p for p in batch["prompt"] for _ in range(k)]
         return Rollout(query, query_mask, response, mask, prompts, texts)
