@@ -2,28 +2,34 @@
 gathers at every token (``generation.gather: once`` against ``per_layer``).
 
 ``--world`` processes (gloo on CPU, NCCL on CUDA) build the same random-weight causal LM from
-a config (``--preset gpt2-small``: 124M parameters, 12 blocks; ``tiny``: the shipped base's
-shape, for tests) and shard it as ``configs/fsdp.yaml`` does (``--strategy fsdp2``:
-``sharding.shard``, every decoder block and then the model) or as ``configs/fsdp1.yaml`` does
-(``fsdp1``: ``strategies.fsdp_units`` wrapped in ``FullyShardedDataParallel`` under a root
-that holds the policy, decoding inside the root's forward as Lightning's ``training_step``
-does). Each rank samples ``--batch`` responses of exactly ``--new-tokens`` tokens (no early
-stop) to its own random prompts with ``generation.sample``, seeded the same way in every mode.
+a config (``--preset gpt2-small``: 124M parameters, 12 blocks; ``1b``: a 1.1B Llama, for a GPU;
+``tiny``: the shipped base's shape, for tests) and shard it as ``configs/fsdp.yaml`` does
+(``--strategy fsdp2``: ``sharding.shard``, every decoder block and then the model) or as
+``configs/fsdp1.yaml`` does (``fsdp1``: ``strategies.fsdp_units`` wrapped in
+``FullyShardedDataParallel`` under a root that holds the policy, decoding inside the root's
+forward as Lightning's ``training_step`` does). Each rank samples ``--batch`` responses to its own
+random prompts with ``generation.sample`` (temperature 0.9, top-p 0.95; exactly ``--new-tokens``
+tokens unless ``--stop-at-eos``), seeded the same way in every mode.
 
-The modes alternate (per_layer, once, per_layer, once, ...) so drift on a shared machine hits
-both; ``--unsharded`` adds the same model unsharded on each rank (on one GPU: world size 1
-under FSDP against the plain policy). Around each rollout the script counts the all-gathers
-(``torch.distributed.all_gather_single``, and ``all_gather``, which FSDP1 uses on CPU) and the
-bytes they gather on rank 0, times it on every rank (the slowest counts), checks the tokens
-against the first mode's and that every parameter is sharded again afterwards.
+The modes alternate (per_layer, once, per_layer, once, ... after one untimed warm-up) so drift on
+a shared machine hits both; ``--unsharded`` adds the same model unsharded on each rank (on one GPU:
+world size 1 under FSDP against the plain policy). Around each rollout the script counts, on rank
+0, the all-gathers (``torch.distributed.all_gather_single``, and ``all_gather``, which FSDP1 uses on
+CPU) and the bytes they gather; on every rank the wall time, the CPU time of the process (all its
+threads, gloo's included: what a loaded machine disturbs least) and the decoding steps (calls of
+the first decoder block); checks the tokens against the warm-up's and that every parameter is
+sharded again afterwards. ``--rank0-stops-first`` decodes greedily with EOS the first token rank
+0's prompt decodes to, so rank 0 is done after one step: without lockstep it stops there.
 
 One JSON line per rollout, then the summary as the LAST line: per mode the median tokens/s
-(every rank's tokens over the slowest rank's time), the all-gathers and bytes per rollout, and
-``ratio_tokens_per_s`` (once / per_layer), ``same_tokens`` and ``resharded``. Usage::
+(every rank's tokens over the slowest rank's time) and tokens per CPU second (over the busiest
+rank's), the all-gathers and bytes per rollout, each rank's decoding steps; ``same_tokens``;
+``ratio_tokens_per_s`` and ``ratio_tokens_per_cpu_s`` (once / per_layer), ``ratio_gathers`` and
+``ratio_gathered_bytes`` (per_layer / once). Usage::
 
     python benchmarks/sharded_generation.py                        # gpt2-small, 2 CPU processes
     python benchmarks/sharded_generation.py --preset tiny --strategy fsdp1 --lora
-    python benchmarks/sharded_generation.py --device cuda --world 1 --unsharded
+    python benchmarks/sharded_generation.py --device cuda --world 1 --unsharded --preset 1b
 """
 
 from __future__ import annotations
@@ -45,6 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PRESETS = {
     "gpt2-small": {"arch": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257},
+    "1b": {  # a 1.1B Llama (TinyLlama's shape): for a GPU
+        "arch": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
+    },
     "tiny": {
         "arch": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 359,
