@@ -217,16 +217,21 @@ def rl_args(configs: list[str], out: dict[str, Path], task_dir: Path, root: Path
     ]  # fmt: skip
 
 
-def fit(args: list[str], cwd: Path) -> None:
+def salsa(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``salsa <args>`` in a subprocess that can import this folder (``StepLog``)."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
     }
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "salsa_lightning.cli", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
+
+
+def fit(args: list[str], cwd: Path) -> None:
+    proc = salsa(args, cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -285,11 +290,7 @@ def test_a_batch_that_does_not_split_is_refused_before_any_model_is_built(
 ):
     args = rl_args(["salsa.yaml"], stage_outputs, task_dir, tmp_path / "run")
     args += ["--config", str(FSDP), "--trainer.devices", "2", "--data.init_args.batch_size", "31"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "salsa_lightning.cli", *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = salsa(args, tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "data.batch_size (31) counts rows over all ranks" in proc.stderr
     assert "world size (2 = trainer.devices x trainer.num_nodes)" in proc.stderr
