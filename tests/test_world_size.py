@@ -10,7 +10,7 @@ is the same experiment on 1, 2 or 4 devices.
   iterations: each step's prompts over all ranks, the validation points, the optimizer steps
   and the rollouts counted are the one-process run's. SALSA (the issue's command) runs at 1 and
   2 processes in the default suite; every RL YAML at 1, 2 and 4 processes is marked
-  ``many_processes`` (``.ci/run``'s extra step).
+  ``scale`` (``.ci/run``'s extra step).
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ def test_the_issues_command_runs_salsa_on_2_processes_as_on_1(stage_outputs, tas
     check_same_run("salsa.yaml", (1, 2), stage_outputs, task_dir, tmp_path)
 
 
-@pytest.mark.many_processes
+@pytest.mark.scale
 @pytest.mark.parametrize("config", RL)
 def test_every_rl_yaml_is_the_same_run_on_1_2_and_4_processes(
     config, stage_outputs, task_dir, tmp_path
