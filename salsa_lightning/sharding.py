@@ -117,7 +117,7 @@ def gathered(model: nn.Module, layers: bool = True) -> Iterator[None]:
     With ``layers`` (``generation.gather: once``) every unit is all-gathered once and kept
     through every forward inside the context, so decoding N tokens costs one gather per unit
     instead of N and runs no collective per token. The cost: one full copy of the model's
-    weights (in the dtype it computes in) on every rank while the context lasts. Without
+    weights (in the dtype its forward gathers) on every rank while the context lasts. Without
     (``per_layer``), FSDP2 holds only the outermost units (embeddings, final norm, head: what
     FSDP2 keeps after a root's forward anyway) and the decoder layers are gathered by FSDP's
     hooks at every step; FSDP1 holds nothing.
