@@ -3,11 +3,14 @@
 # rented single-GPU machine (H100/H200) that has
 # torch, transformers, lightning and peft but not datasets, trl or jsonargparse: those travel
 # as wheels in .whl/ (see ../shared/ENVIRONMENT.md). Everything it measures lands in $OUT.
-#   bash benchmarks/gpu_session.sh [bench] [tests] [fsdp]     (none: all three; OUT: ./gpu-out)
+#   bash benchmarks/gpu_session.sh [bench] [tests] [fsdp] [sharded]   (none: all; OUT: ./gpu-out)
 # bench: both GPU presets, ours against TRL with the roofline of each phase, and on gpt2-small
 # ours-grpo beside them (about 4 min on an H200; each preset's JSON line lands in
 # $OUT/<name>.json, to commit under benchmarks/results/); tests: the single-GPU tests
-# (static-cache decoding, bf16 SALSA); fsdp: every stage under fsdp.yaml and fsdp1.yaml.
+# (static-cache decoding, bf16 SALSA); fsdp: every stage under fsdp.yaml and fsdp1.yaml;
+# sharded: decoding under fsdp.yaml at world size 1 (gather once, per layer) against the unsharded
+# policy, benchmarks/sharded_generation.py (about 6 min on an H200; JSON lines in
+# $OUT/sharded_*.json).
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -36,7 +39,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 }
 
 pytest_gpu=(python3 -m pytest -m gpu -p no:cacheprovider -p no:warnings -q -s)
-for what in ${@:-bench tests fsdp}; do
+for what in ${@:-bench tests fsdp sharded}; do
   case $what in
     bench)
       step bench_gpt2 230 python3 benchmarks/ppo_vs_trl.py --preset gpt2-small --device cuda \
@@ -45,6 +48,13 @@ for what in ${@:-bench tests fsdp}; do
         --systems ours,trl --timeout 170 ;;
     tests) step gpu_tests 180 "${pytest_gpu[@]}" tests/test_gpu.py tests/test_generation.py ;;
     fsdp) step gpu_fsdp 240 "${pytest_gpu[@]}" tests/test_fsdp1.py ;;
-    *) echo "unknown part $what (bench, tests, fsdp)"; exit 2 ;;
+    sharded)  # issue 22: one GPU, FSDP2 over a world of 1, bf16, 128 sampled tokens, no early stop.
+      # auto: the StaticDecoder (CUDA graphs) for once and unsharded; dynamic: generate for all.
+      sharded=(python3 benchmarks/sharded_generation.py --device cuda --world 1 --unsharded
+               --prompt-length 64 --new-tokens 128 --repeats 2)
+      step sharded_gpt2_static 150 "${sharded[@]}" --preset gpt2-small --batch 32 --cache auto
+      step sharded_gpt2_dynamic 150 "${sharded[@]}" --preset gpt2-small --batch 32 --cache dynamic
+      step sharded_1b 150 "${sharded[@]}" --preset 1b --batch 16 --cache auto ;;
+    *) echo "unknown part $what (bench, tests, fsdp, sharded)"; exit 2 ;;
   esac
 done

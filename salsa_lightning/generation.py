@@ -8,12 +8,16 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from salsa_lightning.errors import SalsaError, check_choices
 from salsa_lightning.functional import logprobs_from_logits, response_mask, truncate_after_eos
+from salsa_lightning.sharding import fsdp_kind, gathered
 
 Cache = Literal["auto", "static", "dynamic"]
+Gather = Literal["once", "per_layer"]
 
 
 @dataclass
@@ -31,10 +35,17 @@ class GenerationSettings:
         cache: KV cache for decoding. ``"static"``: :class:`StaticDecoder`, a fixed-size
             cache and, on a GPU, one compiled forward per token replayed as a CUDA graph, so
             decoding is not bound by Python overhead; ``"dynamic"``: ``generate`` with its
-            growing cache; ``"auto"``: static on one CUDA device, dynamic on CPU. Under FSDP ranks
-            decode in lockstep through ``generate`` whatever this says.
-            Both decode the same tokens; the log-probs used for training are always recomputed
-            by a plain forward pass.
+            growing cache; ``"auto"``: static on one CUDA device, dynamic on CPU. Both decode
+            the same tokens; the log-probs used for training are always recomputed by a plain
+            forward pass. ``gather: per_layer`` decodes through ``generate`` whatever this says.
+        gather: How a policy that FSDP shards is decoded. ``"once"``: every FSDP unit is
+            all-gathered once per rollout and held whole until the last token
+            (``sharding.gathered``): one full copy of the policy per rank while decoding, no
+            collective per token, so each rank stops at its own EOS and ``cache`` applies as
+            on one device. ``"per_layer"``: through FSDP's hooks, each decoding step gathers
+            and frees every unit again and the ranks decode in lockstep (``generate`` with
+            ``synced_gpus``); for a policy too large to hold whole on one device. No effect
+            on a model that is not sharded.
     """
 
     max_new_tokens: int = 16
@@ -43,6 +54,7 @@ class GenerationSettings:
     stop_at_eos: bool = True
     do_sample: bool = True
     cache: Cache = "auto"
+    gather: Gather = "once"
 
     def __post_init__(self) -> None:
         check_choices("generation", type(self), self)
@@ -64,10 +76,11 @@ class GenerationSettings:
 STATIC_PROMPT_BUCKET = 32
 
 
-def use_static_cache(cache: str, device: torch.device, sharded: bool) -> bool:
-    """Whether ``sample`` decodes with the :class:`StaticDecoder`: never for a model that FSDP
-    shards (its ranks decode in lockstep through ``generate``), under ``"auto"`` only on CUDA."""
-    if sharded or cache == "dynamic":
+def use_static_cache(cache: Cache, device: torch.device, lockstep: bool) -> bool:
+    """Whether ``sample`` decodes with the :class:`StaticDecoder`: never in lockstep (a policy
+    that FSDP gathers layer by layer at every step decodes through ``generate``), under
+    ``"auto"`` only on CUDA."""
+    if lockstep or cache == "dynamic":
         return False
     return cache == "static" or device.type == "cuda"
 
@@ -93,10 +106,12 @@ def sample(
     query: Tensor,
     query_mask: Tensor,
     settings: GenerationSettings,
-    synced: bool = False,
-    sharded: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Sample one response per left-padded prompt with the KV cache.
+
+    A model that FSDP shards (FSDP2 or FSDP1, seen on the model itself) is gathered once for
+    the whole rollout and decoded as on one device (``settings.gather`` ``"once"``), or
+    decoded through FSDP's per-layer gathers with every rank in lockstep (``"per_layer"``).
 
     Args:
         model: A causal LM (or peft model) with ``generate``.
@@ -104,9 +119,6 @@ def sample(
         query: [B, P] prompt ids, left-padded.
         query_mask: [B, P] attention mask of the prompts.
         settings: Sampling settings.
-        synced: Keep every rank decoding until all are done (required under FSDP).
-        sharded: The model is wrapped by FSDP (even on one rank): it decodes through
-            ``generate``, whose steps FSDP's hooks gather (no StaticDecoder, no CUDA graphs).
 
     Returns:
         ``(response, mask)``: [B, R] ids with pad after the first EOS, and the [B, R] float mask
@@ -114,11 +126,30 @@ def sample(
     """
     s = settings
     eos = tokenizer.eos_token_id if s.stop_at_eos else None
-    static = use_static_cache(s.cache, query.device, sharded or synced)
-    response = None
+    lockstep = s.gather == "per_layer" and fsdp_kind(model) is not None
+    with gathered(model, layers=not lockstep):
+        response = decode(model, tokenizer, query, query_mask, s, eos, lockstep)
+    if eos is None:
+        return response, torch.ones_like(response, dtype=torch.float32)
+    return truncate_after_eos(response, eos, tokenizer.pad_token_id)
+
+
+def decode(
+    model: nn.Module,
+    tokenizer: Any,
+    query: Tensor,
+    query_mask: Tensor,
+    s: GenerationSettings,
+    eos: int | None,
+    lockstep: bool,
+) -> Tensor:
+    """[B, R] sampled tokens (continuing with pad after ``eos``): the :class:`StaticDecoder`
+    when the cache setting picks it, else ``generate``, in lockstep across ranks when asked
+    (no rank may stop before the others while each step runs collectives)."""
+    static = use_static_cache(s.cache, query.device, lockstep)
     if static and not static_failed(model):
         try:
-            response = static_decoder(model, query.shape[0], s.max_new_tokens)(
+            return static_decoder(model, query.shape[0], s.max_new_tokens)(
                 query, query_mask, s, eos, tokenizer.pad_token_id
             )
         except Exception as err:  # compiling depends on the model and the torch build
@@ -126,42 +157,44 @@ def sample(
             warnings.warn(
                 f"StaticDecoder failed for {type(model).__name__} ({err!r}); this model decodes "
                 "with generate (and its own static cache) from now on.",
-                stacklevel=2,
+                stacklevel=3,
             )
-    if response is None:
-        kwargs = {"temperature": s.temperature, "top_p": s.top_p, "top_k": 0} if s.do_sample else {}
-        if static:  # generate compiles its forward for a static cache on a GPU
-            kwargs["cache_implementation"] = "static"
-        out = model.generate(
-            input_ids=query,
-            attention_mask=query_mask,
-            do_sample=s.do_sample,
-            max_new_tokens=s.max_new_tokens,
-            eos_token_id=eos,  # None: EOS is an ordinary token, every response is full length
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
-            synced_gpus=synced,
-            **kwargs,
-        )
-        response = out[:, query.shape[1] :]
-    if eos is None:
-        return response, torch.ones_like(response, dtype=torch.float32)
-    return truncate_after_eos(response, eos, tokenizer.pad_token_id)
+    kwargs = {"temperature": s.temperature, "top_p": s.top_p, "top_k": 0} if s.do_sample else {}
+    if static:  # generate compiles its forward for a static cache on a GPU
+        kwargs["cache_implementation"] = "static"
+    synced = lockstep and dist.is_initialized() and dist.get_world_size() > 1
+    out = model.generate(
+        input_ids=query,
+        attention_mask=query_mask,
+        do_sample=s.do_sample,
+        max_new_tokens=s.max_new_tokens,
+        eos_token_id=eos,  # None: EOS is an ordinary token, every response is full length
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        synced_gpus=synced,  # False stated: transformers turns it on for any FSDP module
+        **kwargs,
+    )
+    return out[:, query.shape[1] :]
 
 
 def next_tokens(logits: Tensor, settings: GenerationSettings) -> Tensor:
-    """[B, V] next-token logits -> [B] tokens: greedy, or sampled at ``temperature`` from the
-    smallest set of tokens whose probability reaches ``top_p`` (as ``generate`` samples)."""
+    """[B, V] next-token logits -> [B] tokens: greedy, or sampled from the logits warped by
+    transformers' own temperature and top-p processors, as ``generate`` samples (the same
+    processors, the same ``multinomial`` draw: the same tokens under one seed)."""
     if not settings.do_sample:
         return logits.argmax(-1)
-    logits = logits.float() / settings.temperature
+    return torch.multinomial(warpers(settings)(None, logits.float()).softmax(-1), 1).squeeze(-1)
+
+
+def warpers(settings: GenerationSettings) -> LogitsProcessorList:
+    """The logits warpers ``generate`` applies for these settings (none at temperature 1 and
+    top-p 1)."""
+    out = LogitsProcessorList()
+    if settings.temperature != 1.0:
+        out.append(TemperatureLogitsWarper(float(settings.temperature)))
     if settings.top_p < 1.0:
-        sorted_logits, order = logits.sort(-1)  # ascending, as transformers' top-p warper
-        mass_below = sorted_logits.softmax(-1).cumsum(-1)
-        drop = mass_below <= 1 - settings.top_p
-        drop[:, -1] = False  # keep at least the most likely token
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+        out.append(TopPLogitsWarper(float(settings.top_p)))
+    return out
 
 
 class StaticDecoder:

@@ -1,8 +1,11 @@
-"""FSDP2 sharding of Hugging Face models and gathering their full state dicts."""
+"""FSDP2 sharding of Hugging Face models, holding a sharded model whole for a while (decoding),
+and gathering full state dicts."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -68,3 +71,116 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     return get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=offload)
     )
+
+
+def fsdp_kind(model: nn.Module) -> Literal["fsdp2", "fsdp1"] | None:
+    """Which FSDP shards ``model``: ``fsdp2`` (``fully_shard`` units), ``fsdp1``
+    (``FullyShardedDataParallel`` units inside it), or None (not sharded)."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            return "fsdp2"
+        if isinstance(m, FullyShardedDataParallel):
+            return "fsdp1"
+    return None
+
+
+def sharded_units(model: nn.Module) -> list[nn.Module]:
+    """The FSDP units of ``model`` that hold parameters (FSDP2 modules; FSDP1 wrappers with a
+    flat parameter), outermost first: each is all-gathered as one piece."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, FSDPModule)
+        or (isinstance(m, FullyShardedDataParallel) and m._handle is not None)
+    ]
+
+
+def is_resharded(model: nn.Module) -> bool:
+    """Whether every unit of ``model`` holds only its shard (no gathered copy allocated)."""
+    from torch.distributed.tensor import DTensor
+
+    if fsdp_kind(model) == "fsdp2":  # FSDP2 registers DTensors while sharded, plain tensors else
+        return all(isinstance(p, DTensor) for p in model.parameters())
+    handles = [m._handle for m in sharded_units(model)]
+    return all(not h.uses_sharded_strategy or h.needs_unshard() for h in handles)
+
+
+@contextmanager
+def gathered(model: nn.Module, layers: bool = True) -> Iterator[None]:
+    """Hold the FSDP units of ``model`` whole on every rank inside the context, then reshard
+    them: the decoding of a rollout (``generation.sample``).
+
+    With ``layers`` (``generation.gather: once``) every unit is all-gathered once and kept
+    through every forward inside the context, so decoding N tokens costs one gather per unit
+    instead of N and runs no collective per token. The cost: one full copy of the model's
+    weights (in the dtype its forward gathers) on every rank while the context lasts. Without
+    (``per_layer``), FSDP2 holds only the outermost units (embeddings, final norm, head: what
+    FSDP2 keeps after a root's forward anyway) and the decoder layers are gathered by FSDP's
+    hooks at every step; FSDP1 holds nothing.
+
+    ``model`` must be a whole FSDP tree (as :func:`shard` and ``FSDP1Strategy`` build it); no
+    backward may run inside. On exit every unit holds only its shard (``is_resharded``).
+
+    - FSDP2: the outermost units are lazily initialised as FSDP roots first (a peft model
+      generates through its base model, so its root's forward hooks never run in decoding and
+      would not make it the root); then ``set_reshard_after_forward(False)`` and ``unshard()``
+      on each held unit. On exit each gets its default back (no reshard after forward for a
+      root, reshard for the others) and ``reshard()``.
+    - FSDP1 (no public per-unit unshard): each held ``FULL_SHARD`` / ``HYBRID_SHARD`` handle
+      keeps its gathered flat parameter after forward, as ``SHARD_GRAD_OP`` does, so its
+      first forward gathers it and later ones reuse it (mixed precision as in any forward);
+      on exit the strategies come back and every gathered handle is freed, as FSDP frees it
+      after backward. (``summon_full_params`` gathers in full precision, not the forward's
+      dtype, and FSDP refuses forwards inside it.)
+    """
+    kind = fsdp_kind(model)
+    context = {"fsdp2": _gathered_fsdp2, "fsdp1": _gathered_fsdp1}.get(kind)
+    if context is None or (kind == "fsdp1" and not layers):
+        yield
+        return
+    with context(sharded_units(model), layers):
+        yield
+
+
+@contextmanager
+def _gathered_fsdp2(units: list[nn.Module], layers: bool) -> Iterator[None]:
+    roots = [u for u in units if not any(u is not o and _contains(o, u) for o in units)]
+    for root in roots:
+        root._get_fsdp_state()._lazy_init()  # a no-op once a forward ran through it
+    held = units if layers else roots
+    for unit in held:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in held:
+            unit.set_reshard_after_forward(not any(unit is r for r in roots), recurse=False)
+            unit.reshard()
+
+
+@contextmanager
+def _gathered_fsdp1(units: list[nn.Module], layers: bool) -> Iterator[None]:
+    from torch.distributed.fsdp._flat_param import HandleShardingStrategy as S
+    from torch.distributed.fsdp._runtime_utils import _reshard
+
+    keep = {S.FULL_SHARD: S.SHARD_GRAD_OP, S.HYBRID_SHARD: S._HYBRID_SHARD_ZERO2}
+    saved = [(unit, unit._handle._sharding_strategy) for unit in units]
+    for unit, strategy in saved:
+        unit._handle._sharding_strategy = keep.get(strategy, strategy)
+    try:
+        yield
+    finally:
+        for unit, strategy in saved:
+            handle = unit._handle
+            handle._sharding_strategy = strategy
+            if handle.uses_sharded_strategy and not handle.needs_unshard():
+                _reshard(unit, handle, free_unsharded_flat_param=True)
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())

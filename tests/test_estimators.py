@@ -192,9 +192,9 @@ def test_rollout_rows_must_split_into_minibatches_with_k_samples(stage_outputs, 
         stage_outputs, k=3, ppo=PPOSettings(minibatch_size=16, micro_batch_size=16)
     )
     match = (
-        r"data.batch_size \(8 prompts per rank and PPO iteration\) x "
-        r"model.estimator.samples_per_prompt \(3\) = 24 responses per rank .* must be a multiple "
-        r"of model.ppo.minibatch_size \(16\)"
+        r"data.batch_size \(8 prompts per PPO iteration, over all ranks\) x "
+        r"model.estimator.samples_per_prompt \(3\) = 24 responses must be a multiple "
+        r"of model.ppo.minibatch_size \(16"
     )
     with pytest.raises(SalsaError, match=match):
         fit(module, prompts(stage_outputs, task_dir), tmp_path, 1)

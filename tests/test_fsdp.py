@@ -25,7 +25,9 @@ from conftest import CONFIGS
 pytestmark = pytest.mark.slow
 
 
-def salsa_args(out: dict[str, Path], task_dir: Path, root: Path, per_rank_batch: int) -> list[str]:
+def salsa_args(out: dict[str, Path], task_dir: Path, root: Path, batch: int) -> list[str]:
+    """``salsa fit`` of configs/salsa.yaml, greedy, one PPO epoch of one minibatch of the whole
+    ``batch`` (prompts over all ranks), 2 rollouts and a validation."""
     return [
         "fit",
         "--config",
@@ -41,9 +43,9 @@ def salsa_args(out: dict[str, Path], task_dir: Path, root: Path, per_rank_batch:
         "--model.init_args.ppo.epochs",
         "1",
         "--model.init_args.ppo.minibatch_size",
-        str(per_rank_batch),
+        str(batch),
         "--model.init_args.ppo.micro_batch_size",
-        str(per_rank_batch),
+        str(batch),
         "--model.init_args.export_dir",
         str(root / "policy"),
         "--data.init_args.tokenizer",
@@ -51,9 +53,9 @@ def salsa_args(out: dict[str, Path], task_dir: Path, root: Path, per_rank_batch:
         "--data.init_args.task_dir",
         str(task_dir),
         "--data.init_args.batch_size",
-        str(per_rank_batch),
+        str(batch),
         "--data.init_args.eval_batch_size",
-        str(per_rank_batch),
+        str(batch),
         "--trainer.accelerator",
         "cpu",
         "--trainer.max_epochs",
@@ -124,10 +126,10 @@ def test_salsa_sharded_two_processes_agrees_with_one(strategy, stage_outputs, ta
     from transformers import AutoModelForCausalLM
 
     single, sharded = tmp_path / "single", tmp_path / strategy
-    run(salsa_args(stage_outputs, task_dir, single, per_rank_batch=8), tmp_path)
+    run(salsa_args(stage_outputs, task_dir, single, batch=8), tmp_path)
     flags = FSDP2 if strategy == "fsdp2" else FSDP1
     fsdp = [*flags, "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last", "true"]
-    args = salsa_args(stage_outputs, task_dir, sharded, per_rank_batch=4)
+    args = salsa_args(stage_outputs, task_dir, sharded, batch=8)  # 4 prompts a rank
     run(args + fsdp, tmp_path)
 
     one, two = metrics(single), metrics(sharded)
@@ -180,11 +182,11 @@ def test_salsa_grpo_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir,
     advantages. The first rollout and its update agree with one process (1e-4 and the policy
     within 1e-2), no critic exists anywhere, and the export loads."""
 
-    def grpo_args(root: Path, prompts_per_rank: int) -> list[str]:
-        args = salsa_args(stage_outputs, task_dir, root, prompts_per_rank * 2)
+    def grpo_args(root: Path) -> list[str]:
+        args = salsa_args(stage_outputs, task_dir, root, 8)  # 4 prompts x 2 samples
         args[args.index(str(CONFIGS / "salsa.yaml"))] = str(CONFIGS / "salsa-grpo.yaml")
         batch = args.index("--data.init_args.batch_size") + 1
-        args[batch] = args[batch + 2] = str(prompts_per_rank)  # and the eval batch
+        args[batch] = args[batch + 2] = "4"  # prompts, and the eval batch
         return args + [
             "--model.init_args.reward_model", "null",
             "--model.init_args.reward_fn.class_path", "cli_plugins.RankInGroupReward",
@@ -195,8 +197,8 @@ def test_salsa_grpo_fsdp2_two_processes_agrees_with_one(stage_outputs, task_dir,
 
     env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     single, sharded = tmp_path / "single", tmp_path / "fsdp"
-    run(grpo_args(single, 4), tmp_path, env)
-    run(grpo_args(sharded, 2) + FSDP2, tmp_path, env)
+    run(grpo_args(single), tmp_path, env)
+    run(grpo_args(sharded) + FSDP2, tmp_path, env)
     one, two = metrics(single), metrics(sharded)
     for key in ("objective/scores", "objective/kl", "loss/policy", "rollout/response_length"):
         assert first(two, key) == pytest.approx(first(one, key), abs=1e-4), key
@@ -222,8 +224,8 @@ def test_ppo_fsdp2_ranks_take_every_rl_decision_together(stage_outputs, task_dir
     together (a rank skipping alone would leave the other waiting in a collective: a hang)."""
     env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
 
-    def args(root: Path, per_rank: int) -> list[str]:
-        out = salsa_args(stage_outputs, task_dir, root, per_rank)
+    def args(root: Path) -> list[str]:
+        out = salsa_args(stage_outputs, task_dir, root, 8)
         out[out.index(str(CONFIGS / "salsa.yaml"))] = str(CONFIGS / "ppo.yaml")
         out[out.index("--model.init_args.reference.checkpoints") + 1] = (
             f"[{stage_outputs['sft-1']}]"
@@ -239,8 +241,8 @@ def test_ppo_fsdp2_ranks_take_every_rl_decision_together(stage_outputs, task_dir
         ]  # fmt: skip
 
     single, sharded = tmp_path / "single", tmp_path / "fsdp"
-    run(args(single, 8), tmp_path, env)
-    run(args(sharded, 4) + FSDP2, tmp_path, env)
+    run(args(single), tmp_path, env)
+    run(args(sharded) + FSDP2, tmp_path, env)
     one, two = metrics(single), metrics(sharded)
     for key in ("objective/scores", "objective/raw_scores", "objective/kl"):
         assert first(two, key) == pytest.approx(first(one, key), abs=1e-4), key
@@ -281,9 +283,8 @@ def test_ppo_fsdp2_ranks_take_every_rl_decision_together(stage_outputs, task_dir
 #     weights with small gradients.
 
 
-def stage_args(
-    config: str, root: Path, task_dir: Path, per_rank_batch: int, extra: list[str]
-) -> list[str]:
+def stage_args(config: str, root: Path, task_dir: Path, batch: int, extra: list[str]) -> list[str]:
+    """``salsa fit`` of a stage YAML for 4 steps of ``batch`` rows (over all ranks)."""
     return [
         "fit",
         "--config",
@@ -294,7 +295,7 @@ def stage_args(
         "--data.init_args.task_dir",
         str(task_dir),
         "--data.init_args.batch_size",
-        str(per_rank_batch),
+        str(batch),
         "--data.init_args.max_samples",
         "64",
         "--trainer.accelerator",
@@ -321,7 +322,7 @@ def stage_args(
 def run_both(config: str, tmp_path: Path, task_dir: Path, extra: list[str]) -> tuple[Path, Path]:
     single, sharded = tmp_path / "single", tmp_path / "fsdp"
     run(stage_args(config, single, task_dir, 16, extra), tmp_path)
-    run(stage_args(config, sharded, task_dir, 8, extra) + FSDP2, tmp_path)
+    run(stage_args(config, sharded, task_dir, 16, extra) + FSDP2, tmp_path)
     return single, sharded
 
 

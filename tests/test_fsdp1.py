@@ -37,7 +37,7 @@ def test_reward_fsdp1_two_processes_agrees_with_one(stage_outputs, task_dir, tmp
     ]
     single, sharded = tmp_path / "single", tmp_path / "fsdp1"
     run(stage_args("reward.yaml", single, task_dir, 16, extra), tmp_path)
-    run(stage_args("reward.yaml", sharded, task_dir, 8, extra) + FSDP1, tmp_path)
+    run(stage_args("reward.yaml", sharded, task_dir, 16, extra) + FSDP1, tmp_path)
     assert first(metrics(single), "val/accuracy") > 0.5
     check_reward_runs(single, sharded, stage_outputs["reward"])
 
@@ -138,7 +138,7 @@ def test_every_stage_on_one_gpu_bf16(strategy, stage_outputs, task_dir, tmp_path
 
     for stage in ("salsa", "ppo"):
         root = tmp_path / stage
-        args = salsa_args(stage_outputs, task_dir, root, per_rank_batch=8)
+        args = salsa_args(stage_outputs, task_dir, root, batch=8)
         args[args.index(str(CONFIGS / "salsa.yaml"))] = str(CONFIGS / f"{stage}.yaml")
         if stage == "ppo":
             i = args.index("--model.init_args.reference.checkpoints")

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,14 +154,16 @@ def test_compiled_static_cache_on_gpu_matches_dynamic_decoding():
     assert torch.equal(out["static"][0], out["dynamic"][0])
 
 
-def test_cache_setting_is_checked_and_auto_picks_static_only_on_one_gpu():
-    with pytest.raises(SalsaError, match="generation.cache"):
+def test_cache_setting_is_checked_and_auto_picks_static_only_on_a_gpu_out_of_lockstep():
+    with pytest.raises(SalsaError, match="generation.cache must be one of auto, static, dynamic"):
         GenerationSettings(cache="paged")
-    assert use_static_cache("auto", torch.device("cuda", 0), sharded=False)
-    assert not use_static_cache("auto", torch.device("cuda", 0), sharded=True)
-    assert not use_static_cache("auto", torch.device("cpu"), sharded=False)
-    assert use_static_cache("static", torch.device("cpu"), sharded=False)
-    assert not use_static_cache("static", torch.device("cuda", 0), sharded=True)
+    with pytest.raises(SalsaError, match="generation.gather must be one of once, per_layer"):
+        GenerationSettings(gather="twice")
+    assert use_static_cache("auto", torch.device("cuda", 0), lockstep=False)
+    assert not use_static_cache("auto", torch.device("cuda", 0), lockstep=True)
+    assert not use_static_cache("auto", torch.device("cpu"), lockstep=False)
+    assert use_static_cache("static", torch.device("cpu"), lockstep=False)
+    assert not use_static_cache("static", torch.device("cuda", 0), lockstep=True)
 
 
 def test_a_model_the_static_decoder_cannot_run_falls_back_to_generate():
@@ -260,3 +267,53 @@ def test_the_static_decoder_refuses_a_model_that_ignores_its_cache():
     decoder = static_decoder(model, len(PROMPTS), 4)
     with pytest.raises(SalsaError, match="did not write the prompt into the StaticCache"):
         decoder(query, mask, GenerationSettings(do_sample=False), tok.eos_token_id, 0)
+
+
+# ----------------------------------------------------------------------------- sharded, 2 processes
+
+SHARDED = Path(__file__).resolve().parents[1] / "benchmarks" / "sharded_generation.py"
+TINY = ["--preset", "tiny", "--repeats", "1", "--new-tokens", "8", "--batch", "4"]
+
+
+def sharded_rollouts(*args: str) -> dict:
+    """benchmarks/sharded_generation.py on 2 CPU processes (gloo): the tiny model sharded, one
+    rollout in each mode after a warm-up; its summary line."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(SHARDED), *TINY, *args],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--strategy", "fsdp2", "--rank0-stops-first"),
+        ("--strategy", "fsdp2", "--lora", "--cache", "static"),
+        ("--strategy", "fsdp1", "--lora"),
+    ],
+    ids=["fsdp2-greedy", "fsdp2-lora-static", "fsdp1-lora"],
+)
+def test_a_sharded_rollout_gathers_the_policy_once(args):
+    """Gather-once (``generation.gather: once``) against FSDP's per-layer gathers, 8 new tokens
+    on 2 ranks: at most one all-gather per FSDP unit per rollout (per layer: one per decoder
+    block and token), the same tokens under one seed (sampled at temperature 0.9, top-p 0.95,
+    or greedy), and every parameter sharded again afterwards. Greedy, with EOS the first token
+    rank 0 decodes, rank 0 stops after one step in gather-once mode while rank 1 decodes on
+    (no lockstep); per layer both ranks run every step. The LoRA policy (a peft model, whose
+    generate never calls its FSDP2 root's forward) and the StaticDecoder decode sharded too."""
+    out = sharded_rollouts(*args)
+    once, per_layer, units = out["once"], out["per_layer"], out["units"]
+    layers = 4  # the tiny model's decoder blocks
+    assert units == (5 if "fsdp2" in args else 6)  # + the root; FSDP1: + backbone and head
+    assert 0 < once["gathers_per_rollout"] <= units
+    assert per_layer["gathers_per_rollout"] >= layers * 8
+    assert once["gathered_bytes_per_rollout"] * 6 < per_layer["gathered_bytes_per_rollout"]
+    assert out["same_tokens"]
+    assert once["resharded"] and per_layer["resharded"]
+    if "--rank0-stops-first" in args:
+        assert once["forwards_per_rank"][0] == 1 and once["forwards_per_rank"][1] > 1
+        assert per_layer["forwards_per_rank"][0] == per_layer["forwards_per_rank"][1]

@@ -74,7 +74,7 @@ SAMPLED = ["--model.init_args.generation.do_sample", "true"]
 
 
 def rl_args(stage_outputs, task_dir, root: Path, steps: int, overlay: Path) -> list[str]:
-    args = salsa_args(stage_outputs, task_dir, root, per_rank_batch=8) + SAMPLED
+    args = salsa_args(stage_outputs, task_dir, root, batch=8) + SAMPLED
     args[args.index("--trainer.limit_train_batches") + 1] = "4"
     args[args.index("--trainer.val_check_interval") + 1] = "4"
     return args + ["--config", str(overlay), "--trainer.max_steps", str(steps)]
@@ -215,7 +215,7 @@ def test_a_logger_directory_under_a_file_is_refused_before_anything_is_built(
     stage_outputs, task_dir, tmp_path, capsys
 ):
     (tmp_path / "a-file").write_text("")
-    args = salsa_args(stage_outputs, task_dir, tmp_path / "run", per_rank_batch=8)
+    args = salsa_args(stage_outputs, task_dir, tmp_path / "run", batch=8)
     args[args.index("--trainer.logger.init_args.save_dir") + 1] = str(tmp_path / "a-file/logs")
     code, err = cli(args, tmp_path, capsys)
     assert code == 2 and "trainer.logger save_dir" in err and "is a file" in err

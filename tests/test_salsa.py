@@ -650,8 +650,8 @@ def test_bad_inputs_fail_before_training(case, stage_outputs, task_dir, tmp_path
     elif case == "batch-not-whole-minibatches":
         kw = dict(ppo=PPOSettings(minibatch_size=6, micro_batch_size=3))
         match = (
-            r"data.batch_size \(8 prompts per rank and PPO iteration, 8 over 1 rank\(s\)\) "
-            r"must be a multiple of model.ppo.minibatch_size \(6\)"
+            r"data.batch_size \(8 prompts per PPO iteration, over all ranks\) "
+            r"must be a multiple of model.ppo.minibatch_size \(6, rollout rows"
         )
     else:
         kw = dict(generation=GenerationSettings(max_new_tokens=100))

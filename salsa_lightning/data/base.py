@@ -22,6 +22,7 @@ from salsa_lightning.data.chat import value_problem
 from salsa_lightning.data.files import DATA_FORMATS, read_data_files
 from salsa_lightning.errors import SalsaError, check_choices
 from salsa_lightning.pretrained import load_tokenizer
+from salsa_lightning.world_size import per_rank
 
 
 class ChatDataModule(L.LightningDataModule):
@@ -43,8 +44,9 @@ class ChatDataModule(L.LightningDataModule):
         max_length: Maximum tokens per sequence (prompt + response).
         overflow: ``truncate`` cuts the response to fit; ``filter`` drops the row.
         max_samples: Keep at most this many training rows (after shuffling with the seed).
-        batch_size: Training batch size per device.
-        eval_batch_size: Validation batch size (default: ``batch_size``).
+        batch_size: Training rows per step over all ranks (the global batch; each of the
+            world size's ranks loads an equal share: ``salsa_lightning.world_size``).
+        eval_batch_size: Validation rows per step over all ranks (default: ``batch_size``).
         num_workers: DataLoader workers.
         seed: Seed of the shuffling order; None follows ``seed_everything``.
         task_dir: Where the embedded task's files go.
@@ -255,7 +257,23 @@ class ChatDataModule(L.LightningDataModule):
             )
         return data
 
+    @property
+    def world_size(self) -> int:
+        """The number of ranks that share each batch (1 without a Trainer)."""
+        trainer = self.trainer
+        return trainer.world_size if trainer is not None else 1
+
+    def rank_batch_sizes(self) -> tuple[int, int]:
+        """``(train, eval)`` rows per rank and step: ``batch_size`` and ``eval_batch_size``
+        counted over all ranks, shared out (``salsa_lightning.world_size``), or refused."""
+        hp, world = self.hparams, self.world_size
+        train = per_rank(hp.batch_size, world, "data.batch_size")
+        eval_size = hp.eval_batch_size or hp.batch_size
+        setting = "data.eval_batch_size" if hp.eval_batch_size else "data.batch_size"
+        return train, per_rank(eval_size, world, setting)
+
     def setup(self, stage: str | None = None) -> None:
+        self.rank_batch_sizes()  # before any data is read or model built
         if self.train_data is not None:
             return
         if self.uses_embedded_task:
@@ -281,9 +299,8 @@ class ChatDataModule(L.LightningDataModule):
                 num_workers=self.hparams.num_workers,
                 generator=generator,
             )
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        sampler = ResumableSampler(data, num_replicas=world, rank=rank, seed=self._seed())
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler = ResumableSampler(data, num_replicas=self.world_size, rank=rank, seed=self._seed())
         return ResumableLoader(
             data,
             batch_size=batch_size,
@@ -294,13 +311,13 @@ class ChatDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_data, self.hparams.batch_size, shuffle=True)
+        return self._loader(self.train_data, self.rank_batch_sizes()[0], shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
+        # Lightning gives it a DistributedSampler under several ranks (each its share).
         if self.val_data is None:
             return []
-        size = self.hparams.eval_batch_size or self.hparams.batch_size
-        return self._loader(self.val_data, size, shuffle=False)
+        return self._loader(self.val_data, self.rank_batch_sizes()[1], shuffle=False)
 
 
 class ResumableSampler(DistributedSampler):

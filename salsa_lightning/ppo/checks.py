@@ -12,6 +12,7 @@ from salsa_lightning.ppo.settings import EstimatorSettings, PPOSettings
 from salsa_lightning.pretrained import load_tokenizer
 from salsa_lightning.soup import SoupReference, config_dir
 from salsa_lightning.soup.plan import plan_soup
+from salsa_lightning.world_size import per_rank
 
 
 def reference_config(reference: SoupReference) -> PretrainedConfig:
@@ -95,26 +96,32 @@ def check_estimator(est: EstimatorSettings, critic: str | None, value_head: bool
     return estimator
 
 
-def check_batch_sizes(prompts: int, k: int, ppo: PPOSettings, world_size: int) -> None:
-    """Each rank rolls out ``prompts`` x ``k`` responses (the global batch is world size
-    times that): they must split into whole minibatches, and those into whole micro-batches."""
+def check_batch_sizes(prompts: int, k: int, ppo: PPOSettings, world_size: int) -> int:
+    """The PPO batch counts under the world-size rule (``salsa_lightning.world_size``):
+    ``prompts`` (``data.batch_size``) and ``ppo.minibatch_size`` count over all ranks, so a
+    rollout's ``prompts`` x ``k`` rows split into whole minibatches, each split evenly over the
+    ranks; a rank's share of a minibatch splits into micro-batches of ``ppo.micro_batch_size``
+    rows (or is one, when it is no larger). Returns the minibatch rows per rank."""
+    per_rank(prompts, world_size, "data.batch_size")
+    minibatch = per_rank(ppo.minibatch_size, world_size, "model.ppo.minibatch_size")
+    if ppo.micro_batch_size < 1:
+        raise SalsaError(
+            f"model.ppo.micro_batch_size must be at least 1, got {ppo.micro_batch_size}."
+        )
     rows = prompts * k
-    if ppo.minibatch_size < 1 or ppo.micro_batch_size < 1:
+    if rows % ppo.minibatch_size:
+        what = f"data.batch_size ({prompts} prompts per PPO iteration, over all ranks)"
+        if k > 1:
+            what += f" x model.estimator.samples_per_prompt ({k}) = {rows} responses"
         raise SalsaError(
-            f"model.ppo.minibatch_size ({ppo.minibatch_size}) and model.ppo.micro_batch_size "
-            f"({ppo.micro_batch_size}) must be positive."
+            f"{what} must be a multiple of model.ppo.minibatch_size ({ppo.minibatch_size}, "
+            "rollout rows per optimizer step over all ranks)."
         )
-    if rows % ppo.minibatch_size or ppo.minibatch_size % ppo.micro_batch_size:
-        if k == 1:
-            what = f"{prompts} prompts per rank and PPO iteration, {rows * world_size} over"
-        else:
-            what = (
-                f"{prompts} prompts per rank and PPO iteration) x "
-                f"model.estimator.samples_per_prompt ({k}) = {rows} responses per rank "
-                f"({rows * world_size} over"
-            )
+    if ppo.micro_batch_size < minibatch and minibatch % ppo.micro_batch_size:
         raise SalsaError(
-            f"data.batch_size ({what} {world_size} rank(s)) must be a multiple of "
-            f"model.ppo.minibatch_size ({ppo.minibatch_size}), and that a multiple of "
-            f"model.ppo.micro_batch_size ({ppo.micro_batch_size})."
+            f"model.ppo.minibatch_size ({ppo.minibatch_size}) over {world_size} rank(s) is "
+            f"{minibatch} rows per rank and optimizer step: a multiple of "
+            f"model.ppo.micro_batch_size ({ppo.micro_batch_size}, rows per forward on one "
+            "rank) or at most it."
         )
+    return minibatch

@@ -318,16 +318,12 @@ class SALSAModule(StageModule):
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], k: int = 1) -> Rollout:
         """Sample ``k`` responses per prompt (consecutive rows) with the KV cache; truncate
-        after EOS."""
-        tok, strategy = self.tokenizer, self.trainer.strategy
-        synced = self.trainer.world_size > 1
-        sharded = not isinstance(strategy, SingleDeviceStrategy)
+        after EOS. Under FSDP the policy is gathered once for the rollout (``generation.gather``)."""
+        tok = self.tokenizer
         query = batch["input_ids"].repeat_interleave(k, 0)
         query_mask = batch["attention_mask"].repeat_interleave(k, 0)
         try:
-            response, mask = sample(
-                self.policy, tok, query, query_mask, self.generation, synced, sharded
-            )
+            response, mask = sample(self.policy, tok, query, query_mask, self.generation)
         except RuntimeError as err:  # torch.multinomial on non-finite probabilities
             if "probability tensor contains" not in str(err):
                 raise
@@ -404,9 +400,16 @@ class SALSAModule(StageModule):
 
     def scores_in_first_pass(self, rollout: Rollout) -> bool:
         """Whether the first update pass is also the policy's and critic's scoring pass: only
-        when it runs on the whole rollout (one micro-batch), before any weight changes."""
+        when it runs on the whole rollout (one minibatch, one micro-batch), before any weight
+        changes."""
         ppo = self.ppo_settings
-        return ppo.score_in_first_pass and ppo.micro_batch_size >= len(rollout.query)
+        one_pass = min(ppo.micro_batch_size, self.minibatch_rows()) >= len(rollout.query)
+        return ppo.score_in_first_pass and one_pass
+
+    def minibatch_rows(self) -> int:
+        """This rank's rows of a minibatch: ``ppo.minibatch_size`` counts over all ranks
+        (``salsa_lightning.world_size``)."""
+        return self.ppo_settings.minibatch_size // self.trainer.world_size
 
     def first_pass(self, rollout: Rollout) -> FirstPass:
         """The first update pass over the first epoch's shuffled rows, with grad: same weights,
@@ -448,7 +451,7 @@ class SALSAModule(StageModule):
         for epoch in range(ppo.epochs):
             reuse_first = first is not None and epoch == 0
             order = first.order if reuse_first else torch.randperm(rows, device=self.device)
-            for minibatch in order.split(ppo.minibatch_size):
+            for minibatch in order.split(self.minibatch_rows()):  # this rank's share
                 finite = torch.ones((), device=self.device)
                 critic_losses = []  # policy first: backpropagated after the policy's step
                 for micro in minibatch.split(ppo.micro_batch_size):

@@ -1,0 +1,104 @@
+"""Two "nodes" on this machine against two processes on one node, under ``configs/fsdp.yaml``.
+
+The two-node run is launched the way Lightning's own multi-node launch expects it outside a
+cluster manager: one ``salsa fit`` per node with ``--trainer.num_nodes 2 --trainer.devices 1``,
+``MASTER_ADDR=127.0.0.1``, a free ``MASTER_PORT`` and ``NODE_RANK`` 0 and 1 (Lightning's
+``LightningEnvironment``: global rank = NODE_RANK x devices + local rank), both started side
+by side. Both runs are one world of 2 ranks (gloo), so they must agree; the tolerances are
+``tests/test_fsdp.py``'s: SFT's export within 0.3 of the distance training moved the weights
+(``check_exports``), SALSA's first rollout within 1e-4, its evaluation within 0.05 and its
+policy within 1e-2 element by element (seen: identical, 0.0, in both stages).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CONFIGS
+from test_fsdp import FSDP2, check_exports, first, metrics, run, salsa_args, stage_args
+
+pytestmark = [pytest.mark.slow, pytest.mark.scale]  # .ci/run's extra step
+
+TWO_NODES = [
+    "--config", str(CONFIGS / "fsdp.yaml"),
+    "--trainer.accelerator", "cpu",
+    "--trainer.devices", "1",
+    "--trainer.num_nodes", "2",
+]  # fmt: skip
+# What a launcher (torchrun, SLURM, an earlier Lightning run) may leave behind: each node's
+# process must read its place from NODE_RANK alone.
+LAUNCHER_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK", "LOCAL_WORLD_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_nodes(args: list[str], cwd: Path) -> None:
+    """``salsa <args>`` as node 0 and node 1 of a two-node world, side by side."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "salsa_lightning.cli", *args, *TWO_NODES],
+            cwd=cwd,
+            env={**env, "NODE_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [node.communicate(timeout=900) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for rank, (node, (_, err)) in enumerate(zip(nodes, outputs, strict=True)):
+        assert node.returncode == 0, f"node {rank}: {err[-4000:]}"
+
+
+def test_sft_on_two_nodes_is_sft_on_two_processes(task_dir, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from salsa_lightning.embedded import ASSETS
+
+    one_node, two_nodes = tmp_path / "one-node", tmp_path / "two-nodes"
+    run(stage_args("sft.yaml", one_node, task_dir, 16, []) + FSDP2, tmp_path)
+    run_two_nodes(stage_args("sft.yaml", two_nodes, task_dir, 16, []), tmp_path)
+    for key in ("train/loss", "val/loss", "val/token_accuracy"):
+        assert first(metrics(two_nodes), key) == pytest.approx(
+            first(metrics(one_node), key), rel=2e-2
+        ), key
+    check_exports(one_node, two_nodes, AutoModelForCausalLM, ASSETS / "base", rel=0.3)
+    wa, wb = (load_file(d / "model" / "model.safetensors") for d in (one_node, two_nodes))
+    print(
+        f"SFT, two nodes against one: max |diff| {max(float((wa[k] - wb[k]).abs().max()) for k in wa)}"
+    )
+
+
+def test_salsa_on_two_nodes_is_salsa_on_two_processes(stage_outputs, task_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    one_node, two_nodes = tmp_path / "one-node", tmp_path / "two-nodes"
+    run(salsa_args(stage_outputs, task_dir, one_node, batch=8) + FSDP2, tmp_path)
+    run_two_nodes(salsa_args(stage_outputs, task_dir, two_nodes, batch=8), tmp_path)
+    one, two = metrics(one_node), metrics(two_nodes)
+    for key in ("objective/scores", "objective/kl", "rollout/response_length"):
+        assert first(two, key) == pytest.approx(first(one, key), abs=1e-4), key
+    for key in ("eval/score", "eval/kl", "eval/gold"):
+        assert first(two, key) == pytest.approx(first(one, key), abs=0.05), key
+    wa = load_file(one_node / "policy" / "model.safetensors")
+    wb = load_file(two_nodes / "policy" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    print(f"SALSA policy, two nodes against one: max |diff| {diff}")
+    assert diff < 1e-2
