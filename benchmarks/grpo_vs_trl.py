@@ -63,9 +63,9 @@ ALGORITHM: dict[str, list[tuple[str, str, str]]] = {
         ),
         (
             "generation.stop_at_eos=false (EOS is an ordinary token)",
-            'generation_kwargs={"eos_token_id": None}',
-            "every response is --new-tokens long on both sides (the same work); TRL still masks "
-            "the loss after a sampled EOS, which changes what it computes, not how much",
+            'generation_kwargs={"eos_token_id": None}; the trainer\'s eos_token_ids emptied',
+            "every response is --new-tokens long and trained on whole on both sides (the same "
+            "work); TRL would stop decoding at EOS and drop what follows it from the batch",
         ),
         ("generation.temperature=1, top_p=1", "temperature=1, top_p=1, top_k=0", ""),
         (
@@ -268,7 +268,7 @@ def child_trl(
     rows = trl_prompts(inputs, tokenizer, chat=s["preset"] == "smollm2")
 
     probe: dict[str, Any] = {"generation": 0.0, "generation_end": 0.0, "update_start": None}
-    probe["decoded"] = 0
+    probe["decoded"] = 0  # completion tokens TRL scores and trains on
     timer = harness.trl_timer(device, probe, steps_per_iteration=epochs)
     trainer = Trainer(
         model=policy,
@@ -280,9 +280,11 @@ def child_trl(
         callbacks=[timer],
     )
 
+    # EOS is an ordinary token, as in ours: TRL keeps every completion whole (it cuts each one
+    # after the first of these ids, then pads the batch to its longest completion).
+    trainer.eos_token_ids = []
     # Timers around the trainer's own steps (instance attributes shadow its methods).
     generate, generate_and_score = trainer._generate, trainer._generate_and_score_completions
-    model_generate = trainer.model.generate
 
     def timed_generate(*args: Any, **kwargs: Any):
         harness.sync(device)
@@ -297,16 +299,11 @@ def child_trl(
         out = generate_and_score(*args, **kwargs)
         harness.sync(device)
         probe["update_start"] = time.perf_counter()
-        return out
-
-    def counted_model_generate(*args: Any, **kwargs: Any):
-        out = model_generate(*args, **kwargs)
-        probe["decoded"] += out.shape[0] * (out.shape[1] - kwargs["input_ids"].shape[1])
+        probe["decoded"] += int(out["completion_mask"].sum())
         return out
 
     trainer._generate = timed_generate
     trainer._generate_and_score_completions = timed_generate_and_score
-    trainer.model.generate = counted_model_generate
     trainer.train()
     result = harness.summarize("trl", timer.records, s)
     result.update(harness.memory_report(device, import_rss, timer.models_rss))
