@@ -286,15 +286,6 @@ def child_trl(
     # Timers around the trainer's own steps (instance attributes shadow its methods).
     generate, generate_and_score = trainer._generate, trainer._generate_and_score_completions
 
-    def timed_generate(*args: Any, **kwargs: Any):
-        harness.sync(device)
-        start = time.perf_counter()
-        out = generate(*args, **kwargs)
-        harness.sync(device)
-        probe["generation_end"] = time.perf_counter()
-        probe["generation"] += probe["generation_end"] - start
-        return out
-
     def timed_generate_and_score(*args: Any, **kwargs: Any):
         out = generate_and_score(*args, **kwargs)
         harness.sync(device)
@@ -302,7 +293,7 @@ def child_trl(
         probe["decoded"] += int(out["completion_mask"].sum())
         return out
 
-    trainer._generate = timed_generate
+    trainer._generate = harness.timed_generation(generate, probe, device)
     trainer._generate_and_score_completions = timed_generate_and_score
     trainer.train()
     result = harness.summarize("trl", timer.records, s)

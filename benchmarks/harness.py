@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +284,22 @@ def trl_timer(device: str, probe: dict[str, Any], steps_per_iteration: int = 1):
             self.last, self.last_cpu = now, time.process_time()
 
     return Timer()
+
+
+def timed_generation(generate: Callable[..., Any], probe: dict[str, Any], device: str):
+    """``generate`` wrapped to add its seconds to ``probe["generation"]`` and to set
+    ``probe["generation_end"]`` (for :func:`trl_timer`)."""
+
+    def timed(*args: Any, **kwargs: Any):
+        sync(device)
+        start = time.perf_counter()
+        out = generate(*args, **kwargs)
+        sync(device)
+        probe["generation_end"] = time.perf_counter()
+        probe["generation"] += probe["generation_end"] - start
+        return out
+
+    return timed
 
 
 def child_setup(settings_file: str) -> tuple[dict[str, Any], dict[str, str], Path]:

@@ -107,22 +107,13 @@ def child_trl(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[str
     # Timers around TRL's own functions, looked up as module globals by PPOTrainer.train.
     batch_generation, forward = ppo_module.batch_generation, ppo_module.forward
 
-    def timed_batch_generation(*args: Any, **kwargs: Any):
-        harness.sync(device)
-        start = time.perf_counter()
-        out = batch_generation(*args, **kwargs)
-        harness.sync(device)
-        probe["generation_end"] = time.perf_counter()
-        probe["generation"] += probe["generation_end"] - start
-        return out
-
     def timed_forward(*args: Any, **kwargs: Any):
         if torch.is_grad_enabled() and probe["update_start"] is None:  # first training forward
             harness.sync(device)
             probe["update_start"] = time.perf_counter()
         return forward(*args, **kwargs)
 
-    ppo_module.batch_generation = timed_batch_generation
+    ppo_module.batch_generation = harness.timed_generation(batch_generation, probe, device)
     ppo_module.forward = timed_forward
 
     dtype = workload.torch_dtype(s["dtype"])
