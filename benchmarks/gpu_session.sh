@@ -3,7 +3,8 @@
 # rented single-GPU machine (H100/H200) that has
 # torch, transformers, lightning and peft but not datasets, trl or jsonargparse: those travel
 # as wheels in .whl/ (see ../shared/ENVIRONMENT.md). Everything it measures lands in $OUT.
-#   bash benchmarks/gpu_session.sh [bench] [tests] [fsdp] [sharded]   (none: all; OUT: ./gpu-out)
+#   bash benchmarks/gpu_session.sh [bench] [tests] [fsdp] [sharded] [grpo]   (none: the first
+#   four; OUT: ./gpu-out; grpo, GRPO and RLOO against TRL 1.16, is described at grpo_part below)
 # bench: both GPU presets, ours against TRL with the roofline of each phase, and on gpt2-small
 # ours-grpo beside them (about 4 min on an H200; each preset's JSON line lands in
 # $OUT/<name>.json, to commit under benchmarks/results/); tests: the single-GPU tests
@@ -39,6 +40,25 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 }
 
 pytest_gpu=(python3 -m pytest -m gpu -p no:cacheprovider -p no:warnings -q -s)
+
+# --- grpo: ours (estimator grpo, then rloo) against TRL's newest GRPOTrainer / RLOOTrainer on
+# gpt2-small, with each phase's roofline (benchmarks/grpo_vs_trl.py; about 4 min on an H200).
+# TRL 1.16 cannot share /tmp/site with TRL 1.12 (the bench part's): its wheel (and, if this
+# machine's is older than 1.10.1, accelerate's) travels in .whl-trl/ and is installed into
+# /tmp/site-trl, which a small wrapper puts first on the TRL child's path (--trl-python).
+# Each JSON line lands in $OUT/grpo_gpt2_<estimator>.json, to commit under benchmarks/results/.
+grpo_part() {
+  if [ ! -d .whl-trl ]; then echo "grpo: no .whl-trl/ (the trl 1.16.0 wheel)"; return 1; fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site-trl .whl-trl/*.whl || return 1
+  printf '#!/bin/sh\nPYTHONPATH=/tmp/site-trl:${PYTHONPATH:-} exec python3 "$@"\n' > "$OUT/trl-python"
+  chmod +x "$OUT/trl-python"
+  for estimator in grpo rloo; do
+    step "grpo_gpt2_$estimator" 200 python3 benchmarks/grpo_vs_trl.py --preset gpt2-small \
+      --device cuda --estimator "$estimator" --trl-python "$OUT/trl-python" --timeout 120
+  done
+}
+
 for what in ${@:-bench tests fsdp sharded}; do
   case $what in
     bench)
@@ -55,6 +75,7 @@ for what in ${@:-bench tests fsdp sharded}; do
       step sharded_gpt2_static 150 "${sharded[@]}" --preset gpt2-small --batch 32 --cache auto
       step sharded_gpt2_dynamic 150 "${sharded[@]}" --preset gpt2-small --batch 32 --cache dynamic
       step sharded_1b 150 "${sharded[@]}" --preset 1b --batch 16 --cache auto ;;
-    *) echo "unknown part $what (bench, tests, fsdp, sharded)"; exit 2 ;;
+    grpo) grpo_part ;;
+    *) echo "unknown part $what (bench, tests, fsdp, sharded, grpo)"; exit 2 ;;
   esac
 done

@@ -1,7 +1,12 @@
-"""Smoke tests of benchmarks/ppo_vs_trl.py: it runs end to end and ends with one JSON line.
+"""Tests of the benchmarks against TRL (benchmarks/ppo_vs_trl.py, benchmarks/grpo_vs_trl.py) and
+their pieces (harness.py, workload.py, roofline.py).
 
-The comparison needs TRL (the ``bench`` extra) and is skipped without it; our side alone
-(``--systems ours``) runs with the dev extra only.
+Our side alone (``--systems ours``) and the pieces run with the dev extra only. The comparisons
+need TRL and are skipped without it: ``ppo_vs_trl.py`` TRL 1.12 (the ``bench`` extra) in this
+environment; ``grpo_vs_trl.py`` runs TRL's newest release from its own environment, which it
+builds once per machine (under ``~/.cache/salsa_lightning``), or from ``SALSA_TRL_PYTHON`` when
+that names a Python with it. CI runs them in a step of their own with the bench extra installed
+(``.ci/run``).
 """
 
 from __future__ import annotations
@@ -16,29 +21,46 @@ import pytest
 
 pytestmark = pytest.mark.slow  # subprocesses, a few seconds of PPO each
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ppo_vs_trl.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "ppo_vs_trl.py"
+GRPO_SCRIPT = BENCHMARKS / "grpo_vs_trl.py"
 # One timed iteration of a short rollout: enough to exercise every path, quick on 2 CPU cores.
 SMALL = ["--preset", "tiny", "--iterations", "1", "--repeats", "1", "--threads", "1"]
 
+sys.path.insert(0, str(BENCHMARKS))
+import grpo_vs_trl  # noqa: E402
+import harness  # noqa: E402
+import roofline  # noqa: E402
+import workload  # noqa: E402
 
-def run_benchmark(*args: str, tmp_path: Path) -> dict:
+
+def run_benchmark(*args: str, tmp_path: Path, script: Path = SCRIPT) -> dict:
     env = {**os.environ, "TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     res = subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, str(script), *args],
         capture_output=True,
         text=True,
         env=env,
-        timeout=900,
+        timeout=1200,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     last = res.stdout.strip().splitlines()[-1]
     return json.loads(last)
 
 
+def assert_full_length(out: dict) -> None:
+    """Same work on both sides: every run decoded exactly batch x new_tokens per iteration."""
+    s = out["settings"]
+    for run in out["runs"]:
+        assert run["generated_tokens"] == s["batch_size"] * s["new_tokens"] * s["iterations"]
+        if "decoded_tokens" in run:
+            assert run["decoded_tokens"] == run["generated_tokens"], run["system"]
+
+
 def test_compare_with_trl(tmp_path: Path) -> None:
     pytest.importorskip("trl")
-    pytest.importorskip("trl.experimental.ppo")
-    out = run_benchmark(*SMALL, "--device", "cpu", tmp_path=tmp_path)
+    pytest.importorskip("trl.experimental.ppo", reason="TRL 1.12 (the bench extra) has PPO")
+    out = run_benchmark(*SMALL, "--device", "cpu", "--systems", "ours,trl", tmp_path=tmp_path)
     assert out["ratio_tokens_per_s"] > 0
     assert out["ratio_peak_memory"] > 0
     for system in ("ours", "trl"):
@@ -46,10 +68,9 @@ def test_compare_with_trl(tmp_path: Path) -> None:
         assert out[system]["generation_tokens_per_s"] > 0
         assert out[system]["peak_memory_mib"] > 0
     assert [r["system"] for r in out["runs"]] == ["ours", "trl"]
-    # Same work on both sides: every response is max_new_tokens long.
-    s = out["settings"]
-    for run in out["runs"]:
-        assert run["generated_tokens"] == s["batch_size"] * s["new_tokens"] * s["iterations"]
+    assert_full_length(out)
+    assert set(out["speedup_per_phase"]) == {"generation", "scoring", "update"}
+    assert out["commit"] and out["machine"]["cores"] >= 1
 
 
 def test_ours_alone(tmp_path: Path) -> None:
@@ -62,19 +83,118 @@ def test_ours_alone(tmp_path: Path) -> None:
     # GRPO on the same responses (no critic): its peak is reported beside PPO's (measured by
     # the script, not asserted: RSS on a shared machine is noisy).
     assert [r["system"] for r in out["runs"]] == ["ours", "ours-grpo"]
-    s = out["settings"]
-    for run in out["runs"]:
-        assert run["generated_tokens"] == s["batch_size"] * s["new_tokens"] * s["iterations"]
+    assert_full_length(out)
     assert out["ratio_grpo_peak_memory"] > 0
     assert out["settings"]["new_tokens"] == 8
     assert not list(tmp_path.glob("ppo-bench-*")), "the temporary directory was not removed"
 
 
+# ----------------------------------------------------------------------------- grpo_vs_trl.py
+
+
+def trl_python() -> list[str]:
+    """``--trl-python`` from ``SALSA_TRL_PYTHON``, else nothing (the benchmark builds TRL's
+    environment, or reuses the one it built)."""
+    python = os.environ.get("SALSA_TRL_PYTHON")
+    return ["--trl-python", python] if python else []
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_grpo_rloo_compare_with_trl(estimator: str, tmp_path: Path) -> None:
+    pytest.importorskip("trl", reason="the bench extra: pip install -e '.[bench]'")
+    args = [*SMALL, "--new-tokens", "8", "--estimator", estimator, *trl_python()]
+    out = run_benchmark(*args, tmp_path=tmp_path, script=GRPO_SCRIPT)
+    assert [r["system"] for r in out["runs"]] == ["ours", "trl"]
+    assert out["ratio_tokens_per_s"] > 0 and out["ratio_peak_memory"] > 0
+    assert_full_length(out)
+    assert all("decoded_tokens" in r for r in out["runs"])  # both counted what they decoded
+    assert out["software"]["trl"]["trl"] == grpo_vs_trl.TRL_VERSION
+    assert out["software"]["ours"]["salsa-lightning"]
+    for phase in ("generation", "scoring", "update"):
+        assert out["trl"][f"{phase}_s"] > 0 and out["ours"][f"{phase}_s"] > 0
+        assert out["roofline"]["systems"]["trl"]["fraction"][phase] > 0
+    # The settings each side changed from its trainer's defaults, as the runs report them.
+    trl = out["changed_from_defaults"]["trl"]
+    for name in ("lr_scheduler_type", "gradient_checkpointing", "bf16", "disable_dropout"):
+        assert name in trl, name
+    ours = out["changed_from_defaults"]["ours"]
+    assert ours["estimator"]["name"] == estimator
+    assert ours["estimator"]["samples_per_prompt"] == grpo_vs_trl.SAMPLES_PER_PROMPT
+    if estimator == "grpo":
+        assert "use_bias_correction_kl" in trl and "beta" in trl  # TRL's default beta is 0
+        assert ours["kl"]["in_reward"] is False
+        assert ours["estimator"]["loss_aggregation"] == "token_mean"
+    else:
+        assert "beta" not in trl  # TRL's RLOO default, 0.05, is ours
+    assert {a["trl"] for a in out["algorithm"]} >= {"epsilon=0.2", "max_grad_norm=1.0"}
+
+
+def test_grpo_ours_alone(tmp_path: Path) -> None:
+    """Our side of grpo_vs_trl.py needs no TRL: every response is full length, the settings it
+    changed are recorded, no ratio."""
+    args = [*SMALL, "--new-tokens", "8", "--estimator", "rloo", "--systems", "ours"]
+    out = run_benchmark(*args, tmp_path=tmp_path, script=GRPO_SCRIPT)
+    assert [r["system"] for r in out["runs"]] == ["ours"]
+    assert out["runs"][0]["decoded_tokens"] == 16 * 8
+    assert_full_length(out)
+    assert out["ratio_tokens_per_s"] is None
+    assert out["changed_from_defaults"]["ours"]["reward"]["clip"] is None
+    assert out["settings"]["ppo_epochs"] == 1 and out["settings"]["estimator"] == "rloo"
+    assert not list(tmp_path.glob("grpo-bench-*")), "the temporary directory was not removed"
+
+
+def test_grpo_refuses_unequal_algorithms(tmp_path: Path) -> None:
+    """RLOO over several epochs is not the same algorithm on both sides (TRL clips a
+    sequence-level ratio): refused before anything is built."""
+    with pytest.raises(SystemExit, match="--ppo-epochs must be 1"):
+        grpo_vs_trl.main(["--estimator", "rloo", "--ppo-epochs", "2"])
+    with pytest.raises(SystemExit, match="multiples of 4"):
+        grpo_vs_trl.main(["--batch-size", "6", "--systems", "ours"])
+
+
+def test_trl_prompts_tokenize_as_ours(tmp_path: Path) -> None:
+    """TRL's rows tokenize to our prompt ids, and prompt + decoded completion re-tokenizes to
+    prompt ids + completion ids (what TRL's reward model reads)."""
+    s = {"device": "cpu", "dtype": "float32", "seed": 0, "prompt_length": 6, "new_tokens": 4}
+    s.update(batch_size=2, warmup=1, iterations=1)
+    preset = {**workload.PRESETS["tiny"], "layers": 1}
+    inputs = workload.make_inputs(tmp_path, preset, s)
+    tokenizer = workload.make_tokenizer(preset["vocab"])
+    rows = grpo_vs_trl.trl_prompts(inputs, tokenizer, chat=False)
+    ids = json.loads(Path(inputs["prompt_ids"]).read_text())
+    assert len(rows) == len(ids) == 4
+    completion = [7, 300, 9]
+    text = rows[1]["prompt"] + tokenizer.decode(completion, skip_special_tokens=True)
+    assert tokenizer(text)["input_ids"] == ids[1] + completion
+    # A prompt TRL would tokenize otherwise is refused.
+    Path(inputs["prompt_ids"]).write_text(json.dumps([[ids[0][0] ^ 1, *ids[0][1:]], *ids[1:]]))
+    with pytest.raises(SystemExit, match="TRL would tokenize the first prompt"):
+        grpo_vs_trl.trl_prompts(inputs, tokenizer, chat=False)
+
+
+def test_trl_environment_is_reused(tmp_path: Path) -> None:
+    """A complete environment (its marker names the version) is reused as it is."""
+    where = tmp_path / "trl-9.9.9"
+    (where / "bin").mkdir(parents=True)
+    (where / "trl-version").write_text("9.9.9\n")
+    assert grpo_vs_trl.trl_python("9.9.9", where) == str(where / "bin" / "python")
+    assert (where / "trl-version").read_text() == "9.9.9\n"
+
+
+def test_changed_fields_and_results_file(tmp_path: Path) -> None:
+    from salsa_lightning.ppo import KLSettings
+
+    chosen = KLSettings(coef=0.05, estimator="k3", in_reward=False)
+    assert harness.changed_fields(chosen, KLSettings()) == {"estimator": "k3", "in_reward": False}
+    results = tmp_path / "results.jsonl"
+    results.write_text('{"old": 1}')  # no final newline: the new line still starts its own
+    harness.finish({"new": 2}, str(results))
+    assert [json.loads(x) for x in results.read_text().splitlines()] == [{"old": 1}, {"new": 2}]
+    assert not list(tmp_path.glob(".*tmp*")), "the temporary file was left behind"
+
+
 def test_roofline_bounds_by_hand(tmp_path: Path) -> None:
     """The issue's 1b arithmetic and a tiny checkpoint's parameter counts, worked by hand."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    import roofline
-
     # 1e9 multiply parameters, batch 16 x (64 + 128) tokens, 4 epochs, policy + critic:
     # 4 x 3 x 2 x 2e9 x 3072 = 1.4746e14 FLOPs, 0.149 s at 989 TFLOP/s.
     model = roofline.ModelSize(params=10**9, matmul_params=10**9, layers=16, kv_width=1024)
