@@ -2,7 +2,8 @@
 
 The pipeline, in the order a run takes: ``data`` (DataModules) -> ``sft`` (SFTModule) ->
 ``reward`` (RewardModule) -> ``soup`` (model soups) -> ``ppo`` (SALSAModule: PPO or a group
-estimator with a soup reference) -> ``evaluate`` and ``report``. ``task`` is the embedded default
+estimator with a soup reference; ``dpo``: DPOModule, offline preference optimisation with a soup
+reference) -> ``evaluate`` and ``report``. ``task`` is the embedded default
 task, ``functional`` holds the math and ``cli`` every ``salsa`` command (the README's "How the
 code is laid out" names every file).
 """
@@ -10,12 +11,14 @@ code is laid out" names every file).
 __version__ = "0.1.0"
 
 from salsa_lightning.data import PreferenceDataModule, PromptDataModule, SFTDataModule
+from salsa_lightning.dpo import DPOModule
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.ppo import SALSAModule
 from salsa_lightning.reward import RewardModule
 from salsa_lightning.sft import SFTModule
 
 __all__ = [
+    "DPOModule",
     "PreferenceDataModule",
     "PromptDataModule",
     "RewardModule",
