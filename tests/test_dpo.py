@@ -442,3 +442,41 @@ def test_dpo_in_two_processes_agrees_with_one(strategy, stage_outputs, task_dir,
     wb = load_file(sharded / "model" / "model.safetensors")
     wc = load_file(sharded / "resumed" / "model.safetensors")
     assert wc.keys() == wb.keys() and all(torch.equal(wc[k], wb[k]) for k in wb)
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def test_the_report_gives_each_method_its_measured_kl(tmp_path):
+    """The report compares methods at their measured KL: the mean over seeds and prompts of
+    each answer's KL to the method's reference (as ``salsa evaluate`` writes it), in
+    ``summary.json`` and in the table; a baseline, evaluated without a reference, has none."""
+    from salsa_lightning.report import Method, ReportSpec, write_report
+
+    answers = {
+        "sft-1": {"gold": [0.5, 0.7], "score": [0.1, 0.2]},
+        "dpo-1": {"gold": [0.6, 0.9], "score": [0.3, 0.1], "kl": [0.25, 0.75]},
+        "dpo-2": {"gold": [0.8, 0.8], "score": [0.2, 0.2], "kl": [1.0, 2.0]},
+    }
+    folder = tmp_path / "eval" / "answers" / "in_distribution"
+    folder.mkdir(parents=True)
+    for model, values in answers.items():
+        rows = [{k: v[i] for k, v in values.items()} for i in range(2)]
+        (folder / f"{model}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "eval" / "results.json").write_text(json.dumps({"sets": {}}))
+    spec = ReportSpec(
+        evaluation="eval",
+        output="report",
+        baselines={"sft": "sft-1"},
+        methods={"dpo": Method(models=["dpo-1", "dpo-2"], reference="sft")},
+        comparisons=[["dpo", "sft"]],
+    )
+    write_report(tmp_path, spec)
+    flat = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert flat["dpo_kl"] == pytest.approx((0.25 + 0.75 + 1.0 + 2.0) / 4)
+    assert "sft_kl" not in flat and flat["dpo_gold"] == pytest.approx(0.775)
+    table = (tmp_path / "report" / "report.md").read_text().splitlines()
+    assert "| model | seeds | gold reward | reward-model score | KL to its reference |" in table
+    dpo = next(line for line in table if line.startswith("| dpo | 2 |"))
+    assert dpo.split(" | ")[-1].startswith("1.000 [")
+    assert next(line for line in table if line.startswith("| sft | 1 |")).endswith("|  |")
