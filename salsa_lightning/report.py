@@ -165,6 +165,10 @@ def build_summary(
                 if values is not None:
                     stats[judge] = interval(values, seed)
                     stats[f"{judge}_per_seed"] = values.mean(1).tolist()
+            kl = per_seed(by_model, models, "kl")  # models evaluated against their reference
+            if kl is not None:
+                stats["kl"] = interval(kl, seed)
+                stats["kl_per_seed"] = kl.mean(1).tolist()
             entry["methods"][name] = stats
         for a, b in spec.comparisons:
             for judge in JUDGES:
@@ -193,6 +197,8 @@ def flat_summary(spec: ReportSpec, summary: dict[str, Any], results: dict[str, A
         for judge in JUDGES:
             if judge in stats:
                 flat[f"{key_name(name)}_{judge}"] = stats[judge]["mean"]
+        if "kl" in stats:
+            flat[f"{key_name(name)}_kl"] = stats["kl"]["mean"]
     for pair, stats in ind["win_rates"].items():
         comparison, judge = pair.split("/")
         flat[f"{key_name(comparison)}_{judge}_win_rate"] = {
@@ -276,11 +282,15 @@ def markdown(spec: ReportSpec, summary: dict, flat: dict, results: dict, fr: dic
         lines.append("")
     for set_name, entry in summary["sets"].items():
         lines += [f"## {set_name}: mean over seeds (95 % CI over prompts and seeds)", ""]
-        lines += ["| model | seeds | gold reward | reward-model score |", "|---|---|---|---|"]
+        lines += [
+            "| model | seeds | gold reward | reward-model score | KL to its reference |",
+            "|---|---|---|---|---|",
+        ]
         for name, stats in entry["methods"].items():
             seeds = len(spec.methods[name].models) if name in spec.methods else 1
             lines.append(
-                f"| {name} | {seeds} | {fmt(stats.get('gold'))} | {fmt(stats.get('score'))} |"
+                f"| {name} | {seeds} | {fmt(stats.get('gold'))} | {fmt(stats.get('score'))} "
+                f"| {fmt(stats.get('kl'))} |"
             )
         if entry["win_rates"]:
             lines += [
@@ -335,7 +345,9 @@ READING_GUIDE = """\
 How to read this report: *gold reward* is the embedded task's own scorer (the truth the reward
 model is trained to approximate); *reward-model score* is what RL optimised. A method that raises
 the score but not the gold reward is hacking the reward model. `summary.json` holds the flat
-numbers: `<model>_gold` and `<model>_score` (in-distribution means over seeds), `<a>_vs_<b>_gold_win_rate`
+numbers: `<model>_gold` and `<model>_score` (in-distribution means over seeds), `<model>_kl` (the
+KL of its sampled answers to the reference it was trained against, summed over each answer's
+tokens: methods are compared at this measured KL), `<a>_vs_<b>_gold_win_rate`
 (the share of prompts where a's answer has the higher gold reward, ties counting half, seed i
 against seed i, with its interval), `rm_gold_agreement` (the reward model's agreement with the gold
 reward on held-out pairs), `<model>_best_of_<n>_gold` (the room above the SFT model) and `seeds`."""

@@ -85,7 +85,9 @@ class PreferenceDataModule(ChatDataModule):
     dropped, with a warning.
 
     Batches: ``input_ids`` and ``attention_mask`` [2B, T], the B chosen sequences first and the
-    B rejected ones after, so the reward model scores a batch in one forward pass.
+    B rejected ones after, so the reward model scores a batch in one forward pass; ``labels``
+    [2B, T], the ids with -100 on the prompt and the padding (the answer tokens DPO sums
+    log-probs over).
     """
 
     required = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
@@ -113,6 +115,8 @@ class PreferenceDataModule(ChatDataModule):
             return {
                 "chosen_ids": [],
                 "rejected_ids": [],
+                "chosen_prompt_length": 0,
+                "rejected_prompt_length": 0,
                 "keep": False,
                 "truncated": False,
                 "identical": True,
@@ -124,6 +128,7 @@ class PreferenceDataModule(ChatDataModule):
                 prompt, response, self.hparams.max_length, self.hparams.overflow
             )
             out[f"{side}_ids"] = prompt + response
+            out[f"{side}_prompt_length"] = len(prompt)
             out["keep"] &= keep
             out["truncated"] |= truncated
         return out
@@ -139,11 +144,15 @@ class PreferenceDataModule(ChatDataModule):
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+        prompts = [r["chosen_prompt_length"] for r in rows]
+        prompts += [r["rejected_prompt_length"] for r in rows]
         ids = pad(seqs, self.tokenizer.pad_token_id)
         lengths = torch.tensor([len(s) for s in seqs])
+        labels = [[IGNORE_INDEX] * n + s[n:] for s, n in zip(seqs, prompts, strict=True)]
         return {
             "input_ids": ids,
             "attention_mask": padding_mask(lengths, ids.shape[1]),
+            "labels": pad(labels, IGNORE_INDEX),
         }
 
 

@@ -16,6 +16,7 @@ token, GAE over the response, and the clipped policy and value objectives.
 - ``kl``: KL estimators and the adaptive KL controller.
 - ``advantages``: per-token rewards and advantage estimators.
 - ``losses``: PPO's policy and value losses, the reward model's losses.
+- ``preference``: offline preference losses on sequence log-probs (DPO, IPO, hinge).
 - ``evaluation``: bootstrap intervals and win rates.
 """
 
@@ -56,20 +57,40 @@ from salsa_lightning.functional.masked import (
     response_mask,
     truncate_after_eos,
 )
+from salsa_lightning.functional.preference import (
+    PREFERENCE_LOSSES,
+    PreferenceLoss,
+    PreferenceLossOutput,
+    check_preference_settings,
+    dpo_loss,
+    hinge_loss,
+    ipo_loss,
+    preference_logits,
+    preference_metrics,
+    sequence_logprobs,
+    sigmoid_loss,
+)
 
 __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
+    "PREFERENCE_LOSSES",
+    "PreferenceLoss",
+    "PreferenceLossOutput",
     "AdaptiveKLController",
     "KLEstimator",
     "LossAggregation",
     "aggregate",
     "bootstrap_mean_ci",
     "bradley_terry_loss",
+    "check_preference_settings",
+    "dpo_loss",
     "entropy_from_logits",
     "gae",
     "group_advantages",
     "group_centred",
+    "hinge_loss",
+    "ipo_loss",
     "kl_estimate",
     "leave_one_out_advantages",
     "logprobs_from_logits",
@@ -78,6 +99,8 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "per_token",
+    "preference_logits",
+    "preference_metrics",
     "ppo_policy_loss",
     "ppo_value_loss",
     "response_mask",
@@ -85,7 +108,9 @@ __all__ = [
     "returns_to_go",
     "reference_kl",
     "reward_centering_loss",
+    "sequence_logprobs",
     "shaped_scores",
+    "sigmoid_loss",
     "token_rewards",
     "truncate_after_eos",
     "weighted_kl_estimate",
