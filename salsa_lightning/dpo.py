@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
 from salsa_lightning.data import PreferenceDataModule
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.frozen import Frozen, without_dropout
+from salsa_lightning.frozen import without_dropout
 from salsa_lightning.functional import (
     PreferenceLoss,
     PreferenceLossOutput,
@@ -328,7 +328,7 @@ class DPOModule(StageModule):
         # Dropout off (as TRL's DPO): policy and reference are one function at the first step.
         self.policy = without_dropout(self.trainable(policy))
         if not (self.shares_reference or hp.precompute_ref_log_probs):
-            self.reference_model = Frozen(self.reference.build(dtype=frozen_dtype))
+            self.reference_model = self.reference.build(dtype=frozen_dtype)  # frozen, eval mode
         if self.device_mesh is not None:  # FSDP2: the frozen reference is sharded too
             for model in (self.policy, self.reference_model):
                 if model is not None:
