@@ -153,6 +153,10 @@ def test_documented_command_parses(case, tmp_path, monkeypatch, capsys):
     resolves to the packaged YAML."""
     page, (program, *args) = case
     monkeypatch.chdir(tmp_path)
+    if program == "srun":  # SLURM starts the salsa command on every task
+        program, *args = args
+    if program == "torchrun":  # torchrun's own options, then -m salsa_lightning.cli ARGS
+        program, args = "salsa", args[args.index("salsa_lightning.cli") + 1 :]
     if program == "salsa":
         try:
             parse_salsa(args)
