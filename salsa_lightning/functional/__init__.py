@@ -17,6 +17,7 @@ token, GAE over the response, and the clipped policy and value objectives.
 - ``advantages``: per-token rewards and advantage estimators.
 - ``losses``: PPO's policy and value losses, the reward model's losses.
 - ``evaluation``: bootstrap intervals and win rates.
+- ``ema``: the moving reference's exponential moving average of the policy's weights.
 """
 
 from salsa_lightning.functional.advantages import (
@@ -29,6 +30,7 @@ from salsa_lightning.functional.advantages import (
     shaped_scores,
     token_rewards,
 )
+from salsa_lightning.functional.ema import ema_, ema_weight_of_start
 from salsa_lightning.functional.evaluation import bootstrap_mean_ci, seeds_bootstrap_ci, win_rate
 from salsa_lightning.functional.kl import (
     KL_ESTIMATORS,
@@ -66,6 +68,8 @@ __all__ = [
     "aggregate",
     "bootstrap_mean_ci",
     "bradley_terry_loss",
+    "ema_",
+    "ema_weight_of_start",
     "entropy_from_logits",
     "gae",
     "group_advantages",
