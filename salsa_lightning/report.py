@@ -12,7 +12,8 @@ Reward hacking (``hacking:``, methods by name): the reward-model score minus the
 each validation during training, against the KL, at matched KL values like the frontier: a
 method that hacks its reward model sees this gap grow as it moves away from its reference. A
 reward-model soup in the evaluation (``salsa evaluate --reward_soup``) adds the members', soup's
-and ensemble's agreement with the gold reward.
+and ensemble's agreement with the gold reward. A run whose reference moved is placed at its KL
+to where its reference started (``kl_of``).
 """
 
 from __future__ import annotations
@@ -104,6 +105,13 @@ def eval_curve(log_dir: Path) -> list[dict[str, float]]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+def kl_of(row: dict[str, float]) -> float:
+    """The KL coordinate of a validation row: the KL to the reference the run started from
+    (``eval/kl``, or ``eval/kl_initial`` when that reference moved, whose ``eval/kl`` is to
+    where it moved), so that every method is placed by how far it went from its start."""
+    return row.get("eval/kl_initial", row["eval/kl"])
+
+
 def per_seed(
     answers: dict[str, dict[str, torch.Tensor]], models: list[str], key: str
 ) -> torch.Tensor | None:
@@ -152,7 +160,7 @@ def band(runs: list[list[tuple[float, float]]], grid: list[float]) -> dict[str, 
 def hacking_points(rows: list[dict[str, float]]) -> list[tuple[float, float]]:
     """``(KL, reward-model score - gold reward)`` of a run's validations (``eval_curve`` rows)."""
     return [
-        (r["eval/kl"], r["eval/score"] - r["eval/gold"])
+        (kl_of(r), r["eval/score"] - r["eval/gold"])
         for r in rows
         if "eval/score" in r and "eval/gold" in r
     ]
@@ -472,7 +480,7 @@ def write_report(root: str | os.PathLike, spec: ReportSpec) -> Path:
             runs = []
             for log in method.logs:
                 points = [
-                    (r["eval/kl"], r[f"eval/{judge}"])
+                    (kl_of(r), r[f"eval/{judge}"])
                     for r in eval_curve(root / log)
                     if f"eval/{judge}" in r
                 ]

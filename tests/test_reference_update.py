@@ -358,3 +358,114 @@ def _steps(last: Path) -> int:
         return int(torch.load(last, map_location="cpu", weights_only=False)["global_step"])
     except Exception:  # absent, or being written
         return -1
+
+
+# ----------------------------------------------------------------------------- strategies
+
+
+def test_fsdp1_is_refused_before_any_model_is_built(stage_outputs, task_dir, tmp_path):
+    """FSDP1's flat parameters shard the policy and the reference into units of different
+    layouts: a moving reference is refused there, in setup, with the way out."""
+    args = cli_args(stage_outputs, task_dir, tmp_path, tmp_path / "export")
+    args += ["--config", str(CONFIGS / "fsdp1.yaml"), "--trainer.devices", "1"]
+    proc = salsa(args, tmp_path)
+    assert proc.wait(timeout=600) == 2
+    err = proc.stderr.read()
+    assert "model.reference_update is not supported under FSDP1 (configs/fsdp1.yaml)" in err
+    assert "Use FSDP2 (configs/fsdp.yaml)" in err
+    assert "SALSA: one rollout" not in err  # it never reached training
+
+
+COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce",
+               "broadcast", "reduce_scatter_tensor")  # fmt: skip
+
+
+class CountCollectives(L.Callback):
+    """Counts the collectives (FSDP2's gathers among them) that each rank calls while the
+    reference moves and while it samples, and writes them to ``<path>.rank<N>.json``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.counts = {"move_reference": 0, "generate": 0}
+
+    def setup(self, trainer, module, stage) -> None:
+        for method in self.counts:
+            self.count_in(module, method)
+
+    def count_in(self, module, method: str) -> None:
+        import torch.distributed as dist
+
+        inner = getattr(module, method)
+
+        def counted(*args, **kwargs):
+            originals = {n: getattr(dist, n) for n in COLLECTIVES}
+
+            def counting(fn):
+                def call(*a, **k):
+                    self.counts[method] += 1
+                    return fn(*a, **k)
+
+                return call
+
+            for name, fn in originals.items():
+                setattr(dist, name, counting(fn))
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                for name, fn in originals.items():
+                    setattr(dist, name, fn)
+
+        setattr(module, method, counted)
+
+    def on_train_end(self, trainer, module) -> None:
+        Path(f"{self.path}.rank{trainer.global_rank}.json").write_text(json.dumps(self.counts))
+
+
+@pytest.mark.slow
+def test_a_moving_reference_under_fsdp2_agrees_with_one_process(stage_outputs, task_dir, tmp_path):
+    """configs/salsa.yaml with a reference moving halfway every rollout, greedy decoding, one
+    process (8 prompts) against two FSDP2 processes (4 each, the shipped configs/fsdp.yaml).
+    Each rank moves its own shard: no collective runs during a move (the same counter sees the
+    gathers of sampling). The first rollout agrees to 1e-4 (nothing moved yet), the later ones
+    and the evaluation to 0.05 (the ranks' losses weigh tokens slightly differently, as in
+    tests/test_fsdp.py), and the moved reference in the sharded checkpoint is the single run's
+    within 5e-3."""
+    from test_fsdp import FSDP2, first, metrics, run, salsa_args
+
+    moving = [
+        "--model.init_args.reference_update", "{every: 1, alpha: 0.5}",
+        "--trainer.limit_train_batches", "3",
+        "--trainer.val_check_interval", "3",
+        "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last", "true",
+    ]  # fmt: skip
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    single, sharded = tmp_path / "single", tmp_path / "fsdp"
+    run(salsa_args(stage_outputs, task_dir, single, 8) + moving, tmp_path)
+    count = ["--trainer.callbacks+=test_reference_update.CountCollectives",
+             "--trainer.callbacks.path", str(sharded / "collectives")]  # fmt: skip
+    run(salsa_args(stage_outputs, task_dir, sharded, 4) + moving + FSDP2 + count, tmp_path, env)
+
+    for rank in (0, 1):
+        counts = json.loads((sharded / f"collectives.rank{rank}.json").read_text())
+        assert counts["move_reference"] == 0 and counts["generate"] > 0, counts
+    one, two = metrics(single), metrics(sharded)
+    kl = lambda rows: [r["objective/kl"] for r in rows if "objective/kl" in r]  # noqa: E731
+    assert kl(two)[0] == pytest.approx(kl(one)[0], abs=1e-4) and kl(one)[0] == 0.0
+    assert kl(two)[1:] == pytest.approx(kl(one)[1:], abs=0.05)
+    for key in ("eval/kl", "eval/kl_initial", "eval/gold"):
+        assert first(two, key) == pytest.approx(first(one, key), abs=0.05), key
+    assert first(one, "eval/kl") != first(one, "eval/kl_initial")
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(next(sharded.rglob("last.ckpt")), tmp_path / "sharded.pt")
+    a = torch.load(next(single.rglob("last.ckpt")), weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "sharded.pt", weights_only=False)["state_dict"]
+    refs = [k for k in a if k.startswith("ref_models.")]
+    assert refs and all(k in b for k in refs)
+    from salsa_lightning.soup import load_soup
+
+    soup = load_soup([stage_outputs["sft-1"], stage_outputs["sft-2"]]).state_dict()
+    moved = max(float((a[k] - soup[k.removeprefix("ref_models.0.")]).abs().max()) for k in refs)
+    apart = max(float((a[k] - b[k]).abs().max()) for k in refs)
+    assert apart < 5e-3 < moved, (apart, moved)

@@ -220,16 +220,23 @@ def test_the_report_gives_the_hacking_gap_along_the_kl_frontier(
         generation=GenerationSettings(max_new_tokens=4),
         batch_size=8,
     )
-    logs = {  # step, KL, score, gold: b hacks (the gap grows with the KL), w does not
-        "b-1": [(16, 1.0, 0.5, 0.4), (32, 3.0, 1.5, 0.5)],
-        "b-2": [(16, 1.0, 0.7, 0.4), (32, 3.0, 1.7, 0.5)],
-        "w-1": [(16, 1.0, 0.5, 0.4), (32, 3.0, 0.8, 0.7)],
-        "w-2": [(16, 1.0, 0.5, 0.4), (32, 3.0, 0.8, 0.7)],
+    # step, KL, score, gold: b hacks (the gap grows with the KL), w does not. w's reference
+    # moved: its eval/kl is to the moved reference, eval/kl_initial to where it started, which
+    # places it on the frontier.
+    plain, moved = (
+        "step,eval/kl,eval/score,eval/gold",
+        "step,eval/kl,eval/kl_initial,eval/score,eval/gold",
+    )
+    logs = {
+        "b-1": (plain, [(16, 1.0, 0.5, 0.4), (32, 3.0, 1.5, 0.5)]),
+        "b-2": (plain, [(16, 1.0, 0.7, 0.4), (32, 3.0, 1.7, 0.5)]),
+        "w-1": (moved, [(16, 0.5, 1.0, 0.5, 0.4), (32, 0.5, 3.0, 0.8, 0.7)]),
+        "w-2": (moved, [(16, 0.5, 1.0, 0.5, 0.4), (32, 0.5, 3.0, 0.8, 0.7)]),
     }
-    for name, rows in logs.items():
+    for name, (header, rows) in logs.items():
         log = tmp_path / "logs" / name / "version_0"
         log.mkdir(parents=True)
-        lines = ["step,eval/kl,eval/score,eval/gold"] + [",".join(map(str, r)) for r in rows]
+        lines = [header] + [",".join(map(str, r)) for r in rows]
         (log / "metrics.csv").write_text("\n".join(lines) + "\n")
     assert hacking_points([{"eval/kl": 1.0, "eval/score": 0.5, "eval/gold": 0.4}]) == [
         (1.0, pytest.approx(0.1))
