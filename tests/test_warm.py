@@ -299,3 +299,43 @@ def test_a_reward_soup_from_the_command_line(members, tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         SalsaCLI(args=["--config", str(CONFIGS / "warm.yaml"), "--model.init_args.reward_mode",
                        "median"], run=False)  # fmt: skip
+
+
+def test_the_experiment_runs_and_reports_the_new_rows(tmp_path):
+    """configs/experiment.yaml: the moving-reference and WARM rows, 5 seeds each, their reward
+    models as stages, every model evaluated (KL to where its reference started) and reported
+    against PPO; the stage plan is consistent."""
+    import yaml
+
+    from salsa_lightning.pipeline import Stage, check_plan
+
+    spec = yaml.safe_load((CONFIGS / "experiment.yaml").read_text())
+    stages = [Stage(**s) for s in spec["stages"]]
+    check_plan(stages, tmp_path, CONFIGS)  # every config exists, every input is made first
+    names = {s.name for s in stages}
+    assert {"reward-2", "reward-3"} <= names
+    report = ReportSpec.from_yaml(spec["report"])
+    evaluation = yaml.safe_load((CONFIGS / "experiment-evaluate.yaml").read_text())
+    (evaluate_stage,) = [s for s in stages if s.command == "evaluate"]
+    references = {
+        "ppo-ema": "artifacts/sft-1",
+        "salsa-ema": "artifacts/soup",
+        "warm": "artifacts/sft-1",
+    }
+    for method, reference in references.items():
+        models = report.methods[method].models
+        assert models == [f"{method}-{seed}" for seed in range(1, 6)]
+        assert set(models) <= names
+        for m in models:
+            assert (
+                evaluation["models"][m] == f"artifacts/{m}"
+                and f"artifacts/{m}" in evaluate_stage.inputs
+            )
+            assert evaluation["references"][m] == reference
+        assert [method, "ppo"] in report.comparisons
+    assert report.methods["warm"].own_reward_model and report.hacking == ["ppo", "warm"]
+    assert evaluation["reward_soup"]["checkpoints"] == [
+        "artifacts/reward", "artifacts/reward-2", "artifacts/reward-3"
+    ]  # fmt: skip
+    warm = yaml.safe_load((CONFIGS / "warm.yaml").read_text())["model"]["init_args"]
+    assert warm["reward_model"]["checkpoints"] == evaluation["reward_soup"]["checkpoints"]
