@@ -19,7 +19,9 @@ toward which, and the move (``functional.ema_``).
   at each update on one device (under FSDP2 the product needs whole factors: refused in setup).
 - Sharded (FSDP2): the policy and its references are sharded alike (``sharding.shard``: one
   layout per parameter shape), so each rank moves its local shard of the reference toward its
-  local shard of the policy: no gather, no communication.
+  local shard of the policy: no gather, no communication. FSDP2 keeps a root module's own
+  parameters gathered after a forward that no backward follows (a frozen model's), so both are
+  first put back into their shards (``resharded``: local, it frees the gathered copies).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def policy_weights(policy: nn.Module) -> dict[str, Tensor]:
     """The policy's weights under the plain model's parameter names: its parameters, or, for a
     LoRA policy, its merged weights ``W + s B A`` (new tensors) and its other base weights."""
     if not is_peft(policy):
-        return dict(policy.named_parameters())
+        return dict(resharded(policy).named_parameters())
     from peft.tuners.lora import LoraLayer
 
     base = policy.get_base_model()
@@ -103,6 +105,17 @@ def policy_weights(policy: nn.Module) -> dict[str, Tensor]:
         if ".lora_" not in name:
             out.setdefault(name.replace(".base_layer.", "."), param)
     return out
+
+
+def resharded(model: nn.Module) -> nn.Module:
+    """``model`` with every FSDP2 unit of it in its sharded state (no communication: the
+    gathered copies are freed); a model that is not sharded as it is."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return model
 
 
 def local(t: Tensor) -> Tensor:
@@ -134,7 +147,7 @@ def move_toward(reference: nn.Module, sources: Mapping[str, Tensor], alpha: floa
     Raises:
         SalsaError: The reference has a parameter the policy lacks, or the other way round.
     """
-    targets = dict(reference.named_parameters())
+    targets = dict(resharded(reference).named_parameters())
     if targets.keys() != sources.keys():
         name = sorted(set(targets) ^ set(sources))[0]
         where = "the policy" if name in targets else "the reference"
@@ -150,7 +163,7 @@ def move_toward(reference: nn.Module, sources: Mapping[str, Tensor], alpha: floa
 @torch.no_grad()
 def move_adapter(policy: nn.Module, alpha: float) -> None:
     """The ``reference`` adapter's factors ``<- (1 - alpha) reference + alpha policy``."""
-    params = dict(policy.named_parameters())
+    params = dict(resharded(policy).named_parameters())
     pairs = adapter_pairs(policy)
     sources = [params[n.replace(f".{REFERENCE_ADAPTER}.", f".{POLICY_ADAPTER}.")] for n, _ in pairs]
     for (name, target), source in zip(pairs, sources, strict=True):
