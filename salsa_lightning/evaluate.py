@@ -11,6 +11,11 @@ reference model on the sampled answers, and writes:
   Arena-Hard);
 - ``results.json``: mean scores with bootstrap confidence intervals and win rates per pair;
 - ``report.md`` and ``rewards.png``: the same as a table and reward distributions.
+
+With ``reward_soup`` (a soup recipe of reward models, WARM), it also reports how often each
+member, their weight average (the soup) and the mean of their scores (the ensemble) order two
+answers as the gold reward does: on held-out preference pairs, and on the evaluated models' own
+answers (the answers RL moved toward, where a reward model gets hacked).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from salsa_lightning.generation import GenerationSettings, response_logprobs, sa
 from salsa_lightning.outputs import check_output_dir, written_aside
 from salsa_lightning.pretrained import check_model_source, load_pretrained, load_tokenizer
 from salsa_lightning.scoring import Scorer, gold_scores
+from salsa_lightning.soup import SoupReference
 
 PROMPT_COLUMNS = ("prompt", "question", "instruction")
 
@@ -152,6 +158,7 @@ def evaluate(
     best_of: dict[str, int] | None = None,
     group_column: str | None = "family",
     preference_pairs: str | None = None,
+    reward_soup: SoupReference | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``models`` on ``prompts`` and write answers, results and a report.
 
@@ -177,6 +184,9 @@ def evaluate(
             ``family``); ignored when the prompts have none.
         preference_pairs: A preference file (``prompt``, ``chosen``, ``rejected``, clean labels)
             on which to measure how often the reward model prefers the chosen answer.
+        reward_soup: Reward models ``{checkpoints, weights}`` (WARM): the agreement with the
+            gold reward of each member, of their soup and of their ensemble, on
+            ``preference_pairs`` and on the evaluated answers (``reward_soup_agreement``).
 
     Returns:
         The results written to ``results.json``.
@@ -199,6 +209,10 @@ def evaluate(
     preference_rows = load_preference_pairs(preference_pairs) if preference_pairs else None
     if preference_rows is not None and reward_model is None:
         raise SalsaError("preference_pairs measures the reward model: set reward_model too.")
+    if reward_soup is not None:
+        from salsa_lightning.scoring import check_reward_source
+
+        check_reward_source(reward_soup, "reward_soup")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     judges = Judges(Scorer(reward_model, device) if reward_model else None, reward_fn)
     plan = Plan(
@@ -211,6 +225,10 @@ def evaluate(
         if preference_rows is not None:
             results["reward_model"].update(pair_agreement(judges.scorer, preference_rows, seed))
             results["reward_model"]["pairs_file"] = preference_pairs
+        if reward_soup is not None:
+            results["reward_soup"] = reward_soup_agreement(
+                reward_soup, preference_rows, load_answer_texts(out_dir), device, batch_size, seed
+            )
         write_results(results, out_dir)
     print(f"[evaluate] written to {output}", flush=True)
     return results
@@ -360,6 +378,77 @@ def pair_agreement(scorer: Scorer, rows: list[dict[str, Any]], seed: int) -> dic
     return {"agreement": summarize((chosen > rejected).float(), seed), "pairs": len(rows)}
 
 
+def load_answer_texts(output: str | os.PathLike) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``{set: {model: rows}}`` of an evaluation's answers (``prompt``, ``answer``, scores)."""
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for path in sorted(Path(output, "answers").glob("*/*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        out.setdefault(path.parent.name, {})[path.stem] = rows
+    return out
+
+
+def reward_soup_agreement(
+    soup: SoupReference,
+    pairs: list[dict[str, Any]] | None,
+    answers: dict[str, dict[str, list[dict[str, Any]]]],
+    device: torch.device,
+    batch_size: int,
+    seed: int,
+) -> dict[str, Any]:
+    """WARM's claim, measured: each member of a soup of reward models, the soup (their weight
+    average) and the ensemble (the weighted mean of their scores), against the gold reward.
+
+    For each (loaded one at a time): ``agreement`` on the held-out ``pairs`` (the share where
+    it scores the chosen answer higher) with the mean and std of its scores there (the soup's
+    normalisation uses its members' stats: these say how far that is from its own), and
+    ``on_answers[set]``: over the evaluated models' answers to each prompt, the share of pairs
+    of answers with different gold rewards that it orders as the gold reward does
+    (``sample_agreement``).
+    """
+    names = [Path(c).name for c in soup.checkpoints]
+    if len(set(names)) < len(names):
+        names = [f"{i}-{n}" for i, n in enumerate(names)]
+    scorers: dict[str, Callable[[], Scorer]] = {
+        name: (lambda c=c: Scorer(c, device, batch_size))
+        for name, c in zip(names, soup.checkpoints, strict=True)
+    }
+    scorers["soup"] = lambda: Scorer(soup, device, batch_size, mode="soup")
+    scorers["ensemble"] = lambda: Scorer(soup, device, batch_size, mode="ensemble")
+    out: dict[str, Any] = {
+        "checkpoints": list(soup.checkpoints),
+        "weights": soup.resolved_weights(),
+        "members": names,
+        "scorers": {},
+    }
+    for name, make in scorers.items():
+        print(f"[evaluate] reward soup: agreement of {name}", flush=True)
+        scorer, entry = make(), {}
+        if pairs:
+            entry.update(pair_agreement(scorer, pairs, seed))
+            prompts = [r["prompt"] for r in pairs] * 2
+            both = scorer(prompts, [r["chosen"] for r in pairs] + [r["rejected"] for r in pairs])
+            entry["score_mean"], entry["score_std"] = float(both.mean()), float(both.std(False))
+        entry["on_answers"] = {}
+        for set_name, by_model in answers.items():
+            rows = list(by_model.values())
+            if not rows or any("gold" not in r[0] for r in rows):
+                continue
+            gold = torch.tensor([[r["gold"] for r in model] for model in rows]).T  # [N, M]
+            texts = [r["answer"] for model in rows for r in model]
+            prompts = [r["prompt"] for model in rows for r in model]
+            score = scorer(prompts, texts).reshape(len(rows), -1).T  # [N, M]
+            agree = sample_agreement(gold, score)
+            if agree.numel():
+                entry["on_answers"][set_name] = {
+                    **summarize(agree, seed),
+                    "pairs": agree.numel(),
+                    "models": len(rows),
+                }
+        out["scorers"][name] = entry
+        del scorer
+    return out
+
+
 def win_rates(
     items: dict[str, dict[str, torch.Tensor]], pairs: Sequence[Sequence[str]], seed: int
 ) -> dict[str, Any]:
@@ -420,7 +509,30 @@ def markdown_report(results: dict[str, Any]) -> str:
             lines += ["", "| comparison | win rate (95% CI) |", "|---|---|"]
             lines += [f"| {k} | {fmt(v)} |" for k, v in res["win_rates"].items()]
         lines.append("")
+    if "reward_soup" in results:
+        lines += reward_soup_lines(results["reward_soup"])
     return "\n".join(lines)
+
+
+def reward_soup_lines(soup: dict[str, Any]) -> list[str]:
+    """The members', soup's and ensemble's agreement with the gold reward, as a table."""
+    sets = sorted({s for e in soup["scorers"].values() for s in e["on_answers"]})
+    lines = [
+        "## Reward-model soup: agreement with the gold reward",
+        "",
+        f"Members {', '.join(soup['members'])} with weights {soup['weights']}; the soup is their "
+        "weight average, the ensemble the mean of their scores.",
+        "",
+        "| reward model | held-out pairs | score mean | score std | "
+        + " | ".join(f"answers: {s}" for s in sets) + " |",
+        "|---" * (4 + len(sets)) + "|",
+    ]  # fmt: skip
+    for name, e in soup["scorers"].items():
+        cells = [fmt(e.get("agreement"))]
+        cells += [f"{e[k]:.3f}" if k in e else "" for k in ("score_mean", "score_std")]
+        cells += [fmt(e["on_answers"].get(s)) for s in sets]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def fmt(stat: dict[str, float] | None) -> str:

@@ -1,11 +1,23 @@
 """Frozen models: never trained, in eval mode (Lightning restores each submodule's mode after
-validation), never in a training checkpoint; and dropout off for the models RL trains."""
+validation), never in a training checkpoint unless they move (a moving KL reference, which no
+optimizer trains but the run changes); and dropout off for the models RL trains."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from torch import nn
+
+# Set on a module whose parameters take no gradient but change during the run (a moving
+# reference): they stay in training checkpoints.
+MOVING = "salsa_moving"
+
+
+def mark_moving(module: nn.Module) -> nn.Module:
+    """Keep ``module``'s parameters in training checkpoints although they take no gradient: the
+    run changes them outside the optimizer (a moving KL reference). Returned for chaining."""
+    setattr(module, MOVING, True)
+    return module
 
 
 def keep_frozen_out_of_state_dict(module: nn.Module) -> None:
@@ -14,14 +26,16 @@ def keep_frozen_out_of_state_dict(module: nn.Module) -> None:
     Frozen weights (the soup reference, the reward model, a LoRA policy's base) are rebuilt
     from their recipe, so training checkpoints hold only what training changes. Applied as a
     state-dict hook, it holds for Lightning's plain and sharded (FSDP2, FSDP1) checkpoints alike; pair
-    it with ``strict_loading = False``.
+    it with ``strict_loading = False``. Parameters of a module marked by :func:`mark_moving`
+    stay: training changes them too.
     """
 
     def drop_frozen(
         mod: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
     ) -> None:
+        moving = {id(p) for m in mod.modules() if getattr(m, MOVING, False) for p in m.parameters()}
         for name, param in mod.named_parameters():
-            if not param.requires_grad:
+            if not param.requires_grad and id(param) not in moving:
                 # FSDP1 and activation checkpointing name their wrappers in parameter names,
                 # not in state-dict keys.
                 for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):

@@ -7,6 +7,13 @@ the evaluation directory, the baselines (models evaluated at KL 0, e.g. the SFT 
 soup), the methods (one evaluated model and one log directory per seed, and the baseline each is
 trained from) and the comparisons to make. Intervals are 95 % percentile bootstraps that
 resample prompts and seeds together (``functional.seeds_bootstrap_ci``).
+
+Reward hacking (``hacking:``, methods by name): the reward-model score minus the gold reward of
+each validation during training, against the KL, at matched KL values like the frontier: a
+method that hacks its reward model sees this gap grow as it moves away from its reference. A
+reward-model soup in the evaluation (``salsa evaluate --reward_soup``) adds the members', soup's
+and ensemble's agreement with the gold reward. A run whose reference moved is placed at its KL
+to where its reference started (``kl_of``).
 """
 
 from __future__ import annotations
@@ -36,11 +43,15 @@ class Method:
         models: Names of its models in the evaluation, one per seed.
         logs: Their log directories (the runs' ``save_dir/name``), in the same order.
         reference: The baseline it starts from and is held to by the KL (its KL-0 point).
+        own_reward_model: It trained on another reward model than the evaluation's (a WARM
+            soup): its training-time scores are that model's, so the evaluation's score of its
+            reference is not the KL-0 point of its score frontier (the gold frontier keeps it).
     """
 
     models: list[str]
     logs: list[str] = field(default_factory=list)
     reference: str | None = None
+    own_reward_model: bool = False
 
 
 @dataclass
@@ -53,11 +64,19 @@ class ReportSpec:
     methods: dict[str, Method] = field(default_factory=dict)
     comparisons: list[list[str]] = field(default_factory=list)
     title: str = "SALSA experiment"
+    hacking: list[str] = field(default_factory=list)  # methods whose score - gold to report
 
     @classmethod
     def from_yaml(cls, spec: dict[str, Any]) -> ReportSpec:
         methods = {k: Method(**v) for k, v in (spec.get("methods") or {}).items()}
-        return cls(**{**spec, "methods": methods})
+        out = cls(**{**spec, "methods": methods})
+        unknown = [name for name in out.hacking if name not in methods]
+        if unknown:
+            raise SalsaError(
+                f"report: hacking names {unknown[0]!r}, which is not one of the methods "
+                f"{list(methods)}."
+            )
+        return out
 
     def models_of(self) -> dict[str, list[str]]:
         """``{name: evaluated models}`` of every baseline (one) and method (one per seed)."""
@@ -84,6 +103,13 @@ def eval_curve(log_dir: Path) -> list[dict[str, float]]:
             }
             by_step[row["step"]] = row
     return [by_step[step] for step in sorted(by_step)]
+
+
+def kl_of(row: dict[str, float]) -> float:
+    """The KL coordinate of a validation row: the KL to the reference the run started from
+    (``eval/kl``, or ``eval/kl_initial`` when that reference moved, whose ``eval/kl`` is to
+    where it moved), so that every method is placed by how far it went from its start."""
+    return row.get("eval/kl_initial", row["eval/kl"])
 
 
 def per_seed(
@@ -129,6 +155,15 @@ def band(runs: list[list[tuple[float, float]]], grid: list[float]) -> dict[str, 
         "low": [min(v) for v in at],
         "high": [max(v) for v in at],
     }
+
+
+def hacking_points(rows: list[dict[str, float]]) -> list[tuple[float, float]]:
+    """``(KL, reward-model score - gold reward)`` of a run's validations (``eval_curve`` rows)."""
+    return [
+        (kl_of(r), r["eval/score"] - r["eval/gold"])
+        for r in rows
+        if "eval/score" in r and "eval/gold" in r
+    ]
 
 
 def frontier(curves: dict[str, list[list[tuple[float, float]]]], n: int = 5) -> dict[str, Any]:
@@ -210,6 +245,18 @@ def flat_summary(spec: ReportSpec, summary: dict[str, Any], results: dict[str, A
         flat["rm_gold_agreement_ci"] = [rm["agreement"]["ci_low"], rm["agreement"]["ci_high"]]
     if "agreement_on_samples" in rm:
         flat["rm_gold_agreement_on_sft_samples"] = rm["agreement_on_samples"]["mean"]
+    soup = results.get("reward_soup")
+    if soup:  # absent unless the evaluation measured a reward-model soup
+        scorers = soup["scorers"].items()
+        flat["reward_soup_agreement"] = {
+            key_name(n): e["agreement"]["mean"] for n, e in scorers if "agreement" in e
+        }
+        set_name = "in_distribution" if "in_distribution" in summary["sets"] else first_set
+        flat["reward_soup_agreement_on_answers"] = {
+            key_name(n): e["on_answers"][set_name]["mean"]
+            for n, e in scorers
+            if set_name in e["on_answers"]
+        }
     best = results.get("best_of", {})
     for model, per_set in best.items():
         stats = per_set.get("in_distribution") or next(iter(per_set.values()))
@@ -249,7 +296,14 @@ def plot_frontier(curves: dict[str, dict[str, list]], path: Path, n: int = 12) -
     fig.savefig(path, dpi=110, format="png")
 
 
-def markdown(spec: ReportSpec, summary: dict, flat: dict, results: dict, fr: dict) -> str:
+def markdown(
+    spec: ReportSpec,
+    summary: dict,
+    flat: dict,
+    results: dict,
+    fr: dict,
+    hacking: dict | None = None,
+) -> str:
     """``report.md``: every number of ``summary.json`` explained, then what they show."""
     lines = [f"# {spec.title}", "", READING_GUIDE, ""]
     rm = summary["reward_model"]
@@ -333,6 +387,36 @@ def markdown(spec: ReportSpec, summary: dict, flat: dict, results: dict, fr: dic
                 ]
                 lines.append(f"| {k:.2f} | " + " | ".join(cells) + " |")
             lines.append("")
+    if results.get("reward_soup"):
+        from salsa_lightning.evaluate import reward_soup_lines
+
+        lines += reward_soup_lines(results["reward_soup"])
+    if hacking:
+        names = [n for n in hacking if n != "kl"]
+        lines += [
+            "## Reward hacking along the KL frontier: reward-model score minus gold reward",
+            "",
+            "Training-time validation, each method's own reward model (a soup's score for a "
+            "soup); mean [lowest, highest seed] at matched KL. A gap that grows with the KL is "
+            "the reward model being hacked.",
+            "",
+            "| KL | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
+        for i, k in enumerate(hacking["kl"]):
+            cells = [
+                f"{hacking[n]['mean'][i]:+.3f} [{hacking[n]['low'][i]:+.3f}, {hacking[n]['high'][i]:+.3f}]"
+                for n in names
+            ]
+            lines.append(f"| {k:.2f} | " + " | ".join(cells) + " |")
+        lines += [""]
+        for n in names:
+            rise = hacking[n]["mean"][-1] - hacking[n]["mean"][0]
+            lines.append(
+                f"- {n}: the gap moves by {rise:+.3f} from KL {hacking['kl'][0]:.2f} to "
+                f"{hacking['kl'][-1]:.2f}."
+            )
+        lines.append("")
     lines += ["## What the numbers show", "", *findings(spec, summary, flat), ""]
     lines += [
         "Plots: `frontier.png` (reward against KL), and `rewards.png` in the evaluation directory.",
@@ -408,24 +492,41 @@ def write_report(root: str | os.PathLike, spec: ReportSpec) -> Path:
             runs = []
             for log in method.logs:
                 points = [
-                    (r["eval/kl"], r[f"eval/{judge}"])
+                    (kl_of(r), r[f"eval/{judge}"])
                     for r in eval_curve(root / log)
                     if f"eval/{judge}" in r
                 ]
                 base = spec.baselines.get(method.reference or "")
-                if points and base in id_answers and judge in id_answers[base]:
+                own = judge == "score" and method.own_reward_model
+                if points and not own and base in id_answers and judge in id_answers[base]:
                     points.append((0.0, float(id_answers[base][judge].mean())))  # its KL-0 point
                 if points:
                     runs.append(points)
             if runs:
                 curves[judge][name] = runs
     fr = {j: frontier(c) for j, c in curves.items()}
+    gaps = {
+        name: [
+            p
+            for p in (hacking_points(eval_curve(root / log)) for log in spec.methods[name].logs)
+            if p
+        ]
+        for name in spec.hacking
+    }
+    hacking = frontier({name: runs for name, runs in gaps.items() if runs}) if spec.hacking else {}
+    if hacking:
+        flat["hacking_at_matched_kl"] = {
+            "kl": hacking["kl"],
+            **{key_name(n): hacking[n]["mean"] for n in hacking if n != "kl"},
+        }
     out = root / spec.output
     everything = {"summary": summary, "frontier": fr, "curves": curves}
+    if spec.hacking:
+        everything.update(hacking=hacking, hacking_curves=gaps)
     texts = {
         "summary.json": json.dumps(flat, indent=2) + "\n",
         "report.json": json.dumps(everything, indent=2) + "\n",
-        "report.md": markdown(spec, summary, flat, results, fr),
+        "report.md": markdown(spec, summary, flat, results, fr, hacking),
     }
     for name, text in texts.items():  # each file whole or not at all
         with file_written_aside(out / name) as tmp:

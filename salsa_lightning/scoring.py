@@ -1,24 +1,39 @@
 """Scoring responses with a sequence classifier's score head: the reward model's scalar score,
 read the same way when the reward model trains, when PPO scores a rollout and when a model is
 evaluated; the critic's value before every response token (``ValueModel``); and the gold-reward
-hook."""
+hook.
+
+A reward model is a directory, or a soup recipe of reward models (``{checkpoints, weights}``:
+WARM, Rame et al. 2024, reward models fine-tuned from one init with different seeds) that
+scores as their weight average (``mode`` soup, built like an SFT soup with its checks) or as
+the weighted mean of their scores (``mode`` ensemble, :class:`RewardEnsemble`, every member in
+memory). The normalisation stats of a soup or an ensemble are its members' (``reward_stats``).
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.generation import position_ids
 from salsa_lightning.pretrained import check_model_source, load_pretrained, load_tokenizer
+from salsa_lightning.soup import SoupReference, load_soup
+from salsa_lightning.soup.plan import plan_soup
 
 REWARD_STATS = "reward_stats.json"  # written beside an exported reward model; read by PPO
+
+# A reward model: a directory, or a soup recipe of reward models.
+RewardSource = str | SoupReference
+# How a soup of reward models scores: its weight average, or the mean of its members' scores.
+RewardMode = Literal["soup", "ensemble"]
 
 
 def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -115,13 +130,102 @@ def read_reward_stats(path: str) -> dict[str, float] | None:
     return json.loads(stats.read_text()) if stats.exists() else None
 
 
-class Scorer:
-    """A reward model with its own tokenizer, scoring (prompt, answer) texts in its chat format."""
+def check_reward_source(source: RewardSource, what: str = "reward_model") -> None:
+    """A reward model directory, or a soup of them: every member a one-label sequence
+    classifier, and (a soup's checks, from config files and headers) one architecture, one
+    vocabulary, the same tensors; each refusal names the member at fault."""
+    if isinstance(source, str):
+        return check_reward_model(source, what)
+    source.validate()
+    for i, member in enumerate(source.checkpoints):
+        check_reward_model(member, f"{what}.checkpoints[{i}]")
+    stats = [read_reward_stats(m) is not None for m in source.checkpoints]
+    if any(stats) and not all(stats):
+        lacking = source.checkpoints[stats.index(False)]
+        raise SalsaError(
+            f"{what}.checkpoints: {lacking} has no {REWARD_STATS} but other members have one; "
+            "export every member with configs/reward.yaml (or set model.reward.normalize false)."
+        )
 
-    def __init__(self, path: str, device: torch.device, batch_size: int = 64) -> None:
-        check_reward_model(path)
-        self.tokenizer = load_tokenizer(path)
-        self.model = load_pretrained(AutoModelForSequenceClassification, path).to(device).eval()
+
+def reward_stats(source: RewardSource) -> dict[str, float] | None:
+    """The normalisation stats of a reward model: its ``reward_stats.json``; for a soup or an
+    ensemble, the weighted mean of its members' means, standard deviations and accuracies.
+
+    The members' mean is the soup's choice (and the ensemble's): exact for the ensemble's mean
+    score, and for its spread when the members agree; when they disagree the average varies
+    less than its members, so the normalised scores spread a little less than a member's.
+    ``salsa evaluate --reward_soup`` measures the soup's and the ensemble's own mean and std on
+    held-out pairs beside the members' (``docs/references.md`` has the figures). Measuring them
+    here would need preference data in the RL stage, and would make the normalisation depend on
+    which rows were measured.
+    """
+    if isinstance(source, str):
+        return read_reward_stats(source)
+    members = [read_reward_stats(m) for m in source.checkpoints]
+    if any(m is None for m in members):
+        return None
+    weights = source.resolved_weights()
+    keys = set.intersection(*(set(m) for m in members))
+    return {k: sum(w * m[k] for w, m in zip(weights, members, strict=True)) for k in sorted(keys)}
+
+
+class RewardEnsemble(nn.Module):
+    """Reward models scoring together: the weighted mean of their scores (the logits of one-label
+    sequence classifiers), called like one of them.
+
+    Args:
+        members: The reward models.
+        weights: One weight per member, summing to 1.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], weights: Sequence[float]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.weights = [float(w) for w in weights]
+
+    def forward(self, **inputs: Any) -> SequenceClassifierOutput:
+        """``inputs`` as a member takes them; ``.logits`` [B, 1] the weighted mean of theirs."""
+        logits = sum(
+            w * m(**inputs).logits.float() for w, m in zip(self.weights, self.members, strict=True)
+        )
+        return SequenceClassifierOutput(logits=logits)
+
+
+def load_reward_model(
+    source: RewardSource, mode: RewardMode = "soup", dtype: torch.dtype | None = None
+) -> nn.Module:
+    """A reward model in eval mode: a directory's, a soup's weight average (``mode`` soup, one
+    model in memory) or an ensemble of the soup's members (``mode`` ensemble)."""
+    cls = AutoModelForSequenceClassification
+    if isinstance(source, str):
+        return load_pretrained(cls, source, dtype=dtype).eval()
+    weights = source.resolved_weights()
+    if mode == "soup":
+        return load_soup(source.checkpoints, weights, cls, dtype).eval()
+    members = [load_pretrained(cls, m, dtype=dtype).eval() for m in source.checkpoints]
+    return RewardEnsemble(members, weights).eval()
+
+
+def reward_tokenizer_dir(source: RewardSource) -> str:
+    """The directory whose tokenizer the reward model reads (a soup's: its members', one)."""
+    return source if isinstance(source, str) else str(plan_soup(source.checkpoints).tokenizer_dir)
+
+
+class Scorer:
+    """A reward model (a directory, a soup or an ensemble) with its own tokenizer, scoring
+    (prompt, answer) texts in its chat format."""
+
+    def __init__(
+        self,
+        source: RewardSource,
+        device: torch.device,
+        batch_size: int = 64,
+        mode: RewardMode = "soup",
+    ) -> None:
+        check_reward_source(source)
+        self.tokenizer = load_tokenizer(reward_tokenizer_dir(source))
+        self.model = load_reward_model(source, mode).to(device).eval()
         self.batch_size = batch_size
 
     def __call__(self, prompts: list[str], answers: list[str]) -> Tensor:

@@ -18,6 +18,7 @@ token, GAE over the response, and the clipped policy and value objectives.
 - ``losses``: PPO's policy and value losses, the reward model's losses.
 - ``preference``: offline preference losses on sequence log-probs (DPO, IPO, hinge).
 - ``evaluation``: bootstrap intervals and win rates.
+- ``ema``: the moving reference's exponential moving average of the policy's weights.
 """
 
 from salsa_lightning.functional.advantages import (
@@ -30,6 +31,7 @@ from salsa_lightning.functional.advantages import (
     shaped_scores,
     token_rewards,
 )
+from salsa_lightning.functional.ema import ema_, ema_weight_of_start
 from salsa_lightning.functional.evaluation import bootstrap_mean_ci, seeds_bootstrap_ci, win_rate
 from salsa_lightning.functional.kl import (
     KL_ESTIMATORS,
@@ -85,6 +87,8 @@ __all__ = [
     "bradley_terry_loss",
     "check_preference_settings",
     "dpo_loss",
+    "ema_",
+    "ema_weight_of_start",
     "entropy_from_logits",
     "gae",
     "group_advantages",

@@ -1,11 +1,13 @@
-"""Stage 4: SALSA-PPO, PPO whose KL reference is a frozen model soup.
+"""Stage 4: SALSA-PPO, PPO whose KL reference is a model soup, frozen or moving.
 
 - ``module``: ``SALSAModule``, the LightningModule; one PPO iteration is its ``training_step``,
   read top to bottom in that file;
 - ``rollout``: the records one iteration hands on (``Rollout`` -> scores -> ``Trajectory``)
   and the metrics a trajectory is logged with;
 - ``estimators``: the advantage estimators, by name;
-- ``settings``: the ``estimator:``, ``kl:``, ``ppo:`` and ``reward:`` sections of the YAML;
+- ``settings``: the ``estimator:``, ``kl:``, ``ppo:``, ``reward:`` and ``reference_update:``
+  sections of the YAML;
+- ``moving``: a moving reference (an EMA of the policy): which tensors move toward which;
 - ``models``: building the policy, references, reward model and critic (``configure_model``);
 - ``checks``: input checks run before any model is built;
 - ``validation``: what validation records per held-out answer;
@@ -19,6 +21,7 @@ from salsa_lightning.ppo.settings import (
     EstimatorSettings,
     KLSettings,
     PPOSettings,
+    ReferenceUpdate,
     RewardSettings,
 )
 
@@ -27,6 +30,7 @@ __all__ = [
     "GenerationSettings",
     "KLSettings",
     "PPOSettings",
+    "ReferenceUpdate",
     "RewardSettings",
     "Rollout",
     "SALSAModule",

@@ -41,6 +41,43 @@ def check_policy_matches_reference(
     return policy_config
 
 
+def check_reference_can_move(
+    reference: SoupReference, policy: str | None, fsdp1: bool, sharded_merge: bool
+) -> None:
+    """A moving reference (``reference_update``) can move toward this policy: the same tensors
+    (a policy from a checkpoint must have the reference's architecture exactly), and a strategy
+    under which each rank can update its shard of the reference from its shard of the policy.
+
+    Args:
+        reference: The reference recipe.
+        policy: The checkpoint the policy starts from (None: the soup, which fits by design).
+        fsdp1: The run is under FSDP1 (``configs/fsdp1.yaml``).
+        sharded_merge: A LoRA policy moves full reference models under FSDP2.
+    """
+    if fsdp1:
+        raise SalsaError(
+            "model.reference_update is not supported under FSDP1 (configs/fsdp1.yaml): FSDP1 "
+            "flattens the policy and the reference into units of different layouts, so moving "
+            "one toward the other would need a gather of both. Use FSDP2 (configs/fsdp.yaml), "
+            "where each rank moves its own shard, or remove model.reference_update."
+        )
+    if sharded_merge:
+        raise SalsaError(
+            "model.reference_update with a LoRA policy and full reference models (multiple_kl, "
+            "or model.policy set) moves each reference toward the merged weights W + s B A, "
+            "which needs whole LoRA factors: not supported under FSDP2. Run it on one device "
+            "or DDP, or use LoRA on the soup (the reference is then an adapter of its own)."
+        )
+    if policy is not None:
+        try:
+            plan_soup([str(config_dir(reference.checkpoints[0])), policy])
+        except SalsaError as e:
+            raise SalsaError(
+                f"model.reference_update: the reference moves toward the policy, so the policy "
+                f"({policy}) needs the reference's tensors: {e}"
+            ) from e
+
+
 def check_tokenizer(tokenizer: Any, reference: SoupReference, policy: str | None) -> None:
     """The data module's tokenizer, which turns the prompts into the ids the policy reads, has
     the vocabulary of the reference's checkpoints and of the policy's (a tokenizer of the same

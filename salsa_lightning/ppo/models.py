@@ -1,5 +1,6 @@
 """The models of the SALSA-PPO stage, built in ``configure_model``: the policy (from the soup or a
-checkpoint), the frozen references, the frozen reward model and the critic (a
+checkpoint), the references (frozen, or moving: ``moving.py``), the frozen reward model (a
+directory, a soup of reward models or their ensemble) and the critic (a
 ``scoring.ValueModel``)."""
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ from salsa_lightning.frozen import freeze
 from salsa_lightning.lora import LoraSettings, add_lora
 from salsa_lightning.ppo.settings import ReferenceMode
 from salsa_lightning.pretrained import load_pretrained, load_tokenizer
+from salsa_lightning.scoring import (
+    RewardMode,
+    RewardSource,
+    load_reward_model,
+    reward_tokenizer_dir,
+)
 from salsa_lightning.sharding import shard
 from salsa_lightning.soup import SoupReference, load_soup
 
@@ -44,19 +51,28 @@ def build_references(
 
 
 def build_reward(
-    path: str, dtype: torch.dtype | None, policy_tokenizer: Any
+    source: RewardSource, dtype: torch.dtype | None, policy_tokenizer: Any, mode: RewardMode
 ) -> tuple[nn.Module, Any]:
-    """The frozen reward model and, when its vocabulary differs from the policy's, its own
-    tokenizer (None when it reads the policy's token ids)."""
-    reward = freeze(load_pretrained(AutoModelForSequenceClassification, path, dtype=dtype))
-    tokenizer = load_tokenizer(path)
+    """The frozen reward model (a soup of reward models: their weight average, or their
+    ensemble) and, when its vocabulary differs from the policy's, its own tokenizer (None when
+    it reads the policy's token ids)."""
+    reward = freeze(load_reward_model(source, mode, dtype))
+    tokenizer = load_tokenizer(reward_tokenizer_dir(source))
     same = tokenizer.get_vocab() == policy_tokenizer.get_vocab()
     return reward, None if same else tokenizer
 
 
-def build_critic(source: str, dtype: torch.dtype | None, lora: LoraSettings | None) -> nn.Module:
-    """A critic from a sequence classifier checkpoint (by default the reward model)."""
-    critic = load_pretrained(AutoModelForSequenceClassification, source, dtype=dtype)
+def build_critic(
+    source: RewardSource, dtype: torch.dtype | None, lora: LoraSettings | None
+) -> nn.Module:
+    """A critic from a sequence classifier checkpoint (by default the reward model; a soup of
+    reward models gives its weight average)."""
+    if isinstance(source, SoupReference):
+        critic = load_soup(
+            source.checkpoints, source.resolved_weights(), AutoModelForSequenceClassification, dtype
+        )
+    else:
+        critic = load_pretrained(AutoModelForSequenceClassification, source, dtype=dtype)
     return add_lora(critic, lora, "SEQ_CLS") if lora is not None else critic
 
 
@@ -68,17 +84,13 @@ def value_head(hidden_size: int, dtype: torch.dtype | None) -> nn.Linear:
     return head
 
 
-def build_ingredients(
-    reference: SoupReference,
-    dtype: torch.dtype | None,
-    device: torch.device,
-    mesh: Any = None,
-    layer_class: str | None = None,
+def placed(
+    models: list[nn.Module], device: torch.device, mesh: Any = None, layer_class: str | None = None
 ) -> list[nn.Module]:
-    """Each soup ingredient as a frozen model on ``device`` (sharded like the other frozen
-    models under FSDP2), to measure the KL to each."""
+    """Frozen models built after ``configure_model`` (to measure a KL to in validation) on
+    ``device``, sharded like the other frozen models under FSDP2."""
     out = []
-    for model in reference.build_each(dtype=dtype):
+    for model in models:
         model = model.to(device)
         if mesh is not None:
             shard(model, mesh, layer_class)

@@ -3,6 +3,8 @@
 One ``training_step`` is one PPO iteration, in the order of the algorithm box, each step a
 method of this class (which owns the models it runs):
 
+0. ``move_reference``: with ``reference_update``, every N rollouts the reference moves toward
+   the policy (an EMA, ``moving.py``); otherwise it stays frozen;
 1. ``generate``: sample ``k`` responses per prompt with the KV cache;
 2. ``score_frozen``: the reference log-probs and the reward (frozen models, no grad);
    ``score_policy``: the policy's old log-probs and the critic's values;
@@ -13,7 +15,8 @@ method of this class (which owns the models it runs):
 The math is in ``salsa_lightning.functional``; the records the steps hand on are in
 ``rollout.py``. With one checkpoint in ``reference`` it is classic PPO (SALSA-1).
 ``reference_mode: multiple_kl`` is the paper's baseline: a KL penalty to each SFT model,
-weighted, no averaging.
+weighted, no averaging. ``reward_model`` may be a soup of reward models (WARM), scored as their
+weight average or (``reward_mode: ensemble``) as the mean of their scores.
 """
 
 from __future__ import annotations
@@ -29,14 +32,14 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from salsa_lightning import functional as fn
 from salsa_lightning.errors import SalsaError, check_choices
-from salsa_lightning.frozen import without_dropout
+from salsa_lightning.frozen import mark_moving, without_dropout
 from salsa_lightning.generation import (
     GenerationSettings,
     response_logits,
@@ -44,7 +47,7 @@ from salsa_lightning.generation import (
     sample,
 )
 from salsa_lightning.lora import LoraSettings
-from salsa_lightning.ppo import checks, models
+from salsa_lightning.ppo import checks, models, moving
 from salsa_lightning.ppo.estimators import EstimatorInputs
 from salsa_lightning.ppo.recipe import check_same_reference, reference_recipe
 from salsa_lightning.ppo.rollout import (
@@ -62,6 +65,7 @@ from salsa_lightning.ppo.settings import (
     KLSettings,
     PPOSettings,
     ReferenceMode,
+    ReferenceUpdate,
     RewardSettings,
 )
 from salsa_lightning.ppo.validation import (
@@ -72,11 +76,13 @@ from salsa_lightning.ppo.validation import (
 )
 from salsa_lightning.pretrained import check_model_source, export_pretrained, torch_dtype
 from salsa_lightning.scoring import (
+    RewardMode,
+    RewardSource,
     ValueModel,
-    check_reward_model,
+    check_reward_source,
     check_scores,
     gold_scores,
-    read_reward_stats,
+    reward_stats,
     sequence_scores,
     text_scores,
 )
@@ -96,15 +102,23 @@ def default_ppo_optimizer(params: Any) -> torch.optim.Optimizer:
 
 
 class SALSAModule(StageModule):
-    """SALSA-PPO with a frozen soup reference.
+    """SALSA-PPO with a soup reference, frozen or moving.
 
     Args:
         reference: The KL reference as a soup recipe: ``{checkpoints: [...], weights: [...]}``.
             One checkpoint makes it classic PPO.
         reference_mode: ``soup`` (KL to the weight average) or ``multiple_kl`` (weighted mean
             of the KLs to each checkpoint, the paper's baseline).
+        reference_update: ``{every: N, alpha: A}``: every N rollouts the reference (each
+            reference model under multiple_kl) moves toward the policy,
+            ``ref <- (1 - A) ref + A policy`` (TR-DPO, WARP's EMA anchor); its weights are then
+            in the checkpoints. None (the default): the reference stays frozen.
         policy: Checkpoint the policy starts from; None starts it from the soup (initial KL 0).
-        reward_model: Reward model directory (an export of ``configs/reward.yaml``).
+        reward_model: Reward model directory (an export of ``configs/reward.yaml``), or a soup
+            recipe of reward models ``{checkpoints: [...], weights: [...]}`` (WARM: reward
+            models trained from one init with different seeds).
+        reward_mode: How a soup of reward models scores: ``soup`` (their weight average, one
+            model in memory) or ``ensemble`` (the weighted mean of their scores).
         reward_fn: A Python reward function instead of, or scoring besides, the reward model:
             ``class_path`` of a callable ``(prompts, responses) -> Tensor[B]``.
         critic: Directory the critic (value model) starts from; default the reward model.
@@ -139,8 +153,10 @@ class SALSAModule(StageModule):
         self,
         reference: SoupReference,
         reference_mode: ReferenceMode = "soup",
+        reference_update: ReferenceUpdate | None = None,
         policy: str | None = None,
-        reward_model: str | None = "artifacts/reward",
+        reward_model: RewardSource | None = "artifacts/reward",
+        reward_mode: RewardMode = "soup",
         reward_fn: RewardFunction | None = None,
         critic: str | None = None,
         value_head: bool = False,
@@ -171,6 +187,8 @@ class SALSAModule(StageModule):
         self.reference = reference
         self.reference_mode = reference_mode
         self.reference_weights: list[float] = []  # validated in setup
+        self.reference_update = reference_update
+        self.reward_source = reward_model  # a SoupReference here, a dict in hparams under the CLI
         self.reward_fn = reward_fn
         self.generation = generation or GenerationSettings()
         self.kl_settings = kl or KLSettings()
@@ -195,11 +213,14 @@ class SALSAModule(StageModule):
         self.reward: nn.Module | None = None
         self.reward_stats: dict[str, float] | None = None
         self.reward_tokenizer: Any = None
-        # Each soup ingredient, built on the first validation that measures the KL to it; a
-        # plain list, so never registered, checkpointed or optimised.
+        # Each soup ingredient and (a moving reference) the reference as it started, built on
+        # the first validation that measures the KL to them; plain lists, so never registered,
+        # checkpointed or optimised.
         self.ingredients: list[nn.Module] | None = None
+        self.initial: list[nn.Module] | None = None
         # Validation: a mean over every held-out answer (exact over ranks with unequal counts).
-        names = [*EVAL_METRICS, *(f"kl_{name}" for name in self.ingredient_names())]
+        names = [*EVAL_METRICS, *(["kl_initial"] if self.moving else [])]
+        names += [f"kl_{name}" for name in self.ingredient_names()]
         self.eval_means = nn.ModuleDict(
             {n.replace(".", "_"): MeanMetric(nan_strategy="disable") for n in names}
         )
@@ -215,8 +236,14 @@ class SALSAModule(StageModule):
         return torch_dtype(self.hparams.frozen_dtype or self.hparams.dtype)
 
     @property
+    def moving(self) -> bool:
+        """Whether the reference moves toward the policy (``reference_update``)."""
+        return self.reference_update is not None
+
+    @property
     def shares_reference(self) -> bool:
-        """LoRA on the soup: the reference is the policy with its adapter disabled."""
+        """LoRA on the soup: the reference is the policy with its adapter disabled (a moving
+        reference: with an adapter of its own, ``moving.REFERENCE_ADAPTER``)."""
         return (
             self.lora is not None and self.hparams.policy is None and self.reference_mode == "soup"
         )
@@ -236,9 +263,16 @@ class SALSAModule(StageModule):
         for path, what in ((hp.policy, "model.policy"), (hp.critic, "model.critic")):
             if path is not None:
                 check_model_source(path, what)
-        if hp.reward_model is not None:
-            check_reward_model(hp.reward_model, "model.reward_model")
+        if self.reward_source is not None:
+            check_reward_source(self.reward_source, "model.reward_model")
         config = checks.check_policy_matches_reference(self.reference, hp.policy)
+        if self.moving:
+            strategy = self.trainer.strategy
+            full_references = self.lora is not None and not self.shares_reference
+            checks.check_reference_can_move(
+                self.reference, hp.policy, isinstance(strategy, FSDPStrategy),
+                full_references and isinstance(strategy, ModelParallelStrategy),
+            )  # fmt: skip
         checks.check_tokenizer(self.tokenizer, self.reference, hp.policy)
         data = self.trainer.datamodule.hparams
         checks.check_context(config, data.max_length, self.generation.max_new_tokens)
@@ -253,13 +287,17 @@ class SALSAModule(StageModule):
         pad_id = self.tokenizer.pad_token_id
         policy = models.build_policy(self.reference, hp.policy, dtype, pad_id, self.lora)
         self.policy = without_dropout(self.trainable(policy))  # sample, score, update alike
-        if not self.shares_reference:
+        if self.shares_reference and self.moving:
+            moving.add_reference_adapter(self.policy)
+        elif not self.shares_reference:
             self.ref_models = models.build_references(self.reference, self.reference_mode, frozen)
-        if hp.reward_model is not None:
+            if self.moving:
+                mark_moving(self.ref_models)  # no optimizer trains it, but it is in checkpoints
+        if self.reward_source is not None:
             self.reward, self.reward_tokenizer = models.build_reward(
-                hp.reward_model, frozen, self.tokenizer
+                self.reward_source, frozen, self.tokenizer, hp.reward_mode
             )
-            self.reward_stats = read_reward_stats(hp.reward_model)
+            self.reward_stats = reward_stats(self.reward_source)
         if self.estimator.critic:  # critic-free estimators build, shard and checkpoint none
             self.build_critic(dtype)
         if self.device_mesh is not None:
@@ -274,7 +312,7 @@ class SALSAModule(StageModule):
         The critic reads the policy's token ids: a reward model with another vocabulary cannot
         be its starting point, so that case falls back to a value head."""
         hp = self.hparams
-        source = hp.critic or (hp.reward_model if self.reward_tokenizer is None else None)
+        source = hp.critic or (self.reward_source if self.reward_tokenizer is None else None)
         if hp.value_head or source is None:
             self.value_head_layer = models.value_head(self.policy.config.hidden_size, dtype)
         else:
@@ -287,6 +325,7 @@ class SALSAModule(StageModule):
     # ------------------------------------------------------------------ one PPO iteration
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.move_reference()
         t0 = time.perf_counter()
         rollout = self.generate(batch, self.estimator_settings.samples_per_prompt)
         t1 = time.perf_counter()
@@ -314,6 +353,22 @@ class SALSAModule(StageModule):
         kl_rows = torch.stack([fn.masked_sum(trajectory.kl, trajectory.mask), rows])
         kl_sum, rows = self.all_sum(kl_rows)
         self.kl_ctl.update(float(kl_sum / rows), int(rows))
+
+    def move_reference(self) -> None:
+        """After every ``reference_update.every`` rollouts (skipped ones too), before the next
+        one: the reference ``<- (1 - alpha) reference + alpha policy`` (``moving.py``). Done
+        here, first in the next iteration, so that a checkpoint written after a rollout and the
+        run resumed from it move the reference at the same point as an uninterrupted run."""
+        update = self.reference_update
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1  # before this one
+        if update is None or done == 0 or done % update.every:
+            return
+        if self.shares_reference:
+            moving.move_adapter(self.policy, update.alpha)
+            return
+        weights = moving.policy_weights(self.policy)  # LoRA: the merged weights, once
+        for reference in self.ref_models:
+            moving.move_toward(reference, weights, update.alpha)
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], k: int = 1) -> Rollout:
@@ -346,13 +401,34 @@ class SALSAModule(StageModule):
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> list[Tensor]:
         """[B, R] log-probs of the responses under each reference model (the policy with its
-        adapter disabled when it shares the reference)."""
+        adapter disabled when it shares the reference, or with its reference adapter when that
+        reference moves)."""
+        seq, mask, response = rollout.sequence, rollout.attention_mask, rollout.response
+        temperature = self.generation.temperature
+        if self.shares_reference:
+            own = moving.reference_adapter(self.policy) if self.moving else None
+            with own or self.policy.disable_adapter():
+                return [response_logprobs(self.policy, seq, mask, response, temperature)]
+        return [response_logprobs(m, seq, mask, response, temperature) for m in self.ref_models]
+
+    @torch.no_grad()
+    def initial_reference_logprobs(self, rollout: Rollout) -> list[Tensor]:
+        """[B, R] log-probs of the responses under the reference as it started (the recipe's
+        models: the soup, or each checkpoint under multiple_kl; a LoRA policy's disabled
+        adapter), for ``eval/kl_initial`` of a moving reference."""
         seq, mask, response = rollout.sequence, rollout.attention_mask, rollout.response
         temperature = self.generation.temperature
         if self.shares_reference:
             with self.policy.disable_adapter():
                 return [response_logprobs(self.policy, seq, mask, response, temperature)]
-        return [response_logprobs(m, seq, mask, response, temperature) for m in self.ref_models]
+        if self.reference_mode == "multiple_kl":
+            initial = self.ingredient_models()
+        else:
+            if self.initial is None:
+                soup = [self.reference.build(dtype=self.frozen_dtype)]
+                self.initial = self.placed(soup)
+            initial = self.initial
+        return [response_logprobs(m, seq, mask, response, temperature) for m in initial]
 
     @torch.no_grad()
     def raw_scores(self, rollout: Rollout) -> Tensor:
@@ -637,6 +713,9 @@ class SALSAModule(StageModule):
         judge = self.reward_fn if self.reward is not None else None
         gold = gold_scores(judge, rollout.prompts, rollout.texts)
         rows = eval_rows(rollout, kl, raw, gold, logprobs, self.ingredient_logprobs(rollout))
+        if self.moving:
+            initial = self.kl(logprobs, self.initial_reference_logprobs(rollout), "k1")
+            rows["eval/kl_initial"] = (initial * rollout.mask).sum(1)
         loader = self.trainer.val_dataloaders
         weights = held_out_rows(loader.sampler, batch_idx, loader.batch_size, len(raw))
         for name, values in rows.items():
@@ -651,21 +730,27 @@ class SALSAModule(StageModule):
         names = self.ingredient_names()
         if not names:
             return {}
-        if self.reference_mode == "multiple_kl":
-            ingredients = list(self.ref_models)
-        else:
-            if self.ingredients is None:
-                self.ingredients = models.build_ingredients(
-                    self.reference, self.frozen_dtype, self.device, self.device_mesh,
-                    self.hparams.fsdp_layer_class,
-                )  # fmt: skip
-            ingredients = self.ingredients
         seq, mask, response = rollout.sequence, rollout.attention_mask, rollout.response
         t = self.generation.temperature
         return {
             name: response_logprobs(model, seq, mask, response, t)
-            for name, model in zip(names, ingredients, strict=True)
+            for name, model in zip(names, self.ingredient_models(), strict=True)
         }
+
+    def ingredient_models(self) -> list[nn.Module]:
+        """Each reference checkpoint as a frozen model: the reference models themselves under a
+        frozen multiple_kl, else built on first use (a moving multiple_kl reference has moved
+        away from its checkpoints)."""
+        if self.reference_mode == "multiple_kl" and not self.moving:
+            return list(self.ref_models)
+        if self.ingredients is None:
+            self.ingredients = self.placed(self.reference.build_each(dtype=self.frozen_dtype))
+        return self.ingredients
+
+    def placed(self, frozen: list[nn.Module]) -> list[nn.Module]:
+        """Frozen models built after ``configure_model``, on this device, sharded like the
+        others under FSDP2."""
+        return models.placed(frozen, self.device, self.device_mesh, self.hparams.fsdp_layer_class)
 
     def on_validation_epoch_end(self) -> None:
         # compute() syncs each mean over the ranks; every rank updated the same metrics.
@@ -689,8 +774,13 @@ class SALSAModule(StageModule):
         return {"stage": "SALSAModule", "recipe": self.recipe()}
 
     def recipe(self) -> dict[str, Any]:
-        """What the frozen weights are made of: enough to rebuild and verify them."""
-        return reference_recipe(self.reference, self.reference_mode, self.hparams.reward_model)
+        """What the frozen weights are made of (where a moving reference started): enough to
+        rebuild and verify them."""
+        hp = self.hparams
+        return reference_recipe(
+            self.reference, self.reference_mode, self.reward_source, self.reference_update,
+            hp.reward_mode,
+        )  # fmt: skip
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -724,7 +814,8 @@ class SALSAModule(StageModule):
         )
         rank_zero_info(
             f"SALSA: reference {self.reference_mode} of {len(self.reference.checkpoints)} "
-            f"checkpoint(s) with weights {self.reference.resolved_weights()}; policy from "
+            f"checkpoint(s) with weights {self.reference.resolved_weights()}, "
+            f"{'moving ' + str(asdict(self.reference_update)) if self.moving else 'frozen'}; policy from "
             f"{self.hparams.policy or 'the soup'}; estimator {asdict(self.estimator_settings)} "
             f"(KL {'in the reward' if self.kl_in_reward else 'as a loss term'}, loss "
             f"{self.loss_aggregation}); PPO settings {asdict(ppo)}; KL {asdict(self.kl_settings)}; "

@@ -1,5 +1,5 @@
 """The SALSA-PPO stage's settings, as YAML sections of ``SALSAModule``: ``estimator:``, ``kl:``,
-``ppo:`` and ``reward:``.
+``ppo:``, ``reward:`` and ``reference_update:``.
 
 Choices are ``Literal`` types, so ``salsa fit --help`` lists them and the parser refuses a bad
 one; ranges are checked in each ``__post_init__``, so a Python caller gets the same refusal.
@@ -161,9 +161,46 @@ class RewardSettings:
         require(math.isfinite(penalty), "model.reward.missing_eos_penalty", "finite", penalty)
 
 
+@dataclass
+class ReferenceUpdate:
+    """A moving KL reference: every ``every`` rollouts, ``ref <- (1 - alpha) ref + alpha policy``
+    (``functional.ema_``). ``alpha`` 1 is a hard sync (TR-DPO, TRL's ``sync_ref_model``),
+    ``alpha`` 0 keeps the reference where it started.
+
+    Under ``multiple_kl`` every reference model moves toward the policy; with a LoRA policy whose
+    reference is its disabled adapter, the reference becomes an adapter of its own (see
+    ``ppo/moving.py``).
+
+    Attributes:
+        every: Rollouts between two updates (skipped rollouts count).
+        alpha: The policy's weight in each update, in [0, 1].
+    """
+
+    every: int = 1
+    alpha: float = 0.1
+
+    def __post_init__(self) -> None:
+        require(self.every >= 1, "model.reference_update.every", "at least 1", self.every)
+        alpha = self.alpha
+        require(
+            math.isfinite(alpha) and 0 <= alpha <= 1,
+            "model.reference_update.alpha",
+            "in [0, 1]",
+            alpha,
+        )
+
+
 # The settings and the reference recipe are saved in checkpoints' hyper_parameters when the
 # module is built in Python; Lightning resumes with torch.load(weights_only=True), which only
 # unpickles allowlisted classes (plain dataclasses of numbers, strings and lists).
 torch.serialization.add_safe_globals(
-    [EstimatorSettings, GenerationSettings, KLSettings, PPOSettings, RewardSettings, SoupReference]
+    [
+        EstimatorSettings,
+        GenerationSettings,
+        KLSettings,
+        PPOSettings,
+        ReferenceUpdate,
+        RewardSettings,
+        SoupReference,
+    ]
 )

@@ -3,7 +3,9 @@
 
 Per sampled answer: ``eval/score`` (the reward), ``eval/gold`` (the judge, see
 ``scoring.gold_scores``), ``eval/kl`` (k1 KL to the training reference, summed over the answer),
-``eval/kl_<checkpoint>`` (to each soup ingredient) and ``eval/response_length``; a few answers
+``eval/kl_<checkpoint>`` (to each soup ingredient as it is on disk), with a moving reference
+``eval/kl_initial`` (to the reference as it started; ``eval/kl`` is then to where it moved), and
+``eval/response_length``; a few answers
 go to ``samples.jsonl`` in the log directory. Each metric is the mean over every held-out
 prompt, whatever the number of ranks (``held_out_rows``).
 """
