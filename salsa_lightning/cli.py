@@ -6,6 +6,7 @@
 - ``salsa soup ...``: weight-average checkpoints into a model soup.
 - ``salsa evaluate ...``: answers, scores, KL and win rates of several models.
 - ``salsa landscape ...``: reward along the alpha line / barycentric grid of SFT models.
+- ``salsa pairs ...``: preference pairs of a model's own sampled answers, ordered by a judge.
 - ``salsa pipeline --config PIPELINE.yaml``: stages in order, skipping finished ones.
 - ``salsa quickstart [--output DIR]``: the whole SALSA-vs-PPO experiment on the embedded task.
 """
@@ -148,6 +149,13 @@ def landscape_main(argv: list[str] | None = None) -> int:
     return function_main(landscape, argv, "salsa landscape")
 
 
+def pairs_main(argv: list[str] | None = None) -> int:
+    """``salsa pairs`` (flags or ``--config``: the arguments of ``reward.sampled_pairs``)."""
+    from salsa_lightning.reward import sampled_pairs
+
+    return function_main(sampled_pairs, argv, "salsa pairs")
+
+
 # ----------------------------------------------------------------------------- soup
 
 
@@ -260,6 +268,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "soup": soup_main,
     "evaluate": evaluate_main,
     "landscape": landscape_main,
+    "pairs": pairs_main,
     "pipeline": pipeline_main,
     "quickstart": quickstart_main,
 }
