@@ -5,6 +5,7 @@
 - ``soup ...``: weight-average checkpoints into a model soup.
 - ``evaluate ...``: answers, scores, KL and win rates of several models.
 - ``landscape ...``: reward along the alpha line / barycentric grid of SFT models.
+- ``pairs ...``: preference pairs of a model's own sampled answers, ordered by a judge.
 - ``convert --gguf FILE --output DIR``: a GGUF checkpoint to a Hugging Face directory.
 
 The ``salsa`` console script (``cli.py``) and ``salsa pipeline`` (``pipeline.py``) both run these
@@ -157,6 +158,13 @@ def landscape_main(argv: list[str] | None = None) -> int:
     return function_main(landscape, argv, "salsa landscape")
 
 
+def pairs_main(argv: list[str] | None = None) -> int:
+    """``salsa pairs`` (flags or ``--config``: the arguments of ``reward.sampled_pairs``)."""
+    from salsa_lightning.reward import sampled_pairs
+
+    return function_main(sampled_pairs, argv, "salsa pairs")
+
+
 # ----------------------------------------------------------------------------- soup
 
 
@@ -240,6 +248,7 @@ STAGE_COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "soup": soup_main,
     "evaluate": evaluate_main,
     "landscape": landscape_main,
+    "pairs": pairs_main,
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 

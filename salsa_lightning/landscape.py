@@ -18,6 +18,7 @@ import torch
 
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.evaluate import load_prompts, sample_answers
+from salsa_lightning.functional import bootstrap_mean_ci
 from salsa_lightning.generation import GenerationSettings
 from salsa_lightning.pretrained import load_tokenizer
 from salsa_lightning.scoring import Scorer, gold_scores
@@ -67,14 +68,17 @@ def mean_rewards(
     batch_size: int,
     seed: int,
 ) -> dict[str, float]:
-    """Mean reward-model score and gold reward of one model's sampled answers."""
+    """Mean reward-model score (``score``) and gold reward (``gold``) of one model's sampled
+    answers, each with its 95 % bootstrap interval over the prompts (``score_ci``, ``gold_ci``:
+    ``[low, high]``)."""
     answers, _ = sample_answers(model, tokenizer, prompts, generation, batch_size, seed)
+    judged = {"score": scorer(prompts, answers) if scorer is not None else None}
+    judged["gold"] = gold_scores(reward_fn, prompts, answers)
     out = {}
-    if scorer is not None:
-        out["score"] = float(scorer(prompts, answers).mean())
-    gold = gold_scores(reward_fn, prompts, answers)
-    if gold is not None:
-        out["gold"] = float(gold.mean())
+    for judge, values in judged.items():
+        if values is not None:
+            mean, low, high = bootstrap_mean_ci(values, seed=seed)
+            out[judge], out[f"{judge}_ci"] = mean, [low, high]
     return out
 
 
@@ -158,6 +162,9 @@ def plot_landscape(result: dict[str, Any], path: Path) -> None:
         if len(names) == 2:
             alphas = [p["weights"][0] for p in points]
             ax.plot(alphas, values, marker="o")
+            if f"{judge}_ci" in points[0]:  # the interval over prompts at each point
+                low, high = zip(*[p[f"{judge}_ci"] for p in points], strict=True)
+                ax.fill_between(alphas, low, high, alpha=0.2)
             ax.set_xlabel(f"alpha (weight of {names[0]}; 1 - alpha on {names[1]})")
             ax.set_ylabel(judge)
         else:

@@ -5,8 +5,9 @@ and ``frontier.png`` (reward against KL, sorted by KL, with a band across seeds)
 A pipeline YAML names what to report in its ``report:`` section (see ``configs/quickstart.yaml``):
 the evaluation directory, the baselines (models evaluated at KL 0, e.g. the SFT model and the
 soup), the methods (one evaluated model and one log directory per seed, and the baseline each is
-trained from) and the comparisons to make. Intervals are 95 % percentile bootstraps that
-resample prompts and seeds together (``functional.seeds_bootstrap_ci``).
+trained from) and the comparisons to make, and optionally ``salsa landscape`` outputs (the
+reward of the soups between the SFT models, the paper's Figure 2). Intervals are 95 % percentile
+bootstraps that resample prompts and seeds together (``functional.seeds_bootstrap_ci``).
 
 Reward hacking (``hacking:``, methods by name): the reward-model score minus the gold reward of
 each validation during training, against the KL, at matched KL values like the frontier: a
@@ -21,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,7 @@ class ReportSpec:
     comparisons: list[list[str]] = field(default_factory=list)
     title: str = "SALSA experiment"
     hacking: list[str] = field(default_factory=list)  # methods whose score - gold to report
+    landscapes: dict[str, str] = field(default_factory=dict)  # name -> salsa landscape output
 
     @classmethod
     def from_yaml(cls, spec: dict[str, Any]) -> ReportSpec:
@@ -123,6 +126,21 @@ def per_seed(
 
 def key_name(name: str) -> str:
     return name.replace("-", "_")
+
+
+def read_landscapes(root: Path, spec: ReportSpec) -> dict[str, dict[str, Any]]:
+    """``{name: {checkpoints, points}}`` of the spec's ``salsa landscape`` outputs, each point
+    ``{weights, gold, gold_ci, score, score_ci}`` as ``landscape.json`` holds it."""
+    out = {}
+    for name, directory in spec.landscapes.items():
+        path = root / directory / "landscape.json"
+        if not path.is_file():
+            raise SalsaError(
+                f"report: {path} is missing (report.landscapes {name!r}); run salsa landscape first."
+            )
+        result = json.loads(path.read_text())
+        out[name] = {"checkpoints": result["checkpoints"], "points": result["points"]}
+    return out
 
 
 # ----------------------------------------------------------------------------- the frontier
@@ -264,6 +282,8 @@ def flat_summary(spec: ReportSpec, summary: dict[str, Any], results: dict[str, A
         flat[f"{key_name(name)}_best_of_{stats['n']}_gold"] = stats["best"]["mean"]
         flat[f"{key_name(name)}_sampled_gold"] = stats["mean"]["mean"]
     flat["seeds"] = {n: len(m.models) for n, m in spec.methods.items()}
+    if summary.get("landscapes"):
+        flat["landscapes"] = summary["landscapes"]
     return flat
 
 
@@ -322,6 +342,8 @@ def markdown(
                 f"gold rewards): {fmt(rm['agreement_on_samples'])}."
             )
         lines.append("")
+    for name, land in summary.get("landscapes", {}).items():
+        lines += landscape_table(name, land)
     for model, per_set in results.get("best_of", {}).items():
         lines += [f"## Room above the SFT model: {model}, best of n sampled answers", ""]
         lines += ["| set | family | one sample (mean) | best of n | gap |", "|---|---|---|---|---|"]
@@ -417,12 +439,77 @@ def markdown(
                 f"{hacking['kl'][-1]:.2f}."
             )
         lines.append("")
-    lines += ["## What the numbers show", "", *findings(spec, summary, flat), ""]
+    lines += ["## What the numbers show", "", *findings(spec, summary, flat)]
+    for name, land in summary.get("landscapes", {}).items():
+        lines.append(landscape_finding(name, land))
     lines += [
-        "Plots: `frontier.png` (reward against KL), and `rewards.png` in the evaluation directory.",
+        "",
+        "Plots: `frontier.png` (reward against KL), and `rewards.png` in the evaluation directory"
+        + (", `landscape-<name>.png` (the landscapes)." if summary.get("landscapes") else "."),
         "",
     ]
     return "\n".join(lines)
+
+
+def landscape_label(weights: list[float], names: list[str]) -> str:
+    """``alpha = 0.25`` on a line of two checkpoints, ``sft-1 0.33 / sft-2 0.33 / ...`` else."""
+    if len(weights) == 2:
+        return f"alpha = {weights[0]:.2f}"
+    return " / ".join(f"{n} {w:.2f}" for n, w in zip(names, weights, strict=True))
+
+
+def landscape_table(name: str, land: dict[str, Any]) -> list[str]:
+    """A landscape's points as a markdown table: weights, gold reward and score with intervals."""
+    names = [Path(c).name for c in land["checkpoints"]]
+    what = (
+        f"alpha * {names[0]} + (1 - alpha) * {names[1]}"
+        if len(names) == 2
+        else "the triangle of " + ", ".join(names)
+    )
+    lines = [
+        f"## The soups' reward, {name}: {what} (95 % CI over prompts)",
+        "",
+        "| weights | gold reward | reward-model score |",
+        "|---|---|---|",
+    ]
+    for p in land["points"]:
+        cells = [landscape_cell(p, judge) for judge in JUDGES]
+        lines.append(f"| {landscape_label(p['weights'], names)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def landscape_cell(point: dict[str, Any], judge: str) -> str:
+    if judge not in point:
+        return ""
+    low, high = point.get(f"{judge}_ci", [point[judge], point[judge]])
+    return fmt({"mean": point[judge], "ci_low": low, "ci_high": high})
+
+
+def landscape_finding(name: str, land: dict[str, Any]) -> str:
+    """Where the gold reward peaks on a landscape, and the soup of equal weights against the SFT
+    models it mixes (the corners): above all of them, between, or below all of them."""
+    points = [p for p in land["points"] if "gold" in p]
+    if not points:
+        return f"- Landscape {name}: no gold reward measured."
+    names = [Path(c).name for c in land["checkpoints"]]
+    best = max(points, key=lambda p: p["gold"])
+    corners = [p for p in points if max(p["weights"]) == 1.0]
+    middle = min(points, key=lambda p: max(p["weights"]) - min(p["weights"]))
+    ends = ", ".join(f"{p['gold']:.3f}" for p in corners)
+    low, high = middle.get("gold_ci", [middle["gold"]] * 2)
+    if low > max(p["gold"] for p in corners):
+        where = "above every SFT model's mean, its interval excluding them"
+    elif middle["gold"] > max(p["gold"] for p in corners):
+        where = "above every SFT model's mean, its interval including the best of them"
+    elif middle["gold"] < min(p["gold"] for p in corners):
+        where = "below every SFT model's mean"
+    else:
+        where = "between the SFT models' means"
+    return (
+        f"- Landscape {name}: the gold reward peaks at {landscape_label(best['weights'], names)} "
+        f"({best['gold']:.3f}); the soup {landscape_label(middle['weights'], names)} scores "
+        f"{middle['gold']:.3f} [{low:.3f}, {high:.3f}] against the SFT models' {ends}: {where}."
+    )
 
 
 READING_GUIDE = """\
@@ -472,9 +559,14 @@ def findings(spec: ReportSpec, summary: dict, flat: dict) -> list[str]:
     return out
 
 
+def slug(name: str) -> str:
+    """A file-name-safe form of a landscape's name."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+
+
 def write_report(root: str | os.PathLike, spec: ReportSpec) -> Path:
-    """Write ``summary.json``, ``report.md``, ``report.json`` and ``frontier.png``; returns the
-    report's path."""
+    """Write ``summary.json``, ``report.md``, ``report.json`` and ``frontier.png`` (and a copy of
+    each landscape's plot, ``landscape-<name>.png``); returns the report's path."""
     root = Path(root)
     eval_dir = root / spec.evaluation
     if not (eval_dir / "results.json").is_file():
@@ -484,6 +576,9 @@ def write_report(root: str | os.PathLike, spec: ReportSpec) -> Path:
     results = json.loads((eval_dir / "results.json").read_text())
     answers = load_answers(eval_dir)
     summary = build_summary(spec, results, answers)
+    landscapes = read_landscapes(root, spec)
+    if landscapes:
+        summary["landscapes"] = landscapes
     flat = flat_summary(spec, summary, results)
     id_answers = answers.get("in_distribution") or next(iter(answers.values()))
     curves: dict[str, dict[str, list]] = {j: {} for j in JUDGES}
@@ -534,5 +629,10 @@ def write_report(root: str | os.PathLike, spec: ReportSpec) -> Path:
     if any(curves.values()):
         with file_written_aside(out / "frontier.png") as tmp:
             plot_frontier(curves, tmp)
+    for name, directory in spec.landscapes.items():
+        plot = root / directory / "landscape.png"
+        if plot.is_file():
+            with file_written_aside(out / f"landscape-{slug(name)}.png") as tmp:
+                shutil.copyfile(plot, tmp)
     print(f"[report] written to {out / 'report.md'}", flush=True)
     return out / "report.md"

@@ -1,15 +1,22 @@
-"""Stage 2: the reward model, a one-label sequence classifier trained on preference pairs."""
+"""Stage 2: the reward model, a one-label sequence classifier trained on preference pairs, and
+``salsa pairs``: preference pairs of a model's own sampled answers, ordered by a judge (the pairs
+a reward model meets during RL)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torchmetrics import MeanMetric
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
+from salsa_lightning.errors import SalsaError
 from salsa_lightning.finetune import FineTuneModule
 from salsa_lightning.functional import bradley_terry_loss, reward_centering_loss
+from salsa_lightning.generation import GenerationSettings
 from salsa_lightning.pretrained import load_pretrained
 from salsa_lightning.scoring import REWARD_STATS, sequence_scores
 
@@ -127,3 +134,119 @@ class RewardModule(FineTuneModule):
         # Measured again at the end: the last validation may predate the final weights.
         stats = self.measure_reward_stats()
         return {**super().export_extras(), **({REWARD_STATS: stats} if stats else {})}
+
+
+PAIRS_FILE = "pairs.jsonl"  # what ``salsa pairs`` writes into its output directory
+
+
+def judged_pairs(answers: list[str], scores: list[float]) -> list[tuple[int, int]]:
+    """``(chosen, rejected)`` indices of every two of one prompt's answers whose judge scores
+    differ, the higher-scored one chosen, in the order ``(0, 1), (0, 2), ..., (1, 2), ...``; an
+    answer that repeats an earlier one is skipped (the same text makes the same pair again).
+
+    Args:
+        answers: n answers to one prompt.
+        scores: their n judge scores (e.g. the gold reward).
+    """
+    first = [i for i, a in enumerate(answers) if a not in answers[:i]]
+    return [
+        (i, j) if scores[i] > scores[j] else (j, i)
+        for k, i in enumerate(first)
+        for j in first[k + 1 :]
+        if scores[i] != scores[j]
+    ]
+
+
+def sampled_pairs(
+    model: str,
+    prompts: str,
+    output: str = "artifacts/sampled-pairs",
+    samples: int = 4,
+    max_prompts: int | None = None,
+    reward_fn: Callable[..., Any] | None = None,
+    generation: GenerationSettings | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Preference pairs of a model's own sampled answers, ordered by a judge.
+
+    ``samples`` answers per prompt, judged, every two with different judge scores a pair
+    (``judged_pairs``), written to ``output/pairs.jsonl`` (``prompt``, ``chosen``,
+    ``rejected``, their ``chosen_gold`` and ``rejected_gold``, and the prompt file's ``family``
+    when it has one) for ``PreferenceDataModule`` (``data.train_files``), with ``pairs.json``
+    (what was sampled, how).
+
+    Args:
+        model: The model to sample (e.g. the SFT model RL starts from).
+        prompts: Prompt file (json, jsonl, csv or parquet with a prompt column).
+        output: Output directory.
+        samples: Answers per prompt (>= 2).
+        max_prompts: Use at most this many prompts.
+        reward_fn: The judge ``(prompts, answers) -> Tensor``; default the embedded task's gold
+            reward when the prompts are its own.
+        generation: Sampling settings (default: sampling at temperature 1, 16 new tokens).
+        batch_size: Prompts per generation batch.
+        seed: Seed of the sampling noise (sample j uses ``seed + 7919 * (j + 1)``, as
+            ``salsa evaluate``'s ``best_of`` does).
+        overwrite: Replace an existing output directory.
+
+    Returns:
+        The summary written to ``pairs.json``.
+    """
+    from salsa_lightning.evaluate import load_models, load_prompts, sample_answers
+    from salsa_lightning.outputs import check_output_dir, written_aside
+    from salsa_lightning.pretrained import check_model_source
+    from salsa_lightning.scoring import gold_scores
+
+    if samples < 2:
+        raise SalsaError(f"salsa pairs needs samples >= 2 answers per prompt, got {samples}.")
+    check_output_dir(output, overwrite, "pairs output", "--overwrite true", "--output")
+    check_model_source(model, "model")
+    rows = load_prompts(prompts)[:max_prompts]
+    texts = [r["prompt"] for r in rows]
+    if gold_scores(reward_fn, texts[:1], [""]) is None:
+        raise SalsaError(
+            f"salsa pairs: no judge for the prompts of {prompts!r}; name a reward_fn (the "
+            "embedded task's gold reward judges only its own prompts)."
+        )
+    generation = generation or GenerationSettings()
+    policy, tokenizer, _ = load_models(model, None, torch.device("cpu"))
+    answers, golds = [], []
+    for j in range(samples):
+        drawn, _ = sample_answers(
+            policy, tokenizer, texts, generation, batch_size, seed + 7919 * (j + 1)
+        )
+        answers.append(drawn)
+        golds.append(gold_scores(reward_fn, texts, drawn).tolist())
+        print(f"[pairs] sample {j + 1}/{samples} of {len(texts)} prompts", flush=True)
+    pairs = []
+    for i, row in enumerate(rows):
+        mine = [a[i] for a in answers]
+        scores = [g[i] for g in golds]
+        for c, r in judged_pairs(mine, scores):
+            pairs.append(
+                {
+                    "prompt": texts[i],
+                    "chosen": mine[c],
+                    "rejected": mine[r],
+                    "chosen_gold": scores[c],
+                    "rejected_gold": scores[r],
+                    **({"family": row["family"]} if "family" in row else {}),
+                }
+            )
+    summary = {
+        "model": model,
+        "prompts": prompts,
+        "n_prompts": len(texts),
+        "samples": samples,
+        "seed": seed,
+        "pairs": len(pairs),
+        "mean_gold": sum(map(sum, golds)) / (len(texts) * samples),
+    }
+    with written_aside(output) as tmp:
+        with (tmp / PAIRS_FILE).open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+        (tmp / "pairs.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"[pairs] {len(pairs)} pairs written to {Path(output) / PAIRS_FILE}", flush=True)
+    return summary
