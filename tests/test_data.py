@@ -310,6 +310,8 @@ def test_bad_settings_fail_at_construction(tmp_path):
         SFTDataModule(tokenizer=TOK, overflow="cut")
     with pytest.raises(SalsaError, match="train_files or data.dataset, not both"):
         SFTDataModule(tokenizer=TOK, train_files="a.jsonl", dataset="some/dataset")
+    with pytest.raises(SalsaError, match=r"data.val_files \(v.jsonl\) is set but data.train_files"):
+        SFTDataModule(tokenizer=TOK, val_files="v.jsonl")  # was read as the embedded task's
 
 
 def test_hub_dataset_offline_fails_fast():

@@ -79,6 +79,12 @@ class ChatDataModule(L.LightningDataModule):
         super().__init__()
         if train_files is not None and dataset is not None:
             raise SalsaError("name either data.train_files or data.dataset, not both.")
+        if val_files is not None and train_files is None:
+            raise SalsaError(
+                f"data.val_files ({val_files}) is set but data.train_files is not: without "
+                "train_files the embedded task's (or data.dataset's) own validation split is "
+                "read and val_files would be ignored; name data.train_files too."
+            )
         self.save_hyperparameters()
         check_choices("data", ChatDataModule.__init__, self.hparams)
         self.tokenizer_name = embedded.resolve(tokenizer)
