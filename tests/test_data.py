@@ -27,6 +27,7 @@ from salsa_lightning.data import (
     fallback_chat,
     fit_length,
     pad,
+    read_data_files,
     split_conversation,
 )
 from salsa_lightning.embedded import ASSISTANT
@@ -272,6 +273,26 @@ def test_csv_and_parquet_files(tmp_path, tokenizer, fmt):
     batch = next(iter(dm.val_dataloader()))
     for i, (p, r) in enumerate(expected_sft(tokenizer, SFT_ROWS)):
         assert batch["input_ids"][i, : len(p) + len(r)].tolist() == p + r
+
+
+def test_files_with_different_extra_columns_are_joined_on_the_shared_ones(tmp_path):
+    # The task's pairs beside `salsa pairs`' output, which adds the answers' gold rewards.
+    task = [{"prompt": "1 + 2 =", "chosen": "3", "rejected": "4", "family": "add"}]
+    sampled = [
+        {"prompt": "2 + 2 =", "chosen": "4", "rejected": "5", "chosen_gold": 1.0,
+         "rejected_gold": 0.5, "family": "add"},
+        {"prompt": "Reverse: a b", "chosen": "b a", "rejected": "a b", "chosen_gold": 1.0,
+         "rejected_gold": 0.0, "family": "reverse"},
+    ]  # fmt: skip
+    files = [str(write_jsonl(tmp_path / "task.jsonl", task))]
+    files.append(str(write_jsonl(tmp_path / "sampled.jsonl", sampled)))
+    dm = PreferenceDataModule(tokenizer=TOK, train_files=files, val_fraction=0)
+    dm.setup("fit")
+    assert dm.stats["train/rows"] == 3
+    assert read_data_files(files).column_names == ["prompt", "chosen", "rejected", "family"]
+    write_jsonl(tmp_path / "task.jsonl", [{"prompt": "1 + 2 =", "chosen": 3, "rejected": 4}])
+    with pytest.raises(SalsaError, match=r"task\.jsonl.*cannot be read as json"):
+        read_data_files(files)  # the shared columns differ in type
 
 
 def test_missing_columns_lists_expected_and_found(tmp_path):

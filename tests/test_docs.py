@@ -90,9 +90,9 @@ def parse_salsa(argv: list[str]) -> None:
         with pytest.raises(SystemExit) as done:  # --print_config: parse, print, exit 0
             SalsaCLI(args=[command, *rest, "--print_config"])
         assert done.value.code in (0, None), done.value.code
-    elif command in ("evaluate", "landscape"):
-        module = __import__(f"salsa_lightning.{command}", fromlist=[command])
-        fn = getattr(module, command)
+    elif command in ("evaluate", "landscape", "pairs"):
+        where, name = {"pairs": ("reward", "sampled_pairs")}.get(command, (command, command))
+        fn = getattr(__import__(f"salsa_lightning.{where}", fromlist=[name]), name)
         function_parser(fn, f"salsa {command}").parse_args(join_list_flags(fn, rest))
     elif command == "soup":
         soup_parser().parse_args(rest)

@@ -35,7 +35,13 @@ def read_data_files(files: Sequence[str | os.PathLike]) -> datasets.Dataset:
         )
     kind = kinds.pop()
     try:
-        return datasets.load_dataset(kind, data_files=files, split="train")
+        if len(files) == 1:
+            return datasets.load_dataset(kind, data_files=files, split="train")
+        # One file at a time, joined on the columns they all have: files may differ in extra
+        # columns (`salsa pairs` adds chosen_gold and rejected_gold to the task's pair columns).
+        parts = [datasets.load_dataset(kind, data_files=[f], split="train") for f in files]
+        shared = [c for c in parts[0].column_names if all(c in p.column_names for p in parts)]
+        return datasets.concatenate_datasets([p.select_columns(shared) for p in parts])
     except Exception as err:  # datasets wraps the parser's error differently per format
         if kind == "json":
             for f in files:
