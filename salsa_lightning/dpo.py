@@ -307,7 +307,7 @@ class DPOModule(StageModule):
                 f"DPOModule trains on preference pairs; data is {type(data).__name__}: set "
                 "data.class_path to salsa_lightning.PreferenceDataModule."
             )
-        check_vocabularies(self.tokenizer, self.reference, hp.policy)
+        check_vocabularies(data.tokenizer, self.reference, hp.policy)
         check_distinct_pairs(data)
         super().setup(stage)
 

@@ -102,3 +102,13 @@ class FillDiskWhenTrainingEnds(L.Callback):
                 f.write(b"\0" * max(free, 0))
         except OSError:  # full already: what was wanted
             pass
+
+
+class NanGradientOnFirstStep(L.Callback):
+    """A gradient that overflowed in backward: before the first optimizer step one gradient is
+    NaN while every loss was finite, so the step makes that weight NaN (a diverged update)."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 0:
+            grad = next(p.grad for p in pl_module.parameters() if p.grad is not None)
+            grad.fill_(float("nan"))

@@ -155,7 +155,9 @@ def test_compiled_static_cache_on_gpu_matches_dynamic_decoding():
 
 
 def test_cache_setting_is_checked_and_auto_picks_static_only_on_a_gpu_out_of_lockstep():
-    with pytest.raises(SalsaError, match="generation.cache must be one of auto, static, dynamic"):
+    with pytest.raises(
+        SalsaError, match="generation.cache is 'paged'; choose one of auto, static, dynamic"
+    ):
         GenerationSettings(cache="paged")
     with pytest.raises(SalsaError, match="generation.gather must be one of once, per_layer"):
         GenerationSettings(gather="twice")

@@ -247,8 +247,8 @@ def test_the_documented_command_builds_with_the_settings(name, tmp_path, monkeyp
         # what SALSAModule.setup enforces against the real model's context window
         assert data.max_length + generation.max_new_tokens <= MODELS[model]["context"]
         assert hp.eval_kl_to_each is False
-        assert cli.model.ppo.minibatch_size % cli.model.ppo.micro_batch_size == 0
-        assert data.batch_size % cli.model.ppo.minibatch_size == 0
+        assert cli.model.ppo_settings.minibatch_size % cli.model.ppo_settings.micro_batch_size == 0
+        assert data.batch_size % cli.model.ppo_settings.minibatch_size == 0
 
 
 # ----------------------------------------------------------------------------- one real step
@@ -313,8 +313,8 @@ def test_the_config_runs_a_step(
         assert len(module.ref_models) == 1  # soup mode: one frozen soup
         assert module.reward_stats is not None  # the reward model's reward_stats.json
         assert module.hparams.eval_kl_to_each is False
-        assert module.ppo.minibatch_size == model_args["ppo"]["minibatch_size"]
-        assert module.ppo.micro_batch_size == model_args["ppo"]["micro_batch_size"]
+        assert module.ppo_settings.minibatch_size == model_args["ppo"]["minibatch_size"]
+        assert module.ppo_settings.micro_batch_size == model_args["ppo"]["micro_batch_size"]
         # one batch is one PPO iteration; global_step counts its optimizer steps (the stand-in
         # dataset holds fewer prompts than the YAML's global batch: the batch is all of them)
         ppo = model_args["ppo"]

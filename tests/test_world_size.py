@@ -129,8 +129,8 @@ def plans(configs: list[str], worlds: tuple[int, ...]) -> dict[int, dict[str, in
         out[world] = {"train_rows": train * world, "val_rows": val * world}
         if isinstance(module, SALSAModule):
             k = module.estimator_settings.samples_per_prompt
-            minibatch = check_batch_sizes(hp.batch_size, k, module.ppo, world)
-            steps = module.ppo.epochs * hp.batch_size * k // (minibatch * world)
+            minibatch = check_batch_sizes(hp.batch_size, k, module.ppo_settings, world)
+            steps = module.ppo_settings.epochs * hp.batch_size * k // (minibatch * world)
             out[world]["optimizer_steps_per_iteration"] = steps
     return out
 
