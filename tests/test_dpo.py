@@ -401,7 +401,8 @@ def test_ckpt_path_last_resumes_to_the_same_weights(stage_outputs, task_dir, tmp
 @pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1"])
 def test_dpo_in_two_processes_agrees_with_one(strategy, stage_outputs, task_dir, tmp_path):
     """``configs/dpo.yaml`` 4 steps from sft-1 in one process (16 pairs a step) and in two
-    (8 a rank; the sampler deals the same 16 pairs out): the loss is a mean over pairs and
+    (batch_size counts over all ranks: 8 a rank; the sampler deals the same 16 pairs out): the
+    loss is a mean over pairs and
     each rank holds as many, so the averaged gradient is the single run's and only float
     rounding differs. Stated tolerances, as the reward model's in test_fsdp.py: validation
     metrics 1e-4, weights within 1e-3 of the update. The sharded checkpoint then resumes to the
@@ -416,7 +417,7 @@ def test_dpo_in_two_processes_agrees_with_one(strategy, stage_outputs, task_dir,
     single, sharded = tmp_path / "single", tmp_path / strategy
     run(stage_args("dpo.yaml", single, task_dir, 16, extra), tmp_path)
     flags = FSDP2 if strategy == "fsdp2" else FSDP1
-    args = stage_args("dpo.yaml", sharded, task_dir, 8, extra) + flags
+    args = stage_args("dpo.yaml", sharded, task_dir, 16, extra) + flags  # 16 over all ranks
     run(args, tmp_path)
     one, two = metrics(single), metrics(sharded)
     assert first(one, "train/loss") == pytest.approx(LOG2, abs=1e-6)

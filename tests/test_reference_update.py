@@ -446,7 +446,7 @@ class WatchMoves(L.Callback):
 @pytest.mark.slow
 def test_a_moving_reference_under_fsdp2_agrees_with_one_process(stage_outputs, task_dir, tmp_path):
     """configs/salsa.yaml with a reference moving halfway every rollout, greedy decoding, one
-    process (8 prompts) against two FSDP2 processes (4 each, the shipped configs/fsdp.yaml).
+    process against two FSDP2 processes (8 prompts a rollout over all ranks: 4 each, the shipped configs/fsdp.yaml).
     Each rank moves its own shard: no collective runs during a move (the same counter sees the
     gathers of sampling), and each local shard of the reference becomes exactly the lerp of
     itself and the policy's local shard. The first rollout agrees to 1e-4 (nothing moved yet),
@@ -466,7 +466,7 @@ def test_a_moving_reference_under_fsdp2_agrees_with_one_process(stage_outputs, t
     run(salsa_args(stage_outputs, task_dir, single, 8) + moving, tmp_path)
     watch = ["--trainer.callbacks+=test_reference_update.WatchMoves",
              "--trainer.callbacks.path", str(sharded / "moves")]  # fmt: skip
-    run(salsa_args(stage_outputs, task_dir, sharded, 4) + moving + FSDP2 + watch, tmp_path, env)
+    run(salsa_args(stage_outputs, task_dir, sharded, 8) + moving + FSDP2 + watch, tmp_path, env)
 
     for rank in (0, 1):
         seen = json.loads((sharded / f"moves.rank{rank}.json").read_text())
