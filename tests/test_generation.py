@@ -159,7 +159,9 @@ def test_cache_setting_is_checked_and_auto_picks_static_only_on_a_gpu_out_of_loc
         SalsaError, match="generation.cache is 'paged'; choose one of auto, static, dynamic"
     ):
         GenerationSettings(cache="paged")
-    with pytest.raises(SalsaError, match="generation.gather must be one of once, per_layer"):
+    with pytest.raises(
+        SalsaError, match="generation.gather is 'twice'; choose one of once, per_layer"
+    ):
         GenerationSettings(gather="twice")
     assert use_static_cache("auto", torch.device("cuda", 0), lockstep=False)
     assert not use_static_cache("auto", torch.device("cuda", 0), lockstep=True)
