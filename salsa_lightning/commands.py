@@ -279,7 +279,13 @@ def exit_status(run: Callable[[], int]) -> int:
     from lightning.pytorch.utilities import rank_zero_only
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from salsa_lightning.preemption import SIGTERM_STATUS, Terminated, sigterm_raises, stop_message
+    from salsa_lightning.preemption import (
+        SIGTERM_STATUS,
+        Terminated,
+        sigterm_raises,
+        sigterm_received,
+        stop_message,
+    )
 
     try:
         with sigterm_raises():  # a fit's own stop takes over while it trains
@@ -288,8 +294,12 @@ def exit_status(run: Callable[[], int]) -> int:
         if rank_zero_only.rank == 0:  # every rank stopped; one says so
             print(stop_message(stop), file=sys.stderr, flush=True)
         return SIGTERM_STATUS
-    except (SalsaError, ValueError) as err:
-        cause = salsa_cause(err)
+    except Exception as err:
+        if sigterm_received():  # C code replaced the Terminated raised inside it: still the stop
+            if rank_zero_only.rank == 0:
+                print(stop_message(err), file=sys.stderr, flush=True)
+            return SIGTERM_STATUS
+        cause = salsa_cause(err) if isinstance(err, ValueError) else None
         if cause is None:
             raise
         print(f"{cause.details}error: {cause}", file=sys.stderr)

@@ -49,12 +49,23 @@ class Terminated(SystemExit):
         super().__init__(SIGTERM_STATUS)
 
 
+_received: list[int] = []  # the SIGTERMs raised as Terminated in this process
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
     # While a Trainer runs, Lightning installs a handler that calls the one it found (this one)
     # as well; the fit's own stop (StopOnSigterm) then decides, so raise only as the process's
     # own handler.
     if signal.getsignal(signal.SIGTERM) is _raise_terminated:
+        _received.append(signum)
         raise Terminated
+
+
+def sigterm_received() -> bool:
+    """Whether SIGTERM was raised as :class:`Terminated` in this process. C code that calls
+    back into Python (safetensors reading a tensor, torch) may replace the exception raised
+    inside it with one of its own: an error after this is the stop, not a failure."""
+    return bool(_received)
 
 
 @contextmanager
