@@ -22,7 +22,6 @@ periodic or soft updates) would change only what it returns.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import datasets
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
@@ -47,16 +46,14 @@ from salsa_lightning.functional import (
     sequence_logprobs,
 )
 from salsa_lightning.lora import LoraSettings, add_lora
+from salsa_lightning.ppo.checks import check_tokenizer
 from salsa_lightning.pretrained import (
     check_model_source,
-    export_pretrained,
     load_pretrained,
-    load_tokenizer,
     torch_dtype,
 )
 from salsa_lightning.sharding import shard
 from salsa_lightning.soup import SoupReference, load_soup
-from salsa_lightning.soup.plan import plan_soup
 from salsa_lightning.stage_module import StageModule
 
 # Checkpoints save the reference recipe in their hyper_parameters; resuming loads them with
@@ -91,24 +88,6 @@ def answer_logprobs(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def check_vocabularies(tokenizer: Any, reference: SoupReference, policy: str | None) -> None:
-    """The data module's tokenizer has the vocabulary of the reference's checkpoints and of the
-    policy's: a tokenizer of the same size but other tokens would pass every shape check and
-    train on scrambled text."""
-    vocab = tokenizer.get_vocab()
-    sources = [(str(plan_soup(reference.checkpoints).tokenizer_dir), "model.reference")]
-    if policy is not None:
-        sources.append((policy, "model.policy"))
-    for source, what in sources:
-        theirs = load_tokenizer(source).get_vocab()
-        if theirs != vocab:
-            token = sorted(set(theirs.items()) ^ set(vocab.items()))[0][0]
-            raise SalsaError(
-                f"data.tokenizer's vocabulary differs from the tokenizer of {what} ({source}; "
-                f"first difference: token {token!r}); set data.tokenizer to {source}."
-            )
 
 
 def first_identical_pair(data: datasets.Dataset) -> int | None:
@@ -307,7 +286,7 @@ class DPOModule(StageModule):
                 f"DPOModule trains on preference pairs; data is {type(data).__name__}: set "
                 "data.class_path to salsa_lightning.PreferenceDataModule."
             )
-        check_vocabularies(data.tokenizer, self.reference, hp.policy)
+        check_tokenizer(data.tokenizer, self.reference, hp.policy)
         check_distinct_pairs(data)
         super().setup(stage)
 
@@ -474,16 +453,4 @@ class DPOModule(StageModule):
     def export_model(self) -> nn.Module:
         return self.policy
 
-    def write_export(
-        self, model: nn.Module, state_dict: dict | None, extras: dict[str, Any]
-    ) -> None:
-        if self.lora is not None and state_dict is None:
-            # The adapter's base may be a soup that exists only in memory: export the merged
-            # model, which plain transformers loads on its own.
-            model = copy.deepcopy(model).merge_and_unload()
-        elif self.lora is not None:
-            rank_zero_warn(
-                "DPOModule: a sharded LoRA policy is exported as its adapter; its base is the "
-                "reference recipe in salsa_training.json."
-            )
-        export_pretrained(model, self.tokenizer, self.hparams.export_dir, extras, state_dict)
+    write_export = StageModule.write_policy_export

@@ -18,6 +18,7 @@ waiting in a collective.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.fsdp import FlatParameter
 from torch.distributed.tensor import DTensor
@@ -240,6 +241,21 @@ class StageModule(L.LightningModule):
         self, model: nn.Module, state_dict: dict | None, extras: dict[str, Any]
     ) -> None:
         """Rank 0 writes the export directory (subclasses add or change files)."""
+        export_pretrained(model, self.tokenizer, self.hparams.export_dir, extras, state_dict)
+
+    def write_policy_export(
+        self, model: nn.Module, state_dict: dict | None, extras: dict[str, Any]
+    ) -> None:
+        """``write_export`` of a policy trained from a reference's weights (SALSA, DPO): a LoRA
+        policy is exported merged, since its base may be a soup that exists only in memory; a
+        sharded LoRA policy (no gathered model to merge) as its adapter, with a warning."""
+        if self.lora is not None and state_dict is None:
+            model = copy.deepcopy(model).merge_and_unload()  # plain transformers loads it alone
+        elif self.lora is not None:
+            rank_zero_warn(
+                f"{type(self).__name__}: a sharded LoRA policy is exported as its adapter; its "
+                "base is the reference recipe in salsa_training.json."
+            )
         export_pretrained(model, self.tokenizer, self.hparams.export_dir, extras, state_dict)
 
     def on_fit_end(self) -> None:

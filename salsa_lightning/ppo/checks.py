@@ -79,9 +79,10 @@ def check_reference_can_move(
 
 
 def check_tokenizer(tokenizer: Any, reference: SoupReference, policy: str | None) -> None:
-    """The data module's tokenizer, which turns the prompts into the ids the policy reads, has
-    the vocabulary of the reference's checkpoints and of the policy's (a tokenizer of the same
-    size but other tokens would pass every shape check and train on scrambled text)."""
+    """The data module's tokenizer, which turns the data into the ids the policy reads, has the
+    vocabulary of the reference's checkpoints and of the policy's (a tokenizer of the same size
+    but other tokens would pass every shape check and train on scrambled text). Shared by the
+    RL and DPO stages."""
     vocab = tokenizer.get_vocab()
     sources = [(str(plan_soup(reference.checkpoints).tokenizer_dir), "model.reference")]
     if policy is not None:
@@ -92,8 +93,8 @@ def check_tokenizer(tokenizer: Any, reference: SoupReference, policy: str | None
             token = sorted(set(theirs.items()) ^ set(vocab.items()))[0][0]
             raise SalsaError(
                 f"data.tokenizer's vocabulary differs from the tokenizer of {what} ({source}; "
-                f"first difference: token {token!r}); tokenize the prompts with the model's "
-                f"own tokenizer: set data.tokenizer to {source}."
+                f"first difference: token {token!r}); tokenize the data with the model's own "
+                f"tokenizer: set data.tokenizer to {source}."
             )
 
 

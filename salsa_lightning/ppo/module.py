@@ -21,7 +21,6 @@ weight average or (``reward_mode: ensemble``) as the mean of their scores.
 
 from __future__ import annotations
 
-import copy
 import time
 import traceback
 import warnings
@@ -74,7 +73,7 @@ from salsa_lightning.ppo.validation import (
     held_out_rows,
     sample_records,
 )
-from salsa_lightning.pretrained import check_model_source, export_pretrained, torch_dtype
+from salsa_lightning.pretrained import check_model_source, torch_dtype
 from salsa_lightning.scoring import (
     RewardMode,
     RewardSource,
@@ -825,19 +824,7 @@ class SALSAModule(StageModule):
     def export_model(self) -> nn.Module:
         return self.policy
 
-    def write_export(
-        self, model: nn.Module, state_dict: dict | None, extras: dict[str, Any]
-    ) -> None:
-        if self.lora is not None and state_dict is None:
-            # The adapter's base may be a soup that exists only in memory: export the merged
-            # model, which plain transformers loads on its own.
-            model = copy.deepcopy(model).merge_and_unload()
-        elif self.lora is not None:
-            rank_zero_warn(
-                "SALSAModule: a sharded LoRA policy is exported as its adapter; its base is "
-                "the reference recipe in salsa_training.json."
-            )
-        export_pretrained(model, self.tokenizer, self.hparams.export_dir, extras, state_dict)
+    write_export = StageModule.write_policy_export
 
 
 def mean_stats(totals: dict[str, list[Tensor]]) -> dict[str, float]:
