@@ -23,7 +23,6 @@ periodic or soft updates) would change only what it returns.
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Any
 
 import datasets
@@ -32,7 +31,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
-from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM
 
 from salsa_lightning.data import PreferenceDataModule
 from salsa_lightning.errors import SalsaError
@@ -314,15 +313,7 @@ class DPOModule(StageModule):
                     shard(model, self.device_mesh, hp.fsdp_layer_class)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = self.hparams.warmup
-        warmup_steps = int(warmup) if warmup >= 1 else math.ceil(warmup * total)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return self.warmup_cosine_optimizers()
 
     # ------------------------------------------------------------------ the reference
 

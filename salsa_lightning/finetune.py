@@ -4,7 +4,6 @@ optionally with LoRA, optimise it with AdamW and a cosine schedule, and export i
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel, get_cosine_schedule_with_warmup
+from transformers import AutoConfig, PreTrainedModel
 
 from salsa_lightning import embedded
 from salsa_lightning.errors import SalsaError
@@ -130,16 +129,7 @@ class FineTuneModule(StageModule):
     # -- optimisation
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = self.hparams.warmup
-        warmup_steps = int(warmup) if warmup >= 1 else math.ceil(warmup * total)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return self.warmup_cosine_optimizers()
 
     # -- export
 

@@ -19,6 +19,7 @@ waiting in a collective.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -31,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.fsdp import FlatParameter
 from torch.distributed.tensor import DTensor
+from transformers import get_cosine_schedule_with_warmup
 
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.frozen import keep_frozen_out_of_state_dict
@@ -242,6 +244,20 @@ class StageModule(L.LightningModule):
     ) -> None:
         """Rank 0 writes the export directory (subclasses add or change files)."""
         export_pretrained(model, self.tokenizer, self.hparams.export_dir, extras, state_dict)
+
+    def warmup_cosine_optimizers(self) -> dict[str, Any]:
+        """``optimizer_factory`` over the trainable weights, stepped by a linear warmup of
+        ``hparams.warmup`` steps (a fraction below 1) and a cosine decay over the run (the SFT,
+        reward and DPO stages)."""
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = self.hparams.warmup
+        warmup_steps = int(warmup) if warmup >= 1 else math.ceil(warmup * total)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def write_policy_export(
         self, model: nn.Module, state_dict: dict | None, extras: dict[str, Any]
