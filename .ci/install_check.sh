@@ -21,7 +21,7 @@ python -m venv "$work/venv"
 # Only the venv's salsa, nothing from the checkout. One thread: on 2 cores that anything else
 # uses, torch's default of 2 threads was 6 to 9 times slower (sft-1 of the quickstart: 158 s with
 # one thread, over 20 min with two, under a load average of 20-26).
-export PATH="$work/venv/bin:$PATH" OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export PATH="$work/venv/bin:$PATH" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 unset PYTHONPATH
 mkdir "$work/empty" && cd "$work/empty"
 python -c 'import salsa_lightning as s; assert "site-packages" in s.__file__, s.__file__; print(s.__file__)'
