@@ -419,7 +419,9 @@ class DPOModule(StageModule):
             metric.reset()  # here, not after compute (see SFTModule)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.update_metrics(self.val_metrics, self.pair_loss(batch)[1])
+        values = self.pair_loss(batch)[1]
+        keep = self.held_out(batch_idx, len(values["loss"]))  # without the sampler's copies
+        self.update_metrics(self.val_metrics, {k: v[keep] for k, v in values.items()})
 
     def on_validation_epoch_end(self) -> None:
         logged = self.computed(self.val_metrics, "val/")

@@ -86,6 +86,8 @@ class RewardModule(FineTuneModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         chosen, rejected = self.pair_scores(batch)
+        keep = self.held_out(batch_idx, len(chosen))  # without the sampler's copies
+        chosen, rejected = chosen[keep], rejected[keep]
         self.val_accuracy.update((chosen > rejected).float())
         self.val_margin.update(chosen - rejected)
         both = torch.cat([chosen, rejected])

@@ -64,9 +64,13 @@ class SFTModule(FineTuneModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        loss, accuracy, n = token_stats(out.logits, batch["labels"])
-        self.val_loss.update(loss, weight=n)
-        self.val_accuracy.update(accuracy, weight=n)
+        # The sampler's copies (several ranks) take no part: their labels are ignored.
+        keep = self.held_out(batch_idx, len(batch["labels"]))
+        labels = batch["labels"].masked_fill(~keep[:, None], IGNORE_INDEX)
+        loss, accuracy, n = token_stats(out.logits, labels)
+        if n > 0:
+            self.val_loss.update(loss, weight=n)
+            self.val_accuracy.update(accuracy, weight=n)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()

@@ -34,6 +34,7 @@ from torch.distributed.fsdp import FlatParameter
 from torch.distributed.tensor import DTensor
 from transformers import get_cosine_schedule_with_warmup
 
+from salsa_lightning.data.base import held_out_rows
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.frozen import keep_frozen_out_of_state_dict
 from salsa_lightning.lora import LoraSettings, as_lora, enable_gradient_checkpointing
@@ -223,6 +224,13 @@ class StageModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_world_size(checkpoint.get("world_size"), self._trainer)
+
+    def held_out(self, batch_idx: int, rows: int) -> Tensor:
+        """[rows] True for the validation batch's own rows, False for the copies a
+        ``DistributedSampler`` appends to even out the ranks: the metrics update on the True
+        rows only, so that they are exact over ranks with unequal counts."""
+        loader = self.trainer.val_dataloaders
+        return held_out_rows(loader.sampler, batch_idx, loader.batch_size, rows).to(self.device)
 
     # -- export
 

@@ -26,6 +26,7 @@ from salsa_lightning.data import (
     encode_chat,
     fallback_chat,
     fit_length,
+    held_out_rows,
     pad,
     read_data_files,
     split_conversation,
@@ -688,3 +689,21 @@ def test_tokenizer_directory_without_files_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SalsaError, match=r"tokenizer directory .*empty.* holds none of"):
         load_tokenizer(tmp_path / "empty")
+
+
+def test_held_out_rows_drop_the_copies_a_distributed_sampler_appends() -> None:
+    """7 rows over 2 ranks, 2 per batch: rank 0 serves rows 0 2 4 6, rank 1 rows 1 3 5 and a
+    copy of row 0, which its second batch holds in second place. One process adds no copies."""
+    from torch.utils.data import DistributedSampler, SequentialSampler
+
+    rows = list(range(7))
+    rank0 = DistributedSampler(rows, num_replicas=2, rank=0, shuffle=False)
+    rank1 = DistributedSampler(rows, num_replicas=2, rank=1, shuffle=False)
+    assert list(rank1) == [1, 3, 5, 0]
+    assert held_out_rows(rank0, 1, 2, 2).tolist() == [True, True]
+    assert held_out_rows(rank1, 0, 2, 2).tolist() == [True, True]
+    assert held_out_rows(rank1, 1, 2, 2).tolist() == [True, False]
+    assert held_out_rows(rank1, 3, 1, 1).tolist() == [False]  # batches of one: the 4th is the copy
+    assert held_out_rows(SequentialSampler(rows), 3, 2, 1).tolist() == [True]
+    dropped = DistributedSampler(rows, num_replicas=2, rank=1, shuffle=False, drop_last=True)
+    assert held_out_rows(dropped, 1, 1, 1).tolist() == [True]  # no copies when the tail is dropped

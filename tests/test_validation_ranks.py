@@ -1,6 +1,7 @@
-"""SALSA's validation metrics are means over every held-out prompt, whatever the number of ranks:
-7 prompts over 2 FSDP2 processes (4 and 3 prompts, the sampler appending one copy so that both
-ranks run as many batches) give the one-process values.
+"""Validation metrics are means over every held-out row, whatever the number of ranks: 7 rows
+over 2 FSDP2 processes (4 and 3, the sampler appending one copy so that both ranks run as many
+batches) give the one-process values, for SALSA's prompts and for the SFT and reward stages'
+held-out conversations and pairs (``StageModule.held_out``).
 
 Greedy decoding, so both runs see the same answers. Stated tolerance: gold, score and response
 length agree to 1e-5 (the same answers, scores summed in another order); the KL to 1e-4 (each
@@ -49,12 +50,6 @@ def one_and_two(stage_outputs, task_dir, tmp_path_factory):
     return results["one"], results["two"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug, open (issue 21): on 2 FSDP2 processes eval/score is 1.233 against 1.289 "
-    "on one and eval/kl_sft-1 0.677 against 0.701; the copy-weighting of held_out_rows is not "
-    "enough to make the means exact over ranks",
-)
 def test_validation_means_over_unequal_ranks_equal_one_process(one_and_two):
     one, two = one_and_two
     keys = [k for k in one if k.startswith("eval/")]
@@ -63,3 +58,39 @@ def test_validation_means_over_unequal_ranks_equal_one_process(one_and_two):
     for key in keys:
         tolerance = 1e-4 if key.startswith("eval/kl") else 1e-5
         assert two[key] == pytest.approx(one[key], abs=tolerance), key
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_stage_validation_over_unequal_ranks_equals_one_process(
+    stage, stage_outputs, task_dir, tmp_path
+):
+    """7 held-out SFT conversations or preference pairs, one process against two: the same
+    val/* means (with the copy counted, the 2-process loss would be off by its own weight)."""
+    name = {"sft": "sft_val.jsonl", "reward": "pairs_val.jsonl"}[stage]
+    rows = (task_dir / name).read_text().splitlines()[:7]
+    (tmp_path / name).write_text("\n".join(rows) + "\n")
+    model = {"sft": "embedded", "reward": str(stage_outputs["reward"])}[stage]
+    tokenizer = {"sft": "embedded", "reward": str(stage_outputs["sft-1"])}[stage]
+    args = [
+        "validate",
+        "--config", str(CONFIGS / f"{stage}.yaml"),
+        "--model.init_args.model", model,
+        "--data.init_args.tokenizer", tokenizer,
+        "--data.init_args.task_dir", str(task_dir),
+        "--data.init_args.train_files", str(task_dir / name.replace("_val", "_train")),
+        "--data.init_args.val_files", str(tmp_path / name),
+        "--data.init_args.eval_batch_size", "2",
+        "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    results = {}
+    for run_name, extra in (("one", []), ("two", FSDP2)):
+        root = tmp_path / run_name
+        run([*args, *extra, "--trainer.logger.init_args.save_dir", str(root / "logs")], tmp_path)
+        (row,) = [r for r in metrics(root) if "val/accuracy" in r or "val/loss" in r]
+        results[run_name] = row
+    one, two = results["one"], results["two"]
+    keys = [k for k in one if k.startswith("val/")]
+    assert keys and keys == [k for k in two if k.startswith("val/")]
+    for key in keys:
+        assert two[key] == pytest.approx(one[key], abs=1e-5), key

@@ -25,7 +25,12 @@ sequence and are masked out of the SFT loss.
 - ``modules``: ``SFTDataModule``, ``PreferenceDataModule``, ``PromptDataModule``.
 """
 
-from salsa_lightning.data.base import ChatDataModule, ResumableLoader, ResumableSampler
+from salsa_lightning.data.base import (
+    ChatDataModule,
+    ResumableLoader,
+    ResumableSampler,
+    held_out_rows,
+)
 from salsa_lightning.data.chat import (
     IGNORE_INDEX,
     as_messages,
@@ -57,6 +62,7 @@ __all__ = [
     "encode_prompt",
     "fallback_chat",
     "fit_length",
+    "held_out_rows",
     "left_padded_prompts",
     "pad",
     "padding_mask",

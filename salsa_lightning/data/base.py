@@ -14,6 +14,7 @@ import datasets
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
@@ -324,6 +325,32 @@ class ChatDataModule(L.LightningDataModule):
         if self.val_data is None:
             return []
         return self._loader(self.val_data, self.rank_batch_sizes()[1], shuffle=False)
+
+
+def held_out_rows(sampler: Any, batch_idx: int, batch_size: int, rows: int) -> Tensor:
+    """[rows] True for the held-out prompts of a validation batch, False for the copies a
+    ``DistributedSampler`` appends so that every rank runs as many batches as the others.
+
+    The metrics update on the selected rows only. Without that, a data set that does not split
+    evenly over the ranks would count some prompts twice, and the metrics would differ from one
+    process's. (Weighting the copies by 0 instead is not enough: torchmetrics 1.9's
+    ``MeanMetric(nan_strategy="disable")`` replaces the weights with ones, its issue #3434.)
+
+    Args:
+        sampler: The validation loader's sampler (Lightning's ``DistributedSampler`` on several
+            ranks; anything else adds no copies).
+        batch_idx: The batch's index in this rank's loader.
+        batch_size: The loader's batch size.
+        rows: The batch's rows.
+    """
+    keep = torch.ones(rows, dtype=torch.bool)
+    if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+        # Rank r serves positions r, r + world, ... of the padded index list; those from the
+        # data set's length on are copies.
+        own = len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))
+        first = batch_idx * batch_size
+        keep[max(own - first, 0) :] = False
+    return keep
 
 
 class ResumableSampler(DistributedSampler):

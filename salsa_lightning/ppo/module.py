@@ -70,7 +70,6 @@ from salsa_lightning.ppo.settings import (
 from salsa_lightning.ppo.validation import (
     append_samples,
     eval_rows,
-    held_out_rows,
     sample_records,
 )
 from salsa_lightning.pretrained import check_model_source, torch_dtype
@@ -715,11 +714,10 @@ class SALSAModule(StageModule):
         if self.moving:
             initial = self.kl(logprobs, self.initial_reference_logprobs(rollout), "k1")
             rows["eval/kl_initial"] = (initial * rollout.mask).sum(1)
-        loader = self.trainer.val_dataloaders
-        weights = held_out_rows(loader.sampler, batch_idx, loader.batch_size, len(raw))
+        keep = self.held_out(batch_idx, len(raw))
         for name, values in rows.items():
             metric = self.eval_means[name.removeprefix("eval/").replace(".", "_")]
-            metric.update(values.detach().float(), weights.to(values.device))
+            metric.update(values.detach().float()[keep])
         if batch_idx == 0:
             self.eval_samples += sample_records(rollout, raw)
 

@@ -7,7 +7,7 @@ Per sampled answer: ``eval/score`` (the reward), ``eval/gold`` (the judge, see
 ``eval/kl_initial`` (to the reference as it started; ``eval/kl`` is then to where it moved), and
 ``eval/response_length``; a few answers
 go to ``samples.jsonl`` in the log directory. Each metric is the mean over every held-out
-prompt, whatever the number of ranks (``held_out_rows``).
+prompt, whatever the number of ranks (``StageModule.held_out``).
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
-from torch.utils.data import DistributedSampler
 
 from salsa_lightning.functional import kl_estimate
 from salsa_lightning.ppo.rollout import Rollout
@@ -72,27 +70,3 @@ def append_samples(log_dir: str, step: int, samples: list[dict[str, Any]]) -> No
     with path.open("a") as f:
         for s in samples:
             f.write(json.dumps({"step": step, **s}) + "\n")
-
-
-def held_out_rows(sampler: Any, batch_idx: int, batch_size: int, rows: int) -> Tensor:
-    """[rows] 1 for the held-out prompts of a validation batch, 0 for the copies a
-    ``DistributedSampler`` appends so that every rank runs as many batches as the others.
-
-    Without the copies' zero weight, a data set that does not split evenly over the ranks would
-    count some prompts twice, and the metrics would differ from one process's.
-
-    Args:
-        sampler: The validation loader's sampler (Lightning's ``DistributedSampler`` on several
-            ranks; anything else adds no copies).
-        batch_idx: The batch's index in this rank's loader.
-        batch_size: The loader's batch size.
-        rows: The batch's rows.
-    """
-    weights = torch.ones(rows)
-    if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
-        # Rank r serves positions r, r + world, ... of the padded index list; those from the
-        # data set's length on are copies.
-        own = len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))
-        first = batch_idx * batch_size
-        weights[max(own - first, 0) :] = 0.0
-    return weights
