@@ -157,7 +157,7 @@ ALGORITHM: dict[str, list[tuple[str, str, str]]] = {
 def child_ours(
     s: dict[str, Any], inputs: dict[str, str], work: Path, estimator: Estimator
 ) -> dict[str, Any]:
-    from salsa_lightning.ppo import KLSettings, PPOSettings, RewardSettings
+    from salsa_lightning.ppo import GenerationSettings, KLSettings, PPOSettings, RewardSettings
     from salsa_lightning.ppo.settings import EstimatorSettings
 
     import_rss = harness.rss_mib()  # salsa_lightning, Lightning and transformers imported
@@ -181,6 +181,7 @@ def child_ours(
     module = harness.ours_module(s, inputs, estimator=est, kl=kl, ppo=ppo, reward=reward)
     result = harness.fit_ours(s, inputs, work, module, "ours", import_rss)
     result["changed_from_defaults"] = {
+        "generation": harness.changed_fields(module.generation, GenerationSettings()),
         "estimator": harness.changed_fields(est, EstimatorSettings()),
         "kl": harness.changed_fields(kl, KLSettings()),
         "ppo": harness.changed_fields(ppo, PPOSettings()),

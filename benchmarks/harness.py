@@ -159,6 +159,7 @@ def ours_module(s: dict[str, Any], inputs: dict[str, str], **settings: Any):
             top_p=1.0,
             stop_at_eos=False,
             do_sample=True,
+            compile=s["compile_decoding"],
         ),
         dtype=s["dtype"],
         optimizer=lambda params: torch.optim.AdamW(
@@ -331,6 +332,11 @@ def add_arguments(parser: argparse.ArgumentParser, default_preset: str = "tiny")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--no-fused-adamw", action="store_true", help="plain AdamW in both")
+    parser.add_argument(
+        "--compile-decoding",
+        choices=["on", "off"],
+        help="ours: generation.compile (default: the preset's, on for tiny)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--checkpoint",
@@ -366,6 +372,11 @@ def settings_from(args: argparse.Namespace, **defaults: Any) -> dict[str, Any]:
         "seed": args.seed,
         "threads": args.threads,
         "fused_adamw": not args.no_fused_adamw,
+        "compile_decoding": (
+            p.get("compile_decoding", False)
+            if args.compile_decoding is None
+            else args.compile_decoding == "on"
+        ),
         "ppo_minibatches": 1,
         "learning_rate": workload.LEARNING_RATE,
         "kl_coef": workload.KL_COEF,

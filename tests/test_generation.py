@@ -93,6 +93,24 @@ def test_static_decoder_decodes_the_same_tokens_as_generate(settings):
     assert torch.equal(out["static"][1], out["dynamic"][1])
 
 
+@pytest.mark.slow  # compiling the step takes 10 to 20 s on the 2-core CPU
+def test_compiled_static_decoder_on_the_cpu_decodes_the_same_tokens_as_generate():
+    """``generation.compile`` on the CPU: ``cache: auto`` now decodes with the StaticDecoder,
+    its step compiled (not the eager forward), and greedy decoding gives generate's tokens and
+    response mask over two rollouts (the second replays the compiled step)."""
+    tok, model, query, mask = setup()
+    compiled = GenerationSettings(max_new_tokens=10, do_sample=False, compile=True)
+    dynamic = GenerationSettings(max_new_tokens=10, do_sample=False, cache="dynamic")
+    for _ in range(2):
+        fast = sample(model, tok, query, mask, compiled)
+        assert static_failed(model) is None
+        slow = sample(model, tok, query, mask, dynamic)
+        assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    decoder = static_decoder(model, len(PROMPTS), 10, compile=True)
+    assert decoder.step is not decoder.forward  # the compiled step decoded
+    assert list(model.__dict__["_salsa_static_decoders"]) == [(len(PROMPTS), 10, True)]
+
+
 def test_static_decoder_reuses_its_cache_for_shorter_prompts():
     tok, model, _, _ = setup()
     settings = GenerationSettings(max_new_tokens=6, do_sample=False, cache="static")
@@ -123,7 +141,7 @@ def test_static_decoder_serves_a_smaller_batch_without_a_new_graph():
     decoder = static_decoder(model, len(PROMPTS), 10)
     small = sample(model, tok, query[1:3], mask[1:3], settings)
     assert static_decoder(model, 2, 10) is decoder
-    assert list(model.__dict__["_salsa_static_decoders"]) == [(len(PROMPTS), 10)]
+    assert list(model.__dict__["_salsa_static_decoders"]) == [(len(PROMPTS), 10, False)]
     dynamic = sample(
         model,
         tok,
@@ -168,6 +186,9 @@ def test_cache_setting_is_checked_and_auto_picks_static_only_on_a_gpu_out_of_loc
     assert not use_static_cache("auto", torch.device("cpu"), lockstep=False)
     assert use_static_cache("static", torch.device("cpu"), lockstep=False)
     assert not use_static_cache("static", torch.device("cuda", 0), lockstep=True)
+    assert use_static_cache("auto", torch.device("cpu"), lockstep=False, compile=True)
+    assert not use_static_cache("dynamic", torch.device("cpu"), lockstep=False, compile=True)
+    assert not use_static_cache("auto", torch.device("cpu"), lockstep=True, compile=True)
 
 
 def test_a_model_the_static_decoder_cannot_run_falls_back_to_generate():
