@@ -18,9 +18,10 @@ python -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q torch==2.13.0
 "$work/venv/bin/python" -m pip install -q "$work"/wheel/salsa_lightning-*.whl
 
-# Only the venv's salsa, nothing from the checkout. One thread: on 2 cores that anything else
-# uses, torch's default of 2 threads was 6 to 9 times slower (sft-1 of the quickstart: 158 s with
-# one thread, over 20 min with two, under a load average of 20-26).
+# Only the venv's salsa, nothing from the checkout. Torch's default threads: CI runs its steps one
+# after another on an otherwise idle machine, where 2 threads are about twice as fast as one (60
+# SFT steps: 33 s against 66 s). On 2 cores that other jobs share, set OMP_NUM_THREADS=1: there
+# 2 threads were 6 to 9 times slower (sft-1 of the quickstart: 158 s against over 20 min).
 export PATH="$work/venv/bin:$PATH" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 unset PYTHONPATH
 mkdir "$work/empty" && cd "$work/empty"

@@ -326,3 +326,19 @@ def test_a_soup_input_listed_twice_is_warned_about_by_name(how, stage_outputs, t
     with pytest.warns(UserWarning, match=rf"soup inputs 1 \({sft1}\) and 3 \({twice}\) {why}"):
         write_soup([sft1, stage_outputs["sft-2"], twice], None, tmp_path / "soup")
     assert (tmp_path / "soup/model.safetensors").is_file()  # a valid soup: warned, not refused
+
+
+def test_first_nonfinite_finds_the_first_weight_with_nan_or_inf():
+    """Hand-built tensors: the index of the first one holding NaN or inf, integers skipped; a
+    float16 weight whose values sum beyond float16's range (65504) is still finite, as the sum
+    runs in float32."""
+    from salsa_lightning.stage_module import first_nonfinite
+
+    ok = torch.ones(3)
+    nan = torch.tensor([1.0, float("nan")])
+    inf = torch.tensor([float("-inf"), 2.0])
+    big = torch.full((8,), 60000.0, dtype=torch.float16)
+    assert first_nonfinite([ok, nan, inf]) == 1
+    assert first_nonfinite([ok, torch.arange(3), inf]) == 2
+    assert first_nonfinite([ok, big, torch.zeros(0)]) is None
+    assert first_nonfinite([torch.arange(3)]) is None

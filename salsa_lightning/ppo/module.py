@@ -636,7 +636,7 @@ class SALSAModule(StageModule):
 
     def stop_if_diverged(self) -> None:
         """Stop when an update made a trained weight non-finite (the run diverged), before this
-        rollout's weights are checkpointed, exported or sampled from (one ``isfinite`` pass over
+        rollout's weights are checkpointed, exported or sampled from (one sum per weight over
         each rank's shards, :meth:`StageModule.nonfinite_weight`)."""
         name = self.nonfinite_weight(self)
         if name is not None:
