@@ -11,6 +11,8 @@ the copy, would be off by far more: the answers' gold rewards differ by up to 1.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import CONFIGS
 from test_fsdp import FSDP2, metrics, run
@@ -18,12 +20,29 @@ from test_fsdp import FSDP2, metrics, run
 pytestmark = pytest.mark.slow
 
 
+def seven_rows(source: Path, target: Path) -> Path:
+    """The first 7 rows of a held-out file, written to ``target``: 4 and 3 over two ranks."""
+    target.write_text("\n".join(source.read_text().splitlines()[:7]) + "\n")
+    return target
+
+
+def on_one_and_two_processes(args: list[str], tmp_path: Path, prefix: str) -> tuple[dict, dict]:
+    """The validation row (its metrics start with ``prefix``) of ``salsa <args>`` on one
+    process and on two FSDP2 processes."""
+    rows = []
+    for name, extra in (("one", []), ("two", FSDP2)):
+        root = tmp_path / name
+        run([*args, *extra, "--trainer.logger.init_args.save_dir", str(root / "logs")], tmp_path)
+        (row,) = [r for r in metrics(root) if any(k.startswith(prefix) for k in r)]
+        rows.append(row)
+    return rows[0], rows[1]
+
+
 @pytest.fixture(scope="module")
 def one_and_two(stage_outputs, task_dir, tmp_path_factory):
     """The validation metrics of one process and of two FSDP2 processes."""
     tmp_path = tmp_path_factory.mktemp("validation-ranks")
-    held_out = (task_dir / "prompts_val.jsonl").read_text().splitlines()[:7]
-    (tmp_path / "val.jsonl").write_text("\n".join(held_out) + "\n")
+    val = seven_rows(task_dir / "prompts_val.jsonl", tmp_path / "val.jsonl")
     out = stage_outputs
     args = [
         "validate",
@@ -35,19 +54,13 @@ def one_and_two(stage_outputs, task_dir, tmp_path_factory):
         "--data.init_args.tokenizer", str(out["sft-1"]),
         "--data.init_args.task_dir", str(task_dir),
         "--data.init_args.train_files", str(task_dir / "prompts_train.jsonl"),
-        "--data.init_args.val_files", str(tmp_path / "val.jsonl"),
+        "--data.init_args.val_files", str(val),
         "--data.init_args.eval_batch_size", "2",
         "--trainer.accelerator", "cpu",
         "--trainer.limit_val_batches", "1.0",
         "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
-    results = {}
-    for name, extra in (("one", []), ("two", FSDP2)):
-        root = tmp_path / name
-        run([*args, *extra, "--trainer.logger.init_args.save_dir", str(root / "logs")], tmp_path)
-        (row,) = [r for r in metrics(root) if "eval/gold" in r]
-        results[name] = row
-    return results["one"], results["two"]
+    return on_one_and_two_processes(args, tmp_path, "eval/")
 
 
 def test_validation_means_over_unequal_ranks_equal_one_process(one_and_two):
@@ -67,8 +80,7 @@ def test_stage_validation_over_unequal_ranks_equals_one_process(
     """7 held-out SFT conversations or preference pairs, one process against two: the same
     val/* means (with the copy counted, the 2-process loss would be off by its own weight)."""
     name = {"sft": "sft_val.jsonl", "reward": "pairs_val.jsonl"}[stage]
-    rows = (task_dir / name).read_text().splitlines()[:7]
-    (tmp_path / name).write_text("\n".join(rows) + "\n")
+    val = seven_rows(task_dir / name, tmp_path / name)
     model = {"sft": "embedded", "reward": str(stage_outputs["reward"])}[stage]
     tokenizer = {"sft": "embedded", "reward": str(stage_outputs["sft-1"])}[stage]
     args = [
@@ -78,18 +90,12 @@ def test_stage_validation_over_unequal_ranks_equals_one_process(
         "--data.init_args.tokenizer", tokenizer,
         "--data.init_args.task_dir", str(task_dir),
         "--data.init_args.train_files", str(task_dir / name.replace("_val", "_train")),
-        "--data.init_args.val_files", str(tmp_path / name),
+        "--data.init_args.val_files", str(val),
         "--data.init_args.eval_batch_size", "2",
         "--trainer.accelerator", "cpu",
         "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
-    results = {}
-    for run_name, extra in (("one", []), ("two", FSDP2)):
-        root = tmp_path / run_name
-        run([*args, *extra, "--trainer.logger.init_args.save_dir", str(root / "logs")], tmp_path)
-        (row,) = [r for r in metrics(root) if "val/accuracy" in r or "val/loss" in r]
-        results[run_name] = row
-    one, two = results["one"], results["two"]
+    one, two = on_one_and_two_processes(args, tmp_path, "val/")
     keys = [k for k in one if k.startswith("val/")]
     assert keys and keys == [k for k in two if k.startswith("val/")]
     for key in keys:
