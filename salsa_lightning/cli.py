@@ -46,15 +46,22 @@ def pipeline_parser() -> argparse.ArgumentParser:
         "--config", required=True, help="pipeline YAML (a file, or a packaged name)"
     )
     parser.add_argument("--output", default=".", help="directory the stages run in (default: here)")
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        metavar="NAME",
+        help="run only these stages (names or shell patterns such as 'ppo-*'); what they read "
+        "from other stages must exist already. Side by side: one process per seed.",
+    )
     return parser
 
 
 def pipeline_main(argv: list[str]) -> int:
-    """``salsa pipeline --config PIPELINE.yaml [--output DIR]``."""
+    """``salsa pipeline --config PIPELINE.yaml [--output DIR] [--stages NAME ...]``."""
     from salsa_lightning.pipeline import run_pipeline
 
     args = pipeline_parser().parse_args(argv)
-    run_pipeline(args.config, args.output)
+    run_pipeline(args.config, args.output, only=args.stages)
     return 0
 
 

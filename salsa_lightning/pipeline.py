@@ -13,6 +13,7 @@ stages); stage paths are relative to the output directory.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import time
 from dataclasses import dataclass, field
@@ -93,10 +94,28 @@ def run_stage(stage: Stage, config_dir: Path) -> None:
         )
 
 
+def select_stages(stages: list[Stage], patterns: list[str]) -> list[Stage]:
+    """The stages whose names match one of ``patterns`` (shell patterns, e.g. ``ppo-*``), in
+    pipeline order. A pattern that matches no stage is refused, naming the stages there are."""
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(s.name, pattern) for s in stages):
+            raise SalsaError(
+                f"--stages {pattern!r} matches no stage of the pipeline; its stages are "
+                f"{[s.name for s in stages]}."
+            )
+    return [s for s in stages if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
+
+
 def run_pipeline(
-    config: str | os.PathLike, output: str | os.PathLike = ".", stages: list[Stage] | None = None
+    config: str | os.PathLike,
+    output: str | os.PathLike = ".",
+    stages: list[Stage] | None = None,
+    only: list[str] | None = None,
 ) -> Path:
-    """Run the stages of a pipeline YAML (or ``stages``) from ``output``; returns ``output``."""
+    """Run the stages of a pipeline YAML (or ``stages``) from ``output``; returns ``output``.
+    ``only``: run just the stages these name patterns select (``select_stages``); the inputs
+    they read from the other stages must exist already. So several processes can share out
+    independent stages (e.g. one per seed) and a last plain run finishes the rest."""
     import yaml
 
     config_path = Path(config).resolve()
@@ -105,6 +124,8 @@ def run_pipeline(
         stages = [Stage(**s) for s in spec.get("stages", [])]
     if not stages:
         raise SalsaError(f"pipeline {str(config_path)!r} lists no stages.")
+    if only:
+        stages = select_stages(stages, only)
     root = Path(output).resolve()
     check_plan(stages, root, config_path.parent)
     root.mkdir(parents=True, exist_ok=True)

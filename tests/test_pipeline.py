@@ -14,7 +14,7 @@ from salsa_lightning.errors import SalsaError
 from salsa_lightning.evaluate import evaluate, load_answers, load_prompts
 from salsa_lightning.generation import GenerationSettings
 from salsa_lightning.landscape import landscape
-from salsa_lightning.pipeline import Stage, run_pipeline
+from salsa_lightning.pipeline import Stage, run_pipeline, select_stages
 from salsa_lightning.report import frontier, interpolate
 
 GEN = GenerationSettings(max_new_tokens=8)
@@ -132,6 +132,23 @@ def test_pipeline_refuses_a_missing_input_before_running(tmp_path):
     ]
     with pytest.raises(SalsaError, match=r"stage 'soup' reads 'artifacts/sft-1'.*earlier stage"):
         run_pipeline(CONFIGS / "quickstart.yaml", tmp_path / "run", stages=stages)
+    assert not (tmp_path / "run").exists()
+
+
+def test_stages_selects_by_name_pattern_in_pipeline_order_and_checks_the_rest(tmp_path):
+    import yaml
+
+    spec = yaml.safe_load((CONFIGS / "quickstart.yaml").read_text())
+    stages = [Stage(**s) for s in spec["stages"]]
+    picked = select_stages(stages, ["salsa (*", "sft-1"])
+    assert [s.name for s in picked] == [
+        "sft-1", "salsa (seed 1)", "salsa (seed 2)", "salsa (seed 3)"
+    ]  # fmt: skip
+    with pytest.raises(SalsaError, match=r"--stages 'ppo-\*' matches no stage.*'ppo \(seed 1\)'"):
+        run_pipeline(CONFIGS / "quickstart.yaml", tmp_path / "run", only=["ppo-*"])
+    # soup alone: sft-1 is another stage's output, so it must exist already
+    with pytest.raises(SalsaError, match=r"stage 'soup' reads 'artifacts/sft-1'"):
+        run_pipeline(CONFIGS / "quickstart.yaml", tmp_path / "run", only=["soup"])
     assert not (tmp_path / "run").exists()
 
 
