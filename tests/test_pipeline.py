@@ -135,6 +135,30 @@ def test_pipeline_refuses_a_missing_input_before_running(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+PIPELINES = sorted(p for p in CONFIGS.rglob("*.yaml") if "\nstages:" in "\n" + p.read_text())
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.relative_to(CONFIGS).as_posix())
+def test_every_pipeline_yaml_chains_its_stages_and_its_report(path, tmp_path):
+    """Given only what no stage makes (the converted model, the task's files), every stage's
+    inputs exist or come from an earlier stage, its YAMLs exist, and the report section parses."""
+    import yaml
+
+    from salsa_lightning.pipeline import check_plan
+    from salsa_lightning.report import ReportSpec
+
+    spec = yaml.safe_load(path.read_text())
+    stages = [Stage(**s) for s in spec["stages"]]
+    made = {out for s in stages for out in s.outputs}
+    given = {i for s in stages for i in s.inputs} - made
+    assert given <= {"artifacts/smollm2", "artifacts/task"}  # a misspelt input shows up here
+    for name in given:
+        (tmp_path / name).mkdir(parents=True)
+    check_plan(stages, tmp_path, path.parent)
+    if spec.get("report"):
+        ReportSpec.from_yaml(spec["report"])
+
+
 def test_stages_selects_by_name_pattern_in_pipeline_order_and_checks_the_rest(tmp_path):
     import yaml
 
