@@ -137,7 +137,7 @@ def check_pytest(args: list[str]) -> None:
             words = set(re.findall(r"\w+", args[i + 1])) - {"and", "or", "not"}
             assert words <= markers, f"unknown marker {words - markers}"
             i += 2
-        elif arg == "-k":
+        elif arg in ("-k", "-n"):
             i += 2
         elif arg.startswith("-"):
             assert arg in ("-x", "-s", "-q", "-v") or arg.startswith("--durations"), arg
@@ -181,7 +181,7 @@ def test_documented_command_parses(case, tmp_path, monkeypatch, capsys):
 
 def test_the_readme_shows_both_commands_and_every_stage():
     found = [cmd for page, cmd in ALL if page == README]
-    assert ["pytest"] in found
+    assert ["pytest", "-n", "2"] in found  # the default suite on two workers
     assert ["salsa", "quickstart"] in found
     salsa = {cmd[1] for cmd in found if cmd[0] == "salsa"}
     assert {"fit", "soup", "evaluate", "landscape", "quickstart", "pipeline"} <= salsa
