@@ -238,7 +238,9 @@ def fit_ours(
     trainer.fit(module, datamodule=data)
     result = summarize(system, timer.records, s)
     result["decoding"] = (
-        "static (compiled)" if use_static_cache("auto", torch.device(device), False) else "generate"
+        "static (compiled)"
+        if use_static_cache("auto", torch.device(device), False, s["compile_decoding"])
+        else "generate"
     )
     if failed := static_failed(module.policy):
         result["decoding"] = f"generate (static decoding failed: {failed})"

@@ -25,7 +25,8 @@ One JSON line per rollout, then the summary as the LAST line: per mode the media
 (every rank's tokens over the slowest rank's time) and tokens per CPU second (over the busiest
 rank's), the all-gathers and bytes per rollout, each rank's decoding steps; ``same_tokens``;
 ``ratio_tokens_per_s`` and ``ratio_tokens_per_cpu_s`` (once / per_layer), ``ratio_gathers`` and
-``ratio_gathered_bytes`` (per_layer / once). Usage::
+``ratio_gathered_bytes`` (per_layer / once). Where gather-once decodes with the StaticDecoder (``--cache static``, or
+``auto`` on a GPU) both modes decode greedily: it samples other draws than ``generate``. Usage::
 
     python benchmarks/sharded_generation.py                        # gpt2-small, 2 CPU processes
     python benchmarks/sharded_generation.py --preset tiny --strategy fsdp1 --lora
@@ -159,7 +160,7 @@ def prompts(args: argparse.Namespace, rank: int) -> Any:
 def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     import torch.distributed as dist
 
-    from salsa_lightning.generation import GenerationSettings, sample
+    from salsa_lightning.generation import GenerationSettings, sample, use_static_cache
     from salsa_lightning.sharding import decoder_layers, is_resharded, sharded_units
 
     torch.set_num_threads(args.threads)
@@ -172,7 +173,10 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     query = prompts(args, rank).to(device)
     mask = torch.ones_like(query)
-    eos, greedy = EOS, args.rank0_stops_first
+    # Greedy too where gather-once decodes with the StaticDecoder: it samples by inverse
+    # transform, generate by multinomial (one distribution, other draws under one seed).
+    static = use_static_cache(args.cache, device, lockstep=False)
+    eos, greedy = EOS, args.rank0_stops_first or static
     if args.rank0_stops_first:  # EOS: the token rank 0's prompt decodes to first, greedily
         with torch.no_grad():
             model = build_model(args.preset, args.lora, dtype).to(device)
@@ -200,7 +204,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
         name = "once" if mode == "warmup" else mode
         model = models.get(name, policy)
         settings = GenerationSettings(
-            max_new_tokens=args.new_tokens, stop_at_eos=args.stop_at_eos or greedy,
+            max_new_tokens=args.new_tokens, stop_at_eos=args.stop_at_eos or args.rank0_stops_first,
             do_sample=not greedy, temperature=0.9, top_p=0.95, cache=args.cache,
             gather="once" if name == "unsharded" else name,
         )  # fmt: skip

@@ -179,6 +179,30 @@ def test_entropy_gradient_matches_naive(dtype):
 # --------------------------------------------------------------------------- KL
 
 
+def test_inverse_cdf_sample_by_hand():
+    """Weights [0, 1, 3] (cumulative 0, 1, 4; total 4): u in [0, 1/4) draws index 1, u in
+    [1/4, 1) index 2; index 0 (weight 0) never, not even at u = 0. Rows need not sum to 1."""
+    probs = torch.tensor([[0.0, 1.0, 3.0]]).expand(5, 3)
+    u = torch.tensor([0.0, 0.2, 0.25, 0.5, 0.999])
+    assert Fn.inverse_cdf_sample(probs, u).tolist() == [1, 1, 2, 2, 2]
+
+
+def test_inverse_cdf_sample_never_draws_a_zero_weight_at_the_end():
+    """Where u x total rounds up to the total (u = 1 here), the last entry above 0 is drawn,
+    not the zero-weight entries after it."""
+    probs = torch.tensor([[0.3, 0.7, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    assert Fn.inverse_cdf_sample(probs, torch.ones(2)).tolist() == [1, 3]
+
+
+def test_inverse_cdf_sample_frequencies_match_the_probabilities():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3]).expand(20000, 4)
+    draws = Fn.inverse_cdf_sample(probs, torch.rand(20000))
+    freq = torch.bincount(draws, minlength=4).float() / 20000
+    assert freq[1] == 0
+    assert torch.allclose(freq, probs[0], atol=0.015)
+
+
 def test_kl_estimators_by_hand():
     logprobs = torch.tensor([[0.0, -1.0]])
     ref = torch.tensor([[-1.0, 0.0]])

@@ -558,9 +558,13 @@ def lr_args(lr: float) -> list[str]:
     "extra, what",
     [
         (lr_args(1e15), "policy's next-token logits are non-finite"),
+        (
+            [*lr_args(1e15), "--model.init_args.generation.cache", "static"],
+            "policy's next-token logits are non-finite",
+        ),
         (["--trainer.callbacks+=cli_plugins.NanGradientOnFirstStep"], "PPO update made"),
     ],
-    ids=["huge-weights", "nan-gradient"],
+    ids=["huge-weights", "huge-weights-static-decoder", "nan-gradient"],
 )
 def test_a_diverged_update_stops_the_run_in_one_line_before_any_checkpoint_of_it(
     extra, what, stage_outputs, task_dir, tmp_path, capsys

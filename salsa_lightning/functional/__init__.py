@@ -12,7 +12,7 @@ TRL and torchtune: a per-token KL penalty, the sequence score added at the last 
 token, GAE over the response, and the clipped policy and value objectives.
 
 - ``masked``: masked sums, means, variances, whitening; response masks.
-- ``logits``: chunked log-probabilities and entropies.
+- ``logits``: chunked log-probabilities and entropies; inverse transform sampling.
 - ``kl``: KL estimators and the adaptive KL controller.
 - ``advantages``: per-token rewards and advantage estimators.
 - ``losses``: PPO's policy and value losses, the reward model's losses.
@@ -41,7 +41,11 @@ from salsa_lightning.functional.kl import (
     reference_kl,
     weighted_kl_estimate,
 )
-from salsa_lightning.functional.logits import entropy_from_logits, logprobs_from_logits
+from salsa_lightning.functional.logits import (
+    entropy_from_logits,
+    inverse_cdf_sample,
+    logprobs_from_logits,
+)
 from salsa_lightning.functional.losses import (
     LOSS_AGGREGATIONS,
     LossAggregation,
@@ -94,6 +98,7 @@ __all__ = [
     "group_advantages",
     "group_centred",
     "hinge_loss",
+    "inverse_cdf_sample",
     "ipo_loss",
     "kl_estimate",
     "leave_one_out_advantages",

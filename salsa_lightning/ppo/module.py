@@ -41,6 +41,7 @@ from salsa_lightning.errors import SalsaError, check_choices
 from salsa_lightning.frozen import mark_moving, without_dropout
 from salsa_lightning.generation import (
     GenerationSettings,
+    NonFiniteLogits,
     response_logits,
     response_logprobs,
     sample,
@@ -377,8 +378,9 @@ class SALSAModule(StageModule):
         query_mask = batch["attention_mask"].repeat_interleave(k, 0)
         try:
             response, mask = sample(self.policy, tok, query, query_mask, self.generation)
-        except RuntimeError as err:  # torch.multinomial on non-finite probabilities
-            if "probability tensor contains" not in str(err):
+        except RuntimeError as err:  # non-finite logits: the StaticDecoder's check, or generate's
+            multinomial = "probability tensor contains" in str(err)
+            if not (isinstance(err, NonFiniteLogits) or multinomial):
                 raise
             raise self.diverged("the policy's next-token logits are non-finite") from err
         texts = tok.batch_decode(response, skip_special_tokens=True)
