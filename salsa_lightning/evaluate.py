@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM
 
 from salsa_lightning.data import left_padded_prompts, read_data_files
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.functional import bootstrap_mean_ci, kl_estimate, win_rate
+from salsa_lightning.functional import bootstrap_mean_ci, grouped_rate_ci, kl_estimate, win_rate
 from salsa_lightning.generation import GenerationSettings, response_logprobs, sample
 from salsa_lightning.outputs import check_output_dir, written_aside
 from salsa_lightning.pretrained import check_model_source, load_pretrained, load_tokenizer
@@ -340,25 +340,36 @@ def best_of_n(
         }
     out: dict[str, Any] = {"stats": stats}
     if score:
-        agree = sample_agreement(gold_n, torch.stack(score, 1))
-        if agree.numel():
-            out["agreement_on_samples"] = summarize(agree, plan.seed)
-            out["sample_pairs"] = agree.numel()
+        agreeing, pairs = sample_agreement(gold_n, torch.stack(score, 1))
+        if pairs.sum():
+            out["agreement_on_samples"] = summarize_agreement(agreeing, pairs, plan.seed)
+            out["sample_pairs"] = int(pairs.sum())
     return out
 
 
-def sample_agreement(gold: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """1 where the reward model orders two answers to one prompt as the gold reward does, 0
-    where it reverses them, over every pair of a prompt's answers with different gold rewards.
+def sample_agreement(gold: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prompt, over the pairs of its answers with different gold rewards: how many the
+    reward model orders as the gold reward does, and how many there are.
 
     Args:
         gold: ``[N, n]`` gold rewards of n answers per prompt.
         score: ``[N, n]`` reward-model scores of the same answers.
+
+    Returns:
+        ``(agreeing, pairs)``, each ``[N]``.
     """
     i, j = torch.triu_indices(gold.shape[1], gold.shape[1], 1)
     dg, ds = gold[:, i] - gold[:, j], score[:, i] - score[:, j]
     keep = dg != 0
-    return ((dg > 0) == (ds > 0))[keep].float()
+    agreeing = ((dg > 0) == (ds > 0)) & keep
+    return agreeing.sum(1).float(), keep.sum(1).float()
+
+
+def summarize_agreement(agreeing: torch.Tensor, pairs: torch.Tensor, seed: int) -> dict[str, Any]:
+    """The share of agreeing pairs, with its interval over prompts (the pairs of one prompt's
+    answers are resampled together: they are not independent), and the number of pairs."""
+    mean, low, high = grouped_rate_ci(agreeing, pairs, seed=seed)
+    return {"mean": mean, "ci_low": low, "ci_high": high, "pairs": int(pairs.sum())}
 
 
 def load_preference_pairs(path: str) -> list[dict[str, Any]]:
@@ -437,11 +448,10 @@ def reward_soup_agreement(
             texts = [r["answer"] for model in rows for r in model]
             prompts = [r["prompt"] for model in rows for r in model]
             score = scorer(prompts, texts).reshape(len(rows), -1).T  # [N, M]
-            agree = sample_agreement(gold, score)
-            if agree.numel():
+            agreeing, compared = sample_agreement(gold, score)
+            if compared.sum():
                 entry["on_answers"][set_name] = {
-                    **summarize(agree, seed),
-                    "pairs": agree.numel(),
+                    **summarize_agreement(agreeing, compared, seed),
                     "models": len(rows),
                 }
         out["scorers"][name] = entry

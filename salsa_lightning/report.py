@@ -339,7 +339,7 @@ def markdown(
             lines.append(
                 f"- On pairs of answers sampled from {rm.get('samples_model', 'the SFT model')} "
                 f"(what it judges during RL; {rm.get('sample_pairs', '?')} pairs with different "
-                f"gold rewards): {fmt(rm['agreement_on_samples'])}."
+                f"gold rewards, the interval over prompts): {fmt(rm['agreement_on_samples'])}."
             )
         lines.append("")
     for name, land in summary.get("landscapes", {}).items():

@@ -955,3 +955,30 @@ def test_seeds_bootstrap_ci_of_one_seed_is_the_prompt_bootstrap_width():
     assert high1 - low1 > 0 and (high3 - low3) <= (high1 - low1) + 1e-9
     with pytest.raises(Exception, match=r"needs \[seeds, prompts\]"):
         Fn.seeds_bootstrap_ci(torch.ones(4))
+
+
+def test_grouped_rate_ci_matches_a_naive_resampling_loop():
+    """The pooled rate sum(hits) / sum(counts), groups resampled whole, against a loop."""
+    hits, counts = torch.tensor([3.0, 0.0, 5.0, 1.0]), torch.tensor([4.0, 2.0, 6.0, 1.0])
+    rate, low, high = Fn.grouped_rate_ci(hits, counts, n_resamples=300, seed=2)
+    g = torch.Generator().manual_seed(2)
+    idx = torch.randint(0, 4, (300, 4), generator=g)
+    rates = torch.stack([hits[i].sum() / counts[i].sum() for i in idx]).double()
+    want = torch.quantile(rates, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    assert rate == pytest.approx(9 / 13)
+    assert (low, high) == pytest.approx((float(want[0]), float(want[1])))
+
+
+def test_grouped_rate_ci_is_wider_than_the_pair_bootstrap_when_groups_agree_within():
+    """40 prompts of 6 pairs each, every prompt all right or all wrong: resampling pairs
+    treats 240 outcomes as independent, resampling prompts sees 40; the grouped interval is
+    about sqrt(6) times wider. Prompts of no pairs are resampled but add no outcome."""
+    right = (torch.arange(40) % 4 != 0).float()  # 30 prompts right, 10 wrong
+    hits, counts = 6 * right, torch.full((40,), 6.0)
+    _, low_g, high_g = Fn.grouped_rate_ci(
+        torch.cat([hits, torch.zeros(5)]), torch.cat([counts, torch.zeros(5)])
+    )
+    _, low_p, high_p = Fn.bootstrap_mean_ci(right.repeat_interleave(6))
+    assert 2.0 < (high_g - low_g) / (high_p - low_p) < 3.0
+    with pytest.raises(Exception, match="needs"):
+        Fn.grouped_rate_ci(torch.zeros(3), torch.zeros(3))

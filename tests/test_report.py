@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.evaluate import evaluate
+from salsa_lightning.evaluate import evaluate, sample_agreement, summarize_agreement
 from salsa_lightning.generation import GenerationSettings
 from salsa_lightning.landscape import landscape
 from salsa_lightning.report import Method, ReportSpec, landscape_finding, write_report
@@ -96,3 +97,16 @@ def test_the_report_carries_the_landscape_points_and_plot(stage_outputs, task_fi
     spec.landscapes = {"missing": "nowhere"}
     with pytest.raises(SalsaError, match=r"nowhere/landscape.json is missing .*'missing'"):
         write_report(tmp_path, spec)
+
+
+def test_sample_agreement_counts_each_prompts_pairs_by_hand():
+    """Prompt 1: gold [1, 0.5, 0.5], scores [2, 3, 1]: pairs (0,1) reversed, (0,2) agreeing,
+    (1,2) tied in gold (not a pair). Prompt 2: gold all equal: no pair. The pooled share is 1
+    of 2, and the summary counts 2 pairs."""
+    gold = torch.tensor([[1.0, 0.5, 0.5], [0.2, 0.2, 0.2]])
+    score = torch.tensor([[2.0, 3.0, 1.0], [0.0, 1.0, 2.0]])
+    agreeing, pairs = sample_agreement(gold, score)
+    assert agreeing.tolist() == [1.0, 0.0] and pairs.tolist() == [2.0, 0.0]
+    summary = summarize_agreement(agreeing, pairs, seed=0)
+    assert summary["mean"] == 0.5 and summary["pairs"] == 2
+    assert summary["ci_low"] <= 0.5 <= summary["ci_high"]

@@ -32,7 +32,12 @@ from salsa_lightning.functional.advantages import (
     token_rewards,
 )
 from salsa_lightning.functional.ema import ema_, ema_weight_of_start
-from salsa_lightning.functional.evaluation import bootstrap_mean_ci, seeds_bootstrap_ci, win_rate
+from salsa_lightning.functional.evaluation import (
+    bootstrap_mean_ci,
+    grouped_rate_ci,
+    seeds_bootstrap_ci,
+    win_rate,
+)
 from salsa_lightning.functional.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -97,6 +102,7 @@ __all__ = [
     "gae",
     "group_advantages",
     "group_centred",
+    "grouped_rate_ci",
     "hinge_loss",
     "inverse_cdf_sample",
     "ipo_loss",

@@ -30,7 +30,42 @@ def bootstrap_mean_ci(
     generator = torch.Generator().manual_seed(seed)
     n = values.numel()
     idx = torch.randint(0, n, (n_resamples, n), generator=generator)
-    return _percentile_interval(values, values[idx].mean(dim=1), confidence)
+    return _percentile_interval(float(values.mean()), values[idx].mean(dim=1), confidence)
+
+
+def grouped_rate_ci(
+    hits: Tensor, counts: Tensor, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """Percentile-bootstrap interval of a pooled rate ``sum(hits) / sum(counts)`` whose outcomes
+    come in groups, resampling whole groups.
+
+    The outcomes of one group (the pairs of answers to one prompt) are not independent of each
+    other, so resampling them one by one gives too narrow an interval; each resample draws
+    ``N`` groups with replacement and takes the rate over their outcomes.
+
+    Args:
+        hits: ``[N]`` successes in each group.
+        counts: ``[N]`` outcomes in each group (groups of 0 count only in resampling).
+        n_resamples: Number of bootstrap resamples.
+        confidence: Coverage of the interval, in (0, 1).
+        seed: Seed of the resampling.
+
+    Returns:
+        ``(rate, low, high)`` as floats.
+    """
+    hits = hits.detach().reshape(-1).to("cpu", torch.float64)
+    counts = counts.detach().reshape(-1).to("cpu", torch.float64)
+    if hits.shape != counts.shape or counts.sum() <= 0:
+        raise SalsaError(
+            f"grouped_rate_ci needs [N] hits and counts with outcomes, got {list(hits.shape)} "
+            f"and {list(counts.shape)} summing to {float(counts.sum()):g}."
+        )
+    _check_resampling(n_resamples, confidence)
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, hits.numel(), (n_resamples, hits.numel()), generator=generator)
+    rates = hits[idx].sum(1) / counts[idx].sum(1)
+    rates = rates[~rates.isnan()]  # a resample of groups without outcomes has no rate
+    return _percentile_interval(float(hits.sum() / counts.sum()), rates, confidence)
 
 
 def _check_resampling(n_resamples: int, confidence: float) -> None:
@@ -41,12 +76,13 @@ def _check_resampling(n_resamples: int, confidence: float) -> None:
 
 
 def _percentile_interval(
-    values: Tensor, means: Tensor, confidence: float
+    estimate: float, resampled: Tensor, confidence: float
 ) -> tuple[float, float, float]:
-    """``(mean of values, low, high)``: the central ``confidence`` of the resampled means."""
+    """``(estimate, low, high)``: the central ``confidence`` of the resampled estimates."""
     alpha = (1.0 - confidence) / 2.0
-    low, high = torch.quantile(means, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64))
-    return float(values.mean()), float(low), float(high)
+    q = torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)
+    low, high = torch.quantile(resampled, q)
+    return estimate, float(low), float(high)
 
 
 def win_rate(a: Tensor, b: Tensor) -> Tensor:
@@ -93,4 +129,4 @@ def seeds_bootstrap_ci(
     prompts = torch.randint(0, n, (n_resamples, n), generator=generator)
     rows = values[seeds]  # [R, S, N]: each resample's seeds, then its prompts of each row
     means = rows.gather(2, prompts[:, None, :].expand(-1, s, -1)).mean(dim=(1, 2))
-    return _percentile_interval(values, means, confidence)
+    return _percentile_interval(float(values.mean()), means, confidence)
