@@ -343,7 +343,6 @@ def best_of_n(
         agreeing, pairs = sample_agreement(gold_n, torch.stack(score, 1))
         if pairs.sum():
             out["agreement_on_samples"] = summarize_agreement(agreeing, pairs, plan.seed)
-            out["sample_pairs"] = int(pairs.sum())
     return out
 
 

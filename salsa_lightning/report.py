@@ -336,10 +336,14 @@ def markdown(
             f"in {fmt(rm['agreement'])} of them.",
         ]
         if "agreement_on_samples" in rm:
+            on_samples = rm["agreement_on_samples"]
+            # Evaluations before December 2026 counted the pairs beside it, resampled pairs.
+            over = "prompts" if "pairs" in on_samples else "pairs"
+            pairs = on_samples.get("pairs", rm.get("sample_pairs", "?"))
             lines.append(
                 f"- On pairs of answers sampled from {rm.get('samples_model', 'the SFT model')} "
-                f"(what it judges during RL; {rm.get('sample_pairs', '?')} pairs with different "
-                f"gold rewards, the interval over prompts): {fmt(rm['agreement_on_samples'])}."
+                f"(what it judges during RL; {pairs} pairs with different gold rewards, the "
+                f"interval over {over}): {fmt(on_samples)}."
             )
         lines.append("")
     for name, land in summary.get("landscapes", {}).items():

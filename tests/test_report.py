@@ -56,6 +56,8 @@ def test_the_report_carries_the_landscape_points_and_plot(stage_outputs, task_fi
         max_prompts=8,
         generation=GEN,
         batch_size=8,
+        best_of={"a": 4},
+        preference_pairs=str(task_files["pairs_val"]),
     )
     land = landscape(
         [str(out["sft-1"]), str(out["sft-2"])],
@@ -88,6 +90,14 @@ def test_the_report_carries_the_landscape_points_and_plot(stage_outputs, task_fi
     assert summary["landscapes"]["sft-1 to sft-2"]["points"] == land["points"]
     assert {k: v for k, v in summary.items() if k != "landscapes"} == plain
     report = (tmp_path / "report/report.md").read_text()
+    on_samples = json.loads((tmp_path / "eval/results.json").read_text())["reward_model"]
+    on_samples = on_samples["agreement_on_samples"]  # a's 4 answers to each of the 8 prompts
+    assert 0 < on_samples["pairs"] <= 8 * 6
+    assert summary["rm_gold_agreement_on_sft_samples"] == on_samples["mean"]
+    assert (
+        f"{on_samples['pairs']} pairs with different gold rewards, the interval over prompts)"
+        in report
+    )
     middle = land["points"][1]
     assert f"| alpha = 0.50 | {middle['gold']:.3f} [{middle['gold_ci'][0]:.3f}," in report
     assert "- Landscape sft-1 to sft-2: the gold reward peaks at alpha = " in report
