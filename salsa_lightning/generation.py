@@ -281,7 +281,7 @@ class StaticDecoder:
         same shapes, weights and cache tensors), skip them (``skip_guard_eval_unsafe``): the
         check costs about 0.3 ms a token, a tenth of the tiny benchmark model's decoding.
         CUDA graphs (not measured without them) always check."""
-        if checked or self.step is self.forward or self.compiled:
+        if checked or self.step == self.forward or self.compiled:  # a new bound method each read
             return nullcontext()
         return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from salsa_lightning.functional import response_mask
 from salsa_lightning.generation import (
     GenerationSettings,
     NonFiniteLogits,
+    StaticDecoder,
     next_tokens,
     position_ids,
     response_logprobs,
@@ -133,8 +135,20 @@ def test_compiled_static_decoder_on_the_cpu_decodes_the_same_tokens_as_generate(
         slow = sample(model, tok, query, mask, dynamic)
         assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
     decoder = static_decoder(model, len(PROMPTS), 10, compile=True)
-    assert decoder.step is not decoder.forward  # the compiled step decoded
+    assert decoder.step != decoder.forward  # the compiled step decoded (`is not`: always true)
     assert list(model.__dict__["_salsa_static_decoders"]) == [(len(PROMPTS), 10, True)]
+
+
+def test_only_a_compiled_cpu_step_skips_its_guards_and_only_after_a_rollouts_first_token():
+    """The eager step has no guards to skip; the compiled CPU step checks them at each
+    rollout's first token and skips them at the later ones (compiling is lazy: none here)."""
+    _, model, _, _ = setup()
+    eager, compiled = StaticDecoder(model, 2, 4, False), StaticDecoder(model, 2, 4, True)
+    for decoder in (eager, compiled):
+        decoder._fit(5, torch.device("cpu"))
+    assert isinstance(eager.guards(checked=False), nullcontext)
+    assert isinstance(compiled.guards(checked=True), nullcontext)
+    assert not isinstance(compiled.guards(checked=False), nullcontext)
 
 
 def test_static_decoder_reuses_its_cache_for_shorter_prompts():
