@@ -25,8 +25,9 @@ One JSON line per rollout, then the summary as the LAST line: per mode the media
 (every rank's tokens over the slowest rank's time) and tokens per CPU second (over the busiest
 rank's), the all-gathers and bytes per rollout, each rank's decoding steps; ``same_tokens``;
 ``ratio_tokens_per_s`` and ``ratio_tokens_per_cpu_s`` (once / per_layer), ``ratio_gathers`` and
-``ratio_gathered_bytes`` (per_layer / once). Where gather-once decodes with the StaticDecoder (``--cache static``, or
-``auto`` on a GPU) both modes decode greedily: it samples other draws than ``generate``. Usage::
+``ratio_gathered_bytes`` (per_layer / once). Where gather-once decodes with the StaticDecoder
+(``--cache static``, or ``auto`` on a GPU) both modes decode greedily: it samples other draws than
+``generate``. Usage::
 
     python benchmarks/sharded_generation.py                        # gpt2-small, 2 CPU processes
     python benchmarks/sharded_generation.py --preset tiny --strategy fsdp1 --lora

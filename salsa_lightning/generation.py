@@ -152,6 +152,13 @@ def sample(
     return truncate_after_eos(response, eos, tokenizer.pad_token_id)
 
 
+class NonFiniteLogits(RuntimeError):
+    """The model's next-token logits held a NaN or an infinity while decoding."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(f"{type(model).__name__}'s next-token logits are non-finite")
+
+
 def decode(
     model: nn.Module,
     tokenizer: Any,
@@ -163,7 +170,8 @@ def decode(
 ) -> Tensor:
     """[B, R] sampled tokens (continuing with pad after ``eos``): the :class:`StaticDecoder`
     when the cache setting picks it, else ``generate``, in lockstep across ranks when asked
-    (no rank may stop before the others while each step runs collectives)."""
+    (no rank may stop before the others while each step runs collectives). Non-finite logits
+    raise :class:`NonFiniteLogits` on either path."""
     static = use_static_cache(s.cache, query.device, lockstep, s.compile)
     if static and not static_failed(model):
         try:
@@ -183,22 +191,23 @@ def decode(
     if static:  # generate compiles its forward for a static cache on a GPU
         kwargs["cache_implementation"] = "static"
     synced = lockstep and dist.is_initialized() and dist.get_world_size() > 1
-    out = model.generate(
-        input_ids=query,
-        attention_mask=query_mask,
-        do_sample=s.do_sample,
-        max_new_tokens=s.max_new_tokens,
-        eos_token_id=eos,  # None: EOS is an ordinary token, every response is full length
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-        synced_gpus=synced,  # False stated: transformers turns it on for any FSDP module
-        **kwargs,
-    )
+    try:
+        out = model.generate(
+            input_ids=query,
+            attention_mask=query_mask,
+            do_sample=s.do_sample,
+            max_new_tokens=s.max_new_tokens,
+            eos_token_id=eos,  # None: EOS is an ordinary token, every response is full length
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+            synced_gpus=synced,  # False stated: transformers turns it on for any FSDP module
+            **kwargs,
+        )
+    except RuntimeError as err:  # torch.multinomial on non-finite probabilities
+        if "probability tensor contains" not in str(err):
+            raise
+        raise NonFiniteLogits(model) from err
     return out[:, query.shape[1] :]
-
-
-class NonFiniteLogits(RuntimeError):
-    """The model's next-token logits held a NaN or an infinity while decoding."""
 
 
 def next_tokens(logits: Tensor, settings: GenerationSettings) -> Tensor:
@@ -334,7 +343,7 @@ class StaticDecoder:
             with self.guards(checked=i == 0):
                 logits = self.step(token[:, None], mask, position, cache_position)
         if not bool(finite):
-            raise NonFiniteLogits(f"{type(self.model).__name__}'s next-token logits are non-finite")
+            raise NonFiniteLogits(self.model)
         tokens = tokens[:rows]
         if eos is None:
             return tokens

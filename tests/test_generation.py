@@ -109,13 +109,15 @@ def test_static_decoder_samples_generates_distribution():
     assert (freq - probs).abs().max() < 0.06
 
 
-def test_static_decoder_stops_on_non_finite_logits():
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_decoding_stops_on_non_finite_logits(cache):
     """Non-finite logits while decoding raise NonFiniteLogits (a RuntimeError; SALSA's rollout
-    turns it into its diverged-run error) and do not switch the model to generate for good."""
+    turns it into its diverged-run error), from the StaticDecoder's check or generate's
+    multinomial, and do not switch the model to generate for good."""
     tok, model, query, mask = setup()
     with torch.no_grad():
         model.lm_head.weight.fill_(float("nan"))
-    settings = GenerationSettings(max_new_tokens=4, cache="static")
+    settings = GenerationSettings(max_new_tokens=4, cache=cache)
     with pytest.raises(NonFiniteLogits, match="non-finite"):
         sample(model, tok, query, mask, settings)
     assert static_failed(model) is None

@@ -134,7 +134,7 @@ def inverse_cdf_sample(probs: Tensor, uniform: Tensor) -> Tensor:
 
     The draw needs one uniform number per row, where ``torch.multinomial`` draws one
     exponential per vocabulary entry: on the CPU the sampling step of a small model's
-    decoding costs a tenth of ``multinomial``'s. An entry of probability 0 is never drawn
+    decoding costs an eighth of ``multinomial``'s (45 against 368 us per [16, 384] draw). An entry of probability 0 is never drawn
     (where ``uniform`` x total rounds up to the total, the last entry above 0 is).
 
     Args:

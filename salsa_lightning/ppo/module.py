@@ -378,10 +378,7 @@ class SALSAModule(StageModule):
         query_mask = batch["attention_mask"].repeat_interleave(k, 0)
         try:
             response, mask = sample(self.policy, tok, query, query_mask, self.generation)
-        except RuntimeError as err:  # non-finite logits: the StaticDecoder's check, or generate's
-            multinomial = "probability tensor contains" in str(err)
-            if not (isinstance(err, NonFiniteLogits) or multinomial):
-                raise
+        except NonFiniteLogits as err:
             raise self.diverged("the policy's next-token logits are non-finite") from err
         texts = tok.batch_decode(response, skip_special_tokens=True)
         prompts = [p for p in batch["prompt"] for _ in range(k)]
