@@ -210,15 +210,16 @@ def decode(
     return out[:, query.shape[1] :]
 
 
-def next_tokens(logits: Tensor, settings: GenerationSettings) -> Tensor:
+def next_tokens(logits: Tensor, settings: GenerationSettings, uniform: Tensor | None) -> Tensor:
     """[B, V] next-token logits -> [B] tokens: greedy, or sampled from the logits warped by
     transformers' own temperature and top-p processors (``generate``'s distribution), by
-    inverse transform sampling (one uniform number per row; ``generate``'s ``multinomial``
-    draws one per vocabulary entry, so the draws differ from its draws under one seed)."""
+    inverse transform sampling with ``uniform``'s [B] numbers (one per row; ``generate``'s
+    ``multinomial`` draws one per vocabulary entry, so the draws differ from its draws under
+    one seed)."""
     if not settings.do_sample:
         return logits.argmax(-1)
     probs = warpers(settings)(None, logits.float()).softmax(-1)
-    return inverse_cdf_sample(probs, torch.rand(probs.shape[0], device=probs.device))
+    return inverse_cdf_sample(probs, uniform)
 
 
 def warpers(settings: GenerationSettings) -> LogitsProcessorList:
@@ -230,6 +231,13 @@ def warpers(settings: GenerationSettings) -> LogitsProcessorList:
     if settings.top_p < 1.0:
         out.append(TopPLogitsWarper(float(settings.top_p)))
     return out
+
+
+# Inductor's options for the StaticDecoder's step on the CPU. cpp_wrapper: the compiled graph
+# calls its kernels from C++, not from generated Python that views, checks and allocates each
+# buffer in turn (about 90 Python calls a token for the tiny model): 36 against 57 ms per
+# 32-token rollout of 16 on the tiny benchmark model (one thread; benchmarks/grpo_vs_trl.py).
+CPU_COMPILE = {"cpp_wrapper": True}
 
 
 class StaticDecoder:
@@ -248,7 +256,7 @@ class StaticDecoder:
         self.cache_argument = cache_argument(model)
         self.prompt_length = 0
         self.cache: Any = None
-        self.step = self.forward
+        self.step = self.advance
         self.compiled = False  # CUDA graphs: each replay overwrites the last one's outputs
 
     def forward(
@@ -266,6 +274,21 @@ class StaticDecoder:
         )
         return out.logits[:, -1]
 
+    def advance(
+        self,
+        token: Tensor,
+        mask: Tensor,
+        position: Tensor,
+        cache_position: Tensor,
+        settings: GenerationSettings,
+        uniform: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """One decoding step, the unit that is compiled: ``token`` [B] through the cache ->
+        the next [B] tokens (:func:`next_tokens`) and whether the logits they come from are all
+        finite. Compiled, picking and checking fuse into the forward's kernels."""
+        logits = self.forward(token[:, None], mask, position, cache_position)
+        return next_tokens(logits, settings, uniform), torch.isfinite(logits).all()
+
     def _fit(self, prompt_length: int, device: torch.device) -> None:
         """Make the cache hold ``prompt_length`` prompt tokens (re-created, larger, if needed)."""
         if self.cache is not None and prompt_length <= self.prompt_length:
@@ -278,10 +301,10 @@ class StaticDecoder:
             config=self.model.config, max_cache_len=self.prompt_length + self.new_tokens
         )
         if device.type == "cuda":
-            self.step = torch.compile(self.forward, mode="reduce-overhead", dynamic=False)
+            self.step = torch.compile(self.advance, mode="reduce-overhead", dynamic=False)
             self.compiled = True
-        elif self.compile_on_cpu:  # no CUDA graphs: fused C++ kernels, less Python per token
-            self.step = torch.compile(self.forward, dynamic=False)
+        elif self.compile_on_cpu:  # no CUDA graphs: C++ kernels called from a C++ wrapper
+            self.step = torch.compile(self.advance, dynamic=False, options=CPU_COMPILE)
 
     def guards(self, checked: bool) -> AbstractContextManager:
         """Whether the compiled step checks its guards. On the CPU the first step of a rollout
@@ -290,7 +313,7 @@ class StaticDecoder:
         same shapes, weights and cache tensors), skip them (``skip_guard_eval_unsafe``): the
         check costs about 0.3 ms a token, a tenth of the tiny benchmark model's decoding.
         CUDA graphs (not measured without them) always check."""
-        if checked or self.step == self.forward or self.compiled:  # a new bound method each read
+        if checked or self.step == self.advance or self.compiled:  # a new bound method each read
             return nullcontext()
         return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
@@ -326,10 +349,13 @@ class StaticDecoder:
         cache_position = torch.full((1,), length - 1, device=query.device)
         tokens = query.new_full((self.batch, n), pad)
         finished = torch.arange(self.batch, device=query.device) >= rows  # the fillers: done
-        finite = torch.ones((), dtype=torch.bool, device=query.device)
+
+        def uniform() -> Tensor | None:  # the sampling noise (greedy draws none)
+            return torch.rand(self.batch, device=query.device) if settings.do_sample else None
+
+        token = next_tokens(logits, settings, uniform())
+        finite = torch.isfinite(logits).all()  # read once, after the loop: no sync per token
         for i in range(n):
-            finite &= torch.isfinite(logits).all()  # read once, after the loop: no sync per token
-            token = next_tokens(logits, settings)
             if eos is not None:
                 token = token.masked_fill(finished, pad)
                 finished |= token == eos
@@ -338,10 +364,12 @@ class StaticDecoder:
             if i + 1 == n or (eos is not None and i % 16 == 15 and bool(finished.all())):
                 break
             position, cache_position = position + 1, cache_position + 1  # on the device
-            if self.compiled:
+            if self.compiled:  # a CUDA graph's outputs are overwritten by its next replay
                 torch.compiler.cudagraph_mark_step_begin()
+                token = token.clone()
             with self.guards(checked=i == 0):
-                logits = self.step(token[:, None], mask, position, cache_position)
+                token, ok = self.step(token, mask, position, cache_position, settings, uniform())
+            finite &= ok
         if not bool(finite):
             raise NonFiniteLogits(self.model)
         tokens = tokens[:rows]

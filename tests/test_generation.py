@@ -137,8 +137,17 @@ def test_compiled_static_decoder_on_the_cpu_decodes_the_same_tokens_as_generate(
         slow = sample(model, tok, query, mask, dynamic)
         assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
     decoder = static_decoder(model, len(PROMPTS), 10, compile=True)
-    assert decoder.step != decoder.forward  # the compiled step decoded (`is not`: always true)
+    assert decoder.step != decoder.advance  # the compiled step decoded (`is not`: always true)
     assert list(model.__dict__["_salsa_static_decoders"]) == [(len(PROMPTS), 10, True)]
+    # Sampled, the compiled step (forward, warpers and inverse transform fused) draws the eager
+    # step's tokens from the same noise.
+    warped = GenerationSettings(max_new_tokens=10, temperature=0.7, top_p=0.8)
+    eager = StaticDecoder(model, len(PROMPTS), 10, compile=False)
+    draws = []
+    for step in (decoder, eager):
+        torch.manual_seed(3)
+        draws.append(step(query, mask, warped, tok.eos_token_id, tok.pad_token_id))
+    assert torch.equal(*draws)
 
 
 def test_only_a_compiled_cpu_step_skips_its_guards_and_only_after_a_rollouts_first_token():
@@ -198,11 +207,11 @@ def test_next_tokens_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
     settings = GenerationSettings(top_p=0.75)
     torch.manual_seed(0)
-    draws = torch.stack([next_tokens(logits, settings) for _ in range(2000)])
+    draws = torch.stack([next_tokens(logits, settings, torch.rand(2)) for _ in range(2000)])
     assert set(draws[:, 0].tolist()) == {0, 1} and set(draws[:, 1].tolist()) == {2, 3}
     assert (draws[:, 0] == 0).float().mean() == pytest.approx(0.5 / 0.8, abs=0.04)
     greedy = GenerationSettings(do_sample=False)
-    assert next_tokens(logits, greedy).tolist() == [0, 3]
+    assert next_tokens(logits, greedy, None).tolist() == [0, 3]
 
 
 @pytest.mark.gpu
