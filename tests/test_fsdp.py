@@ -86,10 +86,12 @@ def first_errors(stderr: str, lines: int = 12) -> str:
     return "\n".join(found[:lines])
 
 
-def launch(args: list[str], cwd: Path, env: dict[str, str] | None) -> subprocess.CompletedProcess:
+def launch(
+    args: list[str], cwd: Path, env: dict[str, str] | None, timeout: int
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "salsa_lightning.cli", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def failure(proc: subprocess.CompletedProcess, cwd: Path) -> str:
@@ -102,20 +104,20 @@ def failure(proc: subprocess.CompletedProcess, cwd: Path) -> str:
     )
 
 
-def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+def run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> str:
     """``salsa <args>`` in a subprocess (which fails the test if it fails); its stdout.
 
     A run killed by a signal (gloo's TCP transport aborted a rank once in CI, inside the
     export's all-gather, in a run that passes every other time) runs once more, after what it
     wrote is removed, with a warning that shows its errors; any other failure fails at once."""
     before = set(Path(cwd).rglob("*"))
-    proc = launch(args, cwd, env)
+    proc = launch(args, cwd, env, timeout)
     if proc.returncode < 0:
         warnings.warn(f"killed by a signal; run again. {failure(proc, cwd)}", stacklevel=2)
         written = set(Path(cwd).rglob("*")) - before - set(Path(cwd).glob("salsa-stderr-*"))
         for path in sorted(written, reverse=True):  # children before their folders
             path.unlink() if path.is_file() or path.is_symlink() else path.rmdir()
-        proc = launch(args, cwd, env)
+        proc = launch(args, cwd, env, timeout)
     assert proc.returncode == 0, failure(proc, cwd)
     return proc.stdout
 
