@@ -21,14 +21,13 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import yaml
 from conftest import CONFIGS
-from test_fsdp import run
+from test_fsdp import launch, run
 from torch.utils.data import DataLoader
 
 from salsa_lightning.cli import SalsaCLI
@@ -220,28 +219,18 @@ def rl_args(configs: list[str], out: dict[str, Path], task_dir: Path, root: Path
     ]  # fmt: skip
 
 
+# The subprocesses import this folder (``StepLog``); test_fsdp's helpers run them.
+ON_PATH = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+
+
 def salsa(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """``salsa <args>`` in a subprocess that can import this folder (``StepLog``)."""
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "salsa_lightning.cli", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
+    """``salsa <args>`` in a subprocess, whatever its exit code."""
+    return launch(args, cwd, ON_PATH, timeout=1200)
 
 
 def fit(args: list[str], cwd: Path) -> None:
-    """``salsa fit`` as test_fsdp runs it (a run killed by a signal runs again), importing this
-    folder (``StepLog``)."""
-    run(
-        args,
-        cwd,
-        {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])},
-        1200,
-    )
+    """``salsa fit`` as test_fsdp runs it (a run killed by a signal runs again)."""
+    run(args, cwd, ON_PATH, timeout=1200)
 
 
 def run_at(config: str, world: int, out, task_dir: Path, tmp_path: Path) -> dict:
