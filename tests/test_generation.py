@@ -377,7 +377,8 @@ def test_a_sharded_rollout_gathers_the_policy_once(args):
     """Gather-once (``generation.gather: once``) against FSDP's per-layer gathers, 8 new tokens
     on 2 ranks: at most one all-gather per FSDP unit per rollout (per layer: one per decoder
     block and token), the same tokens under one seed (sampled at temperature 0.9, top-p 0.95;
-    greedy with the StaticDecoder, whose draws differ from generate's, or to stop rank 0 first), and every parameter sharded again afterwards. Greedy, with EOS the first token
+    greedy with the StaticDecoder, whose draws differ from generate's, or to stop rank 0
+    first), and every parameter sharded again afterwards. Greedy, with EOS the first token
     rank 0 decodes, rank 0 stops after one step in gather-once mode while rank 1 decodes on
     (no lockstep); per layer both ranks run every step. The LoRA policy (a peft model, whose
     generate never calls its FSDP2 root's forward) and the StaticDecoder decode sharded too."""

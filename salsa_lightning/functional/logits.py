@@ -134,8 +134,9 @@ def inverse_cdf_sample(probs: Tensor, uniform: Tensor) -> Tensor:
 
     The draw needs one uniform number per row, where ``torch.multinomial`` draws one
     exponential per vocabulary entry: on the CPU the sampling step of a small model's
-    decoding costs an eighth of ``multinomial``'s (45 against 368 us per [16, 384] draw). An entry of probability 0 is never drawn
-    (where ``uniform`` x total rounds up to the total, the last entry above 0 is).
+    decoding costs an eighth of ``multinomial``'s (45 against 368 us per [16, 384] draw). An
+    entry of probability 0 is never drawn (where ``uniform`` x total rounds up to the total,
+    the last entry above 0 is).
 
     Args:
         probs: ``[B, V]`` non-negative weights (rows need not sum to 1).
