@@ -51,11 +51,11 @@ grpo_part() {
   if [ ! -d .whl-trl ]; then echo "grpo: no .whl-trl/ (the trl 1.16.0 wheel)"; return 1; fi
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site-trl .whl-trl/*.whl || return 1
-  printf '#!/bin/sh\nPYTHONPATH=/tmp/site-trl:${PYTHONPATH:-} exec python3 "$@"\n' > "$OUT/trl-python"
-  chmod +x "$OUT/trl-python"
+  printf '#!/bin/sh\nPYTHONPATH=/tmp/site-trl:${PYTHONPATH:-} exec python3 "$@"\n' > /tmp/trl-python
+  chmod +x /tmp/trl-python
   for estimator in grpo rloo; do
     step "grpo_gpt2_$estimator" 200 python3 benchmarks/grpo_vs_trl.py --preset gpt2-small \
-      --device cuda --estimator "$estimator" --trl-python "$OUT/trl-python" --timeout 120
+      --device cuda --estimator "$estimator" --trl-python /tmp/trl-python --timeout 120
   done
 }
 

@@ -257,6 +257,7 @@ class StaticDecoder:
         self.prompt_length = 0
         self.cache: Any = None
         self.step = self.advance
+        self.logits = self.forward  # on a GPU, a CUDA graph of the forward (see _fit)
         self.compiled = False  # CUDA graphs: each replay overwrites the last one's outputs
 
     def forward(
@@ -283,10 +284,11 @@ class StaticDecoder:
         settings: GenerationSettings,
         uniform: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        """One decoding step, the unit that is compiled: ``token`` [B] through the cache ->
-        the next [B] tokens (:func:`next_tokens`) and whether the logits they come from are all
-        finite. Compiled, picking and checking fuse into the forward's kernels."""
-        logits = self.forward(token[:, None], mask, position, cache_position)
+        """One decoding step: ``token`` [B] through the cache -> the next [B] tokens
+        (:func:`next_tokens`) and whether the logits they come from are all finite. On the CPU
+        the whole step is compiled (picking and checking fuse into the forward's kernels); on a
+        GPU the forward alone is a CUDA graph, and picking and checking follow it eagerly."""
+        logits = self.logits(token[:, None], mask, position, cache_position)
         return next_tokens(logits, settings, uniform), torch.isfinite(logits).all()
 
     def _fit(self, prompt_length: int, device: torch.device) -> None:
@@ -301,7 +303,10 @@ class StaticDecoder:
             config=self.model.config, max_cache_len=self.prompt_length + self.new_tokens
         )
         if device.type == "cuda":
-            self.step = torch.compile(self.advance, mode="reduce-overhead", dynamic=False)
+            # Not the whole step: with the pick inside, compiling failed for GPT-2 in bf16 on an
+            # H200 (torch 2.11, Inductor: "list indices must be integers or slices, not
+            # NoneType"), while a tiny Llama compiled; the forward alone compiled for both.
+            self.logits = torch.compile(self.forward, mode="reduce-overhead", dynamic=False)
             self.compiled = True
         elif self.compile_on_cpu:  # no CUDA graphs: C++ kernels called from a C++ wrapper
             self.step = torch.compile(self.advance, dynamic=False, options=CPU_COMPILE)
@@ -312,8 +317,8 @@ class StaticDecoder:
         rollout) and the later steps, whose inputs differ from the first's in values only (the
         same shapes, weights and cache tensors), skip them (``skip_guard_eval_unsafe``): the
         check costs about 0.3 ms a token on the tiny benchmark model.
-        CUDA graphs (not measured without them) always check."""
-        if checked or self.step == self.advance or self.compiled:  # a new bound method each read
+        On a GPU the step is not compiled as a whole, and its forward's CUDA graph checks."""
+        if checked or self.step == self.advance:  # a new bound method each read
             return nullcontext()
         return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
@@ -364,9 +369,8 @@ class StaticDecoder:
             if i + 1 == n or (eos is not None and i % 16 == 15 and bool(finished.all())):
                 break
             position, cache_position = position + 1, cache_position + 1  # on the device
-            if self.compiled:  # a CUDA graph's outputs are overwritten by its next replay
+            if self.compiled:  # the logits of the last replay are no longer read
                 torch.compiler.cudagraph_mark_step_begin()
-                token = token.clone()
             with self.guards(checked=i == 0):
                 token, ok = self.step(token, mask, position, cache_position, settings, uniform())
             finite &= ok

@@ -32,7 +32,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.fsdp import FlatParameter
 from torch.distributed.tensor import DTensor
-from transformers import get_cosine_schedule_with_warmup
 
 from salsa_lightning.data.base import held_out_rows
 from salsa_lightning.errors import SalsaError
@@ -261,6 +260,10 @@ class StageModule(L.LightningModule):
         """``optimizer_factory`` over the trainable weights, stepped by a linear warmup of
         ``hparams.warmup`` steps (a fraction below 1) and a cosine decay over the run (the SFT,
         reward and DPO stages)."""
+        # Imported here: transformers.optimization imports peft (when installed) through
+        # trainer_utils, 35 MiB of resident memory that an RL run without LoRA never uses.
+        from transformers import get_cosine_schedule_with_warmup
+
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = self.hparams.warmup

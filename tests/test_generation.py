@@ -223,6 +223,43 @@ def test_compiled_static_cache_on_gpu_matches_dynamic_decoding():
     assert torch.equal(out["static"][0], out["dynamic"][0])
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cpu", marks=pytest.mark.slow),  # compiling takes 10 to 20 s here
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            ],
+        ),
+    ],
+)
+def test_compiled_step_samples_the_eager_steps_tokens(device):
+    """Sampling (temperature 0.7, top-p 0.8, 12 tokens, no EOS stop), the compiled step (on a
+    GPU its forward as a CUDA graph, on the CPU the whole step as C++ kernels) draws exactly the
+    eager step's tokens under one seed: the noise is drawn outside the graph, so both consume
+    the same uniforms in the same order, and replaying the graph overwrites nothing in use."""
+    tok, model, query, mask = setup()
+    model, query, mask = model.to(device), query.to(device), mask.to(device)
+    settings = GenerationSettings(max_new_tokens=12, temperature=0.7, top_p=0.8, stop_at_eos=False)
+    decoder = static_decoder(model, len(PROMPTS), 12, compile=device == "cpu")
+    out = {}
+    for step in ("compiled", "compiled again", "eager"):
+        if step == "eager":
+            eager = (decoder.step, decoder.logits) == (decoder.advance, decoder.forward)
+            assert not eager  # the runs above were compiled
+            decoder.step, decoder.logits, decoder.compiled = decoder.advance, decoder.forward, False
+        torch.manual_seed(0)
+        out[step] = decoder(query, mask, settings, None, tok.pad_token_id)
+    assert out["compiled"].shape == (len(PROMPTS), 12)
+    assert torch.equal(out["compiled"], out["eager"])
+    assert torch.equal(out["compiled again"], out["eager"])
+    torch.manual_seed(1)  # another seed, other tokens: the noise does reach the draw
+    assert not torch.equal(decoder(query, mask, settings, None, tok.pad_token_id), out["eager"])
+
+
 def test_cache_setting_is_checked_and_auto_picks_static_only_on_a_gpu_out_of_lockstep():
     with pytest.raises(
         SalsaError, match="generation.cache is 'paged'; choose one of auto, static, dynamic"

@@ -52,9 +52,9 @@ def test_static_cache_rollout_equals_dynamic_in_training(
     cache as with the dynamic one (the optimisation changes no number)."""
     used = []
 
-    def spy(model, tokenizer, query, query_mask, settings, synced=False, sharded=False):
-        used.append(generation.use_static_cache(settings.cache, query.device, sharded or synced))
-        return generation.sample(model, tokenizer, query, query_mask, settings, synced, sharded)
+    def spy(model, tokenizer, query, query_mask, settings):
+        used.append(generation.use_static_cache(settings.cache, query.device, lockstep=False))
+        return generation.sample(model, tokenizer, query, query_mask, settings)
 
     monkeypatch.setattr(salsa_module, "sample", spy)
     metrics = {}
