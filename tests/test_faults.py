@@ -328,6 +328,21 @@ def test_a_soup_input_listed_twice_is_warned_about_by_name(how, stage_outputs, t
     assert (tmp_path / "soup/model.safetensors").is_file()  # a valid soup: warned, not refused
 
 
+def test_loading_refuses_nan_or_inf_but_not_a_finite_weight_whose_sum_overflows():
+    """The load-time check (a float32 sum first): a weight with NaN and inf is refused with the
+    file, the tensor and the count; a finite weight whose float32 sum overflows (8 x 3e38) and
+    a bf16 weight are accepted; integer tensors are not checked."""
+    from salsa_lightning.soup.files import check_finite
+
+    bad = torch.ones(6)
+    bad[1], bad[4] = float("nan"), float("inf")
+    with pytest.raises(SalsaError, match=r"^ckpt/model.safetensors: tensor 'w' holds 2 non-finite"):
+        check_finite(bad, "w", "ckpt/model.safetensors")
+    check_finite(torch.full((8,), 3e38), "big", "ckpt/model.safetensors")
+    check_finite(torch.randn(4, 4, dtype=torch.bfloat16), "bf16", "ckpt/model.safetensors")
+    check_finite(torch.arange(3), "ids", "ckpt/model.safetensors")
+
+
 def test_first_nonfinite_finds_the_first_weight_with_nan_or_inf():
     """Hand-built tensors: the index of the first one holding NaN or inf, integers skipped; a
     float16 weight whose values sum beyond float16's range (65504) is still finite, as the sum

@@ -59,9 +59,16 @@ class TensorFiles:
 
 
 def check_finite(tensor: Tensor, name: str, path: str | Path) -> None:
-    """Refuse model weights that hold NaN or inf, naming the file and the tensor."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    """Refuse model weights that hold NaN or inf, naming the file and the tensor.
+
+    First one float32 sum (NaN or inf make it non-finite): it reads the weight once and writes
+    nothing, where ``isfinite`` writes a mask as large as the weight (a gpt2-small model: 0.05
+    against 0.67 s, one thread). Only a non-finite sum, which a finite weight can also give by
+    overflowing float32, is checked element by element."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
         raise SalsaError(
             f"{path}: tensor '{name}' holds {bad} non-finite value(s) (NaN or inf): the "
             "checkpoint is corrupt or diverged; re-copy it or use an earlier one."
