@@ -125,6 +125,49 @@ def test_logprobs_gradient_matches_naive(dtype, temperature):
     torch.testing.assert_close(grad, logits.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("tile", [1, 3, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_logprobs_from_hidden_match_the_logits_path(dtype, temperature, tile, bias):
+    """The output layer applied in tiles gives the log-probs of the full logits, and the same
+    gradients for the hidden states, the weight and the bias (20 positions: the last tile of 3
+    is short; repeated tokens must add up in the weight's gradient)."""
+    torch.manual_seed(0)
+    B, T, H, V = 4, 5, 8, 13
+    hidden = torch.randn(B, T, H).to(dtype).requires_grad_()
+    weight = torch.randn(V, H).to(dtype).requires_grad_()
+    b = torch.randn(V).to(dtype).requires_grad_() if bias else None
+    tokens = torch.randint(0, V, (B, T))
+    tokens[0] = 3
+    weights = torch.randn(B, T)
+    leaves = [hidden, weight] + ([b] if bias else [])
+    out = Fn.logprobs_from_hidden(hidden, weight, b, tokens, temperature, tile=tile)
+    (out * weights).sum().backward()
+    grads = [x.grad.clone() for x in leaves]
+    for x in leaves:
+        x.grad = None
+    full = Fn.logprobs_from_logits(
+        torch.nn.functional.linear(hidden, weight, b), tokens, temperature
+    )
+    (full * weights).sum().backward()
+    assert out.dtype == torch.float32 and out.shape == (B, T)
+    torch.testing.assert_close(out, full)
+    tol = {"atol": 0.05, "rtol": 0.02} if dtype == torch.bfloat16 else {}
+    for grad, x in zip(grads, leaves, strict=True):
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad, x.grad, **tol)
+
+
+def test_logprobs_from_hidden_rejects_bad_arguments():
+    hidden, weight = torch.randn(1, 2, 3), torch.randn(4, 3)
+    tokens = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="temperature"):
+        Fn.logprobs_from_hidden(hidden, weight, None, tokens, temperature=0.0)
+    with pytest.raises(ValueError, match="tile must be a positive integer, got 0"):
+        Fn.logprobs_from_hidden(hidden, weight, None, tokens, tile=0)
+
+
 def test_logprobs_without_grad_and_repeated_tokens():
     # the same token at every position of a row: scatter_add must add, not overwrite
     logits = torch.randn(3, 4, 5, requires_grad=True)

@@ -23,9 +23,11 @@ from salsa_lightning.generation import (
     NonFiniteLogits,
     StaticDecoder,
     next_tokens,
+    output_layer,
     position_ids,
     response_logprobs,
     sample,
+    score_response,
     static_decoder,
     static_failed,
     use_static_cache,
@@ -336,6 +338,46 @@ def test_static_decoder_matches_generate_across_model_families(arch):
     out = decode_both_caches(model, tok, query, mask, "cpu", max_new_tokens=12)
     assert static_failed(model) is None
     assert torch.equal(out["static"][0], out["dynamic"][0])
+
+
+@pytest.mark.parametrize(
+    "arch", ["llama", "mistral", "gemma", "gemma2", "qwen2", "gpt2", "llama-lora"]
+)
+def test_score_response_takes_log_probs_in_tiles_without_building_the_logits(arch):
+    """The policy's response log-probs from the last hidden states in tiles equal those from
+    the model's logits (left padding, temperature 0.8), and nothing of vocabulary width is kept
+    for backward, where the logits path keeps the [B, R, V] logits. Gemma 2 soft-caps its
+    logits: it keeps the logits path. The hidden states are those that predict the response."""
+    model = tiny_causal_lm(arch)  # eval: no dropout, as SALSA trains; grad still on
+    vocab = model.get_output_embeddings().weight.shape[0]
+    seq = torch.randint(3, 100, (3, 12))
+    mask = torch.ones_like(seq)
+    seq[0, :3], mask[0, :3] = 0, 0
+    response = seq[:, -5:]
+    widths = {}
+    for path in ("tiles", "logits"):
+        saved = []
+
+        def keep(t, saved=saved):
+            saved.append(t.shape)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = score_response(
+                model, seq, mask, response, 0.8, hidden=True, logits=path == "logits"
+            )
+        widths[path] = [s for s in saved if len(s) == 3 and s[-1] == vocab]
+        if path == "tiles":
+            tiles = out
+    torch.testing.assert_close(tiles.logprobs, out.logprobs)
+    torch.testing.assert_close(tiles.hidden, out.hidden)
+    assert tiles.hidden.shape == (3, 5, model.get_output_embeddings().weight.shape[1])
+    assert widths["logits"]  # the logits path keeps the logits for backward
+    if arch == "gemma2":
+        assert output_layer(model) is None and tiles.logits is not None
+    else:
+        assert output_layer(model) is not None and tiles.logits is None
+        assert widths["tiles"] == []
 
 
 # The forward's own name for its KV cache in the installed transformers: ``cache`` in recent 5.x

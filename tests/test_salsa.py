@@ -445,6 +445,28 @@ def test_value_head_replaces_the_critic(stage_outputs, task_dir, tmp_path):
     assert module.value_head_layer.bias.abs().sum() > 0
 
 
+def test_an_entropy_bonus_reads_the_logits_and_changes_the_update(
+    stage_outputs, task_dir, tmp_path
+):
+    """The policy's log-probs come from its hidden states in tiles (no logits); with an entropy
+    bonus the pass computes the response logits: the same rollout and old log-probs, the
+    entropy logged (between 0 and log V), and other trained weights than without the bonus."""
+    runs = {}
+    for coef in (0.0, 1.0):
+        L.seed_everything(0)
+        ppo = PPOSettings(epochs=2, minibatch_size=8, micro_batch_size=8, entropy_coef=coef)
+        module = build(stage_outputs, cls=KeepRollouts, ppo=ppo)
+        _, recorder = fit(module, prompts(stage_outputs, task_dir), tmp_path / str(coef), 1)
+        runs[coef] = module, recorder.metrics[-1]
+    (plain, plain_m), (bonus, bonus_m) = runs[0.0], runs[1.0]
+    assert torch.equal(plain.rollouts[0].response, bonus.rollouts[0].response)
+    torch.testing.assert_close(bonus.rollouts[0].logprobs, plain.rollouts[0].logprobs)
+    vocab = plain.policy.get_output_embeddings().weight.shape[0]
+    assert "policy/entropy" not in plain_m and 0 < bonus_m["policy/entropy"] < math.log(vocab)
+    a, b = snapshot(plain.policy), snapshot(bonus.policy)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 # ----------------------------------------------------------------------------- non-finite rewards
 
 

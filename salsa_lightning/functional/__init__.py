@@ -49,6 +49,7 @@ from salsa_lightning.functional.kl import (
 from salsa_lightning.functional.logits import (
     entropy_from_logits,
     inverse_cdf_sample,
+    logprobs_from_hidden,
     logprobs_from_logits,
 )
 from salsa_lightning.functional.losses import (
@@ -108,6 +109,7 @@ __all__ = [
     "ipo_loss",
     "kl_estimate",
     "leave_one_out_advantages",
+    "logprobs_from_hidden",
     "logprobs_from_logits",
     "masked_mean",
     "masked_sum",

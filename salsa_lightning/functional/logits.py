@@ -4,15 +4,16 @@ one categorical draw per row by inverse transform sampling."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from salsa_lightning.errors import SalsaError
 
 
-def _row_chunks(n_rows: int, chunk_size: int) -> list[slice]:
+def _row_chunks(n_rows: int, chunk_size: int, name: str = "chunk_size") -> list[slice]:
     if chunk_size < 1:
-        raise SalsaError(f"chunk_size must be a positive integer, got {chunk_size}.")
+        raise SalsaError(f"{name} must be a positive integer, got {chunk_size}.")
     return [slice(i, i + chunk_size) for i in range(0, n_rows, chunk_size)]
 
 
@@ -109,6 +110,88 @@ def logprobs_from_logits(
         raise SalsaError(f"temperature must be positive, got {temperature}.")
     _row_chunks(0, chunk_size)  # validate before autograd wraps the error
     return _TokenLogprobs.apply(logits, tokens, float(temperature), int(chunk_size))
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """``log softmax((hidden @ weight.T + bias) / temperature)[token]`` in tiles of rows: the
+    logits of one tile exist at a time, in forward and (recomputed) in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, temperature, tile):
+        out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        lse = torch.empty_like(out)
+        for rows in _row_chunks(hidden.shape[0], tile):
+            z = _scaled_float(F.linear(hidden[rows], weight, bias), temperature)
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            out[rows] = z.gather(-1, tokens[rows, None]).squeeze(-1) - lse[rows]
+        ctx.save_for_backward(hidden, weight, bias, tokens, lse)
+        ctx.temperature, ctx.tile = temperature, tile
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        hidden, weight, bias, tokens, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = (
+            torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        )
+        grad_bias = (
+            None
+            if bias is None or not ctx.needs_input_grad[2]
+            else torch.zeros_like(bias, dtype=torch.float32)
+        )
+        for rows in _row_chunks(hidden.shape[0], ctx.tile):
+            z = _scaled_float(F.linear(hidden[rows], weight, bias), ctx.temperature)
+            g_out = grad_out[rows, None]
+            # d/dz (z[tok] - lse(z)) = onehot(tok) - softmax(z); then through the division
+            g = torch.exp(z - lse[rows, None]).mul_(-g_out)
+            g.scatter_add_(-1, tokens[rows, None], g_out)
+            g = g.div_(ctx.temperature) if ctx.temperature != 1.0 else g
+            if grad_hidden is not None:
+                grad_hidden[rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(g.T, hidden[rows].float())
+            if grad_bias is not None:
+                grad_bias += g.sum(0)
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def logprobs_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    tokens: Tensor,
+    temperature: float = 1.0,
+    tile: int = 256,
+) -> Tensor:
+    """Log-probabilities of ``tokens`` under the output layer ``hidden @ weight.T + bias``,
+    without ever building the ``[B, T, V]`` logits: ``tile`` positions' logits at a time, in
+    float32, recomputed in backward (as TRL's chunked log-prob and Liger's fused linear
+    cross-entropy do). The same numbers as :func:`logprobs_from_logits` of the full logits.
+
+    Args:
+        hidden: ``[B, T, H]`` last hidden states of the positions that predict ``tokens``.
+        weight: ``[V, H]`` the output embedding; ``bias``: ``[V]`` or None.
+        tokens: ``[B, T]`` long, the token ids whose probability is wanted.
+        temperature: Sampling temperature; logits are divided by it first.
+        tile: Positions (over ``B x T``) whose logits exist at once: the extra memory is
+            about two float32 ``[tile, V]``.
+
+    Returns:
+        ``[B, T]`` float32 log-probabilities (differentiable w.r.t. ``hidden``, ``weight``
+        and ``bias``).
+    """
+    if temperature <= 0:
+        raise SalsaError(f"temperature must be positive, got {temperature}.")
+    _row_chunks(0, tile, "tile")
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    out = _HeadLogprobs.apply(
+        flat, weight, bias, tokens.reshape(-1).long(), float(temperature), int(tile)
+    )
+    return out.view(tokens.shape)
 
 
 def entropy_from_logits(logits: Tensor, chunk_size: int = 8) -> Tensor:

@@ -42,9 +42,9 @@ from salsa_lightning.frozen import mark_moving, without_dropout
 from salsa_lightning.generation import (
     GenerationSettings,
     NonFiniteLogits,
-    response_logits,
     response_logprobs,
     sample,
+    score_response,
 )
 from salsa_lightning.lora import LoraSettings
 from salsa_lightning.ppo import checks, models, moving
@@ -455,14 +455,16 @@ class SALSAModule(StageModule):
         A separate critic runs first, so that backward (newest nodes first) finishes the
         policy's gradients before it allocates the critic's: the peak then holds one model's
         gradients and the tied-embedding gradient's temporaries, not both."""
-        n, head = rows.response.shape[1], self.value_head_layer
-        seq, mask = rows.sequence, rows.attention_mask
+        head, seq, mask = self.value_head_layer, rows.sequence, rows.attention_mask
+        n = rows.response.shape[1]
         values = self.critic(seq, mask, n) if self.critic is not None else None
-        out = response_logits(self.policy, seq, mask, n, output_hidden_states=head is not None)
-        logprobs = fn.logprobs_from_logits(out.logits, rows.response, self.generation.temperature)
+        out = score_response(
+            self.policy, seq, mask, rows.response, self.generation.temperature,
+            hidden=head is not None, logits=bool(self.ppo_settings.entropy_coef),
+        )  # fmt: skip
         if head is not None:  # the last hidden states that predict the response tokens
-            values = head(out.hidden_states[-1][:, -n - 1 : -1]).squeeze(-1).float()
-        return PassOutputs(out.logits, logprobs, values)
+            values = head(out.hidden).squeeze(-1).float()
+        return PassOutputs(out.logits, out.logprobs, values)
 
     @torch.no_grad()
     def score_policy(self, rollout: Rollout) -> PolicyScores:

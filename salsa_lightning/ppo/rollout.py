@@ -68,7 +68,7 @@ class PolicyScores:
 class PassOutputs:
     """One forward pass of the policy (and critic) over rollout rows, with grad."""
 
-    logits: Tensor  # [B, R, V] response logits
+    logits: Tensor | None  # [B, R, V] response logits; None: log-probs taken in tiles
     logprobs: Tensor  # [B, R]
     values: Tensor | None  # [B, R]; None: no critic
 
