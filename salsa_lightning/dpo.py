@@ -41,9 +41,11 @@ from salsa_lightning.functional import (
     PreferenceLossOutput,
     check_preference_settings,
     dpo_loss,
+    logprobs_from_hidden,
     preference_metrics,
     sequence_logprobs,
 )
+from salsa_lightning.generation import output_layer
 from salsa_lightning.lora import LoraSettings, add_lora
 from salsa_lightning.ppo.checks import check_tokenizer
 from salsa_lightning.pretrained import (
@@ -79,11 +81,21 @@ def default_dpo_optimizer(params: Any) -> torch.optim.Optimizer:
 
 def answer_logprobs(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """``[2B]`` log-probabilities of the answers of a preference batch (chosen rows first)
-    under ``model``, summed over each answer's tokens (``labels`` other than -100)."""
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
-    return sequence_logprobs(logits, batch["labels"])
+    under ``model``, summed over each answer's tokens (``labels`` other than -100).
+
+    When the model's output layer allows it (:func:`~salsa_lightning.generation.output_layer`),
+    only the answer positions' last hidden states go through it, in tiles: neither the whole
+    sequences' ``[2B, T, V]`` logits nor their gradient are built."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    layer = output_layer(model)
+    if layer is None:
+        return sequence_logprobs(model(**inputs, use_cache=False).logits, batch["labels"])
+    decoder, head = layer
+    states = decoder(**inputs, use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+    rows, cols = (targets != -100).nonzero(as_tuple=True)
+    logprobs = logprobs_from_hidden(states[rows, cols], head.weight, head.bias, targets[rows, cols])
+    return logprobs.new_zeros(len(targets)).index_add(0, rows, logprobs)
 
 
 # ----------------------------------------------------------------------------- checks

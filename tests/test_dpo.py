@@ -101,6 +101,30 @@ def test_sequence_logprobs_sum_the_answer_tokens_only():
     torch.testing.assert_close(got, torch.stack(want))
 
 
+def test_answer_logprobs_in_tiles_equal_those_of_the_whole_logits(stage_outputs, task_dir):
+    """The answer positions' hidden states through the output layer in tiles give the log-probs
+    of the whole sequences' logits, and the same gradient for every weight."""
+    model = AutoModelForCausalLM.from_pretrained(stage_outputs["sft-1"])
+    data = pairs(stage_outputs, task_dir, max_samples=16)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    grads = []
+    for tiles in (True, False):
+        model.zero_grad()
+        if tiles:
+            got = answer_logprobs(model, batch)
+        else:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            got = sequence_logprobs(logits.logits, batch["labels"])
+        got.sum().backward()
+        grads.append((got.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (tiled, tiled_grads), (full, full_grads) = grads
+    assert tiled.shape == (2 * 16,) and bool((tiled < 0).all())
+    torch.testing.assert_close(tiled, full)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(tiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
