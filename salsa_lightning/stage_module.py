@@ -261,7 +261,8 @@ class StageModule(L.LightningModule):
         ``hparams.warmup`` steps (a fraction below 1) and a cosine decay over the run (the SFT,
         reward and DPO stages)."""
         # Imported here: transformers.optimization imports peft (when installed) through
-        # trainer_utils, 35 MiB of resident memory that an RL run without LoRA never uses.
+        # trainer_utils, which an RL run without LoRA never uses (11 MiB of resident memory
+        # after imports: 550 against 539 MiB).
         from transformers import get_cosine_schedule_with_warmup
 
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])

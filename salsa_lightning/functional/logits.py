@@ -22,6 +22,22 @@ def _scaled_float(chunk: Tensor, temperature: float) -> Tensor:
     return chunk / temperature if temperature != 1.0 else chunk
 
 
+def _chunk_logprobs(z: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """``z[token] - logsumexp(z)`` and the logsumexp, over the last dim of float32 logits
+    ``z`` [..., V] (``tokens`` [..., 1])."""
+    lse = torch.logsumexp(z, dim=-1)
+    return z.gather(-1, tokens).squeeze(-1) - lse, lse
+
+
+def _chunk_grad(z: Tensor, lse: Tensor, tokens: Tensor, g_out: Tensor, temperature: float):
+    """The gradient of ``g_out x log softmax(logits / temperature)[token]`` w.r.t. the logits,
+    from ``z`` = logits / temperature: ``(onehot(token) - softmax(z)) x g_out / temperature``
+    (``g_out`` [..., 1])."""
+    g = torch.exp(z - lse.unsqueeze(-1)).mul_(-g_out)
+    g.scatter_add_(-1, tokens, g_out)
+    return g.div_(temperature) if temperature != 1.0 else g
+
+
 class _TokenLogprobs(torch.autograd.Function):
     """``log softmax(logits / temperature)[token]``, chunked over rows in forward and backward.
 
@@ -36,9 +52,9 @@ class _TokenLogprobs(torch.autograd.Function):
         out = logits.new_empty(logits.shape[:-1], dtype=torch.float32)
         lse = torch.empty_like(out)
         for rows in _row_chunks(logits.shape[0], chunk_size):
-            z = _scaled_float(logits[rows], temperature)
-            lse[rows] = torch.logsumexp(z, dim=-1)
-            out[rows] = z.gather(-1, tokens[rows]).squeeze(-1) - lse[rows]
+            out[rows], lse[rows] = _chunk_logprobs(
+                _scaled_float(logits[rows], temperature), tokens[rows]
+            )
         ctx.save_for_backward(logits, tokens, lse)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return out
@@ -50,11 +66,9 @@ class _TokenLogprobs(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for rows in _row_chunks(logits.shape[0], ctx.chunk_size):
             z = _scaled_float(logits[rows], ctx.temperature)
-            g_out = grad_out[rows].unsqueeze(-1)
-            # d/dz (z[tok] - lse(z)) = onehot(tok) - softmax(z)
-            g = torch.exp(z - lse[rows].unsqueeze(-1)).mul_(-g_out)
-            g.scatter_add_(-1, tokens[rows], g_out)
-            grad[rows] = g / ctx.temperature
+            grad[rows] = _chunk_grad(
+                z, lse[rows], tokens[rows], grad_out[rows, ..., None], ctx.temperature
+            )
         return grad, None, None, None
 
 
@@ -122,8 +136,7 @@ class _HeadLogprobs(torch.autograd.Function):
         lse = torch.empty_like(out)
         for rows in _row_chunks(hidden.shape[0], tile):
             z = _scaled_float(F.linear(hidden[rows], weight, bias), temperature)
-            lse[rows] = torch.logsumexp(z, dim=-1)
-            out[rows] = z.gather(-1, tokens[rows, None]).squeeze(-1) - lse[rows]
+            out[rows], lse[rows] = _chunk_logprobs(z, tokens[rows, None])
         ctx.save_for_backward(hidden, weight, bias, tokens, lse)
         ctx.temperature, ctx.tile = temperature, tile
         return out
@@ -143,11 +156,7 @@ class _HeadLogprobs(torch.autograd.Function):
         )
         for rows in _row_chunks(hidden.shape[0], ctx.tile):
             z = _scaled_float(F.linear(hidden[rows], weight, bias), ctx.temperature)
-            g_out = grad_out[rows, None]
-            # d/dz (z[tok] - lse(z)) = onehot(tok) - softmax(z); then through the division
-            g = torch.exp(z - lse[rows, None]).mul_(-g_out)
-            g.scatter_add_(-1, tokens[rows, None], g_out)
-            g = g.div_(ctx.temperature) if ctx.temperature != 1.0 else g
+            g = _chunk_grad(z, lse[rows], tokens[rows, None], grad_out[rows, None], ctx.temperature)
             if grad_hidden is not None:
                 grad_hidden[rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
