@@ -21,7 +21,7 @@ from salsa_lightning.functional import (
     response_mask,
     truncate_after_eos,
 )
-from salsa_lightning.sharding import fsdp_kind, gathered
+from salsa_lightning.sharding import fsdp_kind, gathered, whole_after_forward
 
 Cache = Literal["auto", "static", "dynamic"]
 Gather = Literal["once", "per_layer"]
@@ -443,19 +443,31 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 def output_layer(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """``(decoder, head)`` of a causal LM (peft-wrapped too) whose logits are ``head`` (a plain
     ``nn.Linear``) of the decoder's last hidden states, so that log-probs can be taken from the
-    hidden states in tiles (:func:`~salsa_lightning.functional.logprobs_from_hidden`); None for
-    a model FSDP shards (it gathers in the model's own forward), a head with adapters, a model
-    that transforms its logits, or a decoder that takes no attention mask and positions."""
-    if fsdp_kind(model) is not None:
-        return None
+    hidden states in tiles (:func:`last_hidden_states`,
+    :func:`~salsa_lightning.functional.logprobs_from_hidden`); None for a head with adapters, a
+    model that transforms its logits, or a head that is sharded again after the model's
+    forward (FSDP1's units; :func:`~salsa_lightning.sharding.whole_after_forward`)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head, decoder = base.get_output_embeddings(), getattr(base, base.base_model_prefix, None)
     if type(head) is not nn.Linear or not isinstance(decoder, nn.Module) or decoder is base:
         return None
     if any(getattr(base.config, k, None) not in (None, 1, 1.0) for k in LOGIT_TRANSFORMS):
         return None
-    takes = inspect.signature(decoder.forward).parameters
-    return (decoder, head) if {"attention_mask", "position_ids"} <= takes.keys() else None
+    return (decoder, head) if whole_after_forward(model, head) else None
+
+
+def last_hidden_states(model: nn.Module, decoder: nn.Module, **inputs: Any) -> Tensor:
+    """The ``decoder``'s last hidden states [B, T, H] from a forward of the whole ``model``
+    (its own forward: FSDP's gathers and backward hooks, peft's adapters) whose head computes
+    the last position's logits alone. Under FSDP2 the head's weight is whole after it
+    (:func:`output_layer`), for the tiles to use."""
+    states: list[Tensor] = []
+    hook = decoder.register_forward_hook(lambda module, args, out: states.append(out[0]))
+    try:
+        model(**inputs, logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    return states[-1]
 
 
 @dataclass
@@ -491,12 +503,13 @@ def score_response(
             logprobs_from_logits(out.logits, response, temperature), out.logits, last
         )
     decoder, head = layer
-    states = decoder(
+    states = last_hidden_states(
+        model,
+        decoder,
         input_ids=sequence,
         attention_mask=attention_mask,
         position_ids=position_ids(attention_mask),
-        use_cache=False,
-    ).last_hidden_state[:, -n - 1 : -1]
+    )[:, -n - 1 : -1]
     logprobs = logprobs_from_hidden(states, head.weight, head.bias, response, temperature)
     return ResponseScores(logprobs, None, states if hidden else None)
 

@@ -86,6 +86,21 @@ def fsdp_kind(model: nn.Module) -> Literal["fsdp2", "fsdp1"] | None:
     return None
 
 
+def whole_after_forward(model: nn.Module, module: nn.Module) -> bool:
+    """Whether ``module``'s weights are whole, not sharded, right after a forward of ``model``:
+    always when nothing shards it; under FSDP2 when ``module`` is in ``model``'s own unit,
+    which as its tree's root (:func:`shard`) keeps its weights gathered after forward, for
+    backward; never under FSDP1 (Lightning's wrapping makes the output layer a unit of its own,
+    resharded after its forward)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    kind = fsdp_kind(model)
+    if kind != "fsdp2":
+        return kind is None
+    owners = [m for m in model.modules() if isinstance(m, FSDPModule) and module in m.modules()]
+    return owners == [model]
+
+
 def sharded_units(model: nn.Module) -> list[nn.Module]:
     """The FSDP units of ``model`` that hold parameters (FSDP2 modules; FSDP1 wrappers with a
     flat parameter), outermost first: each is all-gathered as one piece."""

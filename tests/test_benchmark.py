@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow  # subprocesses, a few seconds of PPO each
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPT = BENCHMARKS / "ppo_vs_trl.py"
 GRPO_SCRIPT = BENCHMARKS / "grpo_vs_trl.py"
+SHARDED_UPDATE = BENCHMARKS / "sharded_update.py"
 # One timed iteration of a short rollout: enough to exercise every path, quick on 2 CPU cores.
 SMALL = ["--preset", "tiny", "--iterations", "1", "--repeats", "1", "--threads", "1"]
 
@@ -141,6 +142,17 @@ def test_grpo_ours_alone(tmp_path: Path) -> None:
     assert out["changed_from_defaults"]["ours"]["reward"]["clip"] is None
     assert out["settings"]["ppo_epochs"] == 1 and out["settings"]["estimator"] == "rloo"
     assert not list(tmp_path.glob("grpo-bench-*")), "the temporary directory was not removed"
+
+
+def test_sharded_update_runs_both_modes_under_fsdp2(tmp_path: Path) -> None:
+    """sharded_update.py on 2 CPU processes: each mode in its own processes (the tiles' run
+    checks that the sharded policy takes them), one warm-up and one timed pass, then the
+    ratios."""
+    args = ["--preset", "tiny", "--passes", "1", "--response", "16", "--batch", "2"]
+    out = run_benchmark(*args, tmp_path=tmp_path, script=SHARDED_UPDATE)
+    for mode in ("tiles", "logits"):
+        assert out[mode]["pass_s"] > 0 and out[mode]["peak_memory_mib"] >= 0
+    assert out["ratio_pass_s"] > 0 and out["settings"]["world"] == 2
 
 
 def test_grpo_refuses_unequal_algorithms(tmp_path: Path) -> None:

@@ -346,10 +346,12 @@ def test_static_decoder_matches_generate_across_model_families(arch):
 def test_score_response_takes_log_probs_in_tiles_without_building_the_logits(arch):
     """The policy's response log-probs from the last hidden states in tiles equal those from
     the model's logits (left padding, temperature 0.8), and nothing of vocabulary width is kept
-    for backward, where the logits path keeps the [B, R, V] logits. Gemma 2 soft-caps its
-    logits: it keeps the logits path. The hidden states are those that predict the response."""
+    for backward (but views of the head's weight), where the logits path keeps the [B, R, V]
+    logits. Gemma 2 soft-caps its logits: it keeps the logits path. The hidden states are those
+    that predict the response."""
     model = tiny_causal_lm(arch)  # eval: no dropout, as SALSA trains; grad still on
-    vocab = model.get_output_embeddings().weight.shape[0]
+    weight = model.get_output_embeddings().weight
+    vocab = weight.shape[0]
     seq = torch.randint(3, 100, (3, 12))
     mask = torch.ones_like(seq)
     seq[0, :3], mask[0, :3] = 0, 0
@@ -358,8 +360,9 @@ def test_score_response_takes_log_probs_in_tiles_without_building_the_logits(arc
     for path in ("tiles", "logits"):
         saved = []
 
-        def keep(t, saved=saved):
-            saved.append(t.shape)
+        def keep(t, saved=saved):  # views of the head's weight are no memory of their own
+            if t.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr():
+                saved.append(t.shape)
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
@@ -371,7 +374,7 @@ def test_score_response_takes_log_probs_in_tiles_without_building_the_logits(arc
             tiles = out
     torch.testing.assert_close(tiles.logprobs, out.logprobs)
     torch.testing.assert_close(tiles.hidden, out.hidden)
-    assert tiles.hidden.shape == (3, 5, model.get_output_embeddings().weight.shape[1])
+    assert tiles.hidden.shape == (3, 5, weight.shape[1])
     assert widths["logits"]  # the logits path keeps the logits for backward
     if arch == "gemma2":
         assert output_layer(model) is None and tiles.logits is not None
@@ -473,3 +476,57 @@ def test_a_sharded_rollout_gathers_the_policy_once(args):
     if "--rank0-stops-first" in args:
         assert once["forwards_per_rank"][0] == 1 and once["forwards_per_rank"][1] > 1
         assert per_layer["forwards_per_rank"][0] == per_layer["forwards_per_rank"][1]
+
+
+def sharded_tiles_worker(rank: int, port: int, arch: str) -> None:
+    """One of 2 gloo ranks: the same random model sharded by FSDP2 twice, two passes of each
+    (forward and backward) through the tiles and through the logits."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from salsa_lightning.sharding import is_resharded, shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))
+        seq = torch.randint(3, 100, (3, 12), generator=torch.Generator().manual_seed(rank))
+        mask = torch.ones_like(seq)
+        seq[0, :3], mask[0, :3] = 0, 0
+        response, weights = seq[:, -5:], torch.arange(1.0, 6.0)
+        passes = {}
+        for path in ("tiles", "logits"):
+            model = shard(tiny_causal_lm(arch), mesh)
+            assert output_layer(model) is not None
+            for _ in range(2):  # the second pass starts from the state backward left
+                out = score_response(model, seq, mask, response, 0.8, logits=path == "logits")
+                (out.logprobs * weights).sum().backward()
+            assert (out.logits is None) == (path == "tiles")
+            assert is_resharded(model)
+            grads = {
+                n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None
+            }
+            passes[path] = out.logprobs.detach(), grads
+        (tiles, tile_grads), (logits, logit_grads) = passes["tiles"], passes["logits"]
+        torch.testing.assert_close(tiles, logits)
+        assert tile_grads.keys() == logit_grads.keys() and tile_grads
+        for name, grad in tile_grads.items():
+            torch.testing.assert_close(grad, logit_grads[name], msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-lora"])
+def test_an_fsdp2_sharded_model_takes_its_log_probs_in_tiles(arch):
+    """Under FSDP2 (2 CPU ranks) the root keeps its units' weights gathered after its forward,
+    so the tiles read the head's whole weight: the log-probs and every weight's gradient,
+    reduced over the ranks, equal the logits path's (tied and untied heads, a LoRA policy),
+    and every weight is sharded again after backward."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(sharded_tiles_worker, args=(port, arch), nprocs=2)
