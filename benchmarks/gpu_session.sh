@@ -3,8 +3,10 @@
 # rented single-GPU machine (H100/H200) that has
 # torch, transformers, lightning and peft but not datasets, trl or jsonargparse: those travel
 # as wheels in .whl/ (see ../shared/ENVIRONMENT.md). Everything it measures lands in $OUT.
-#   bash benchmarks/gpu_session.sh [bench] [tests] [fsdp] [sharded] [grpo]   (none: the first
-#   four; OUT: ./gpu-out; grpo, GRPO and RLOO against TRL 1.16, is described at grpo_part below)
+#   bash benchmarks/gpu_session.sh [bench] [tests] [fsdp] [sharded] [grpo] [update]   (none:
+#   the first four; OUT: ./gpu-out; grpo, GRPO and RLOO against TRL 1.16, is described at
+#   grpo_part below; update: the policy's update pass under FSDP2 at world size 1, log-probs
+#   in tiles against the logits, benchmarks/sharded_update.py, about 2 min on an H200)
 # bench: both GPU presets, ours against TRL with the roofline of each phase, and on gpt2-small
 # ours-grpo beside them (about 4 min on an H200; each preset's JSON line lands in
 # $OUT/<name>.json, to commit under benchmarks/results/); tests: the single-GPU tests
@@ -76,6 +78,11 @@ for what in ${@:-bench tests fsdp sharded}; do
       step sharded_gpt2_dynamic 150 "${sharded[@]}" --preset gpt2-small --batch 32 --cache dynamic
       step sharded_1b 150 "${sharded[@]}" --preset 1b --batch 16 --cache auto ;;
     grpo) grpo_part ;;
-    *) echo "unknown part $what (bench, tests, fsdp, sharded, grpo)"; exit 2 ;;
+    update)  # bf16, 32 rows of 64 + 128 tokens: the logits are [32, 128, V] in bf16
+      update=(python3 benchmarks/sharded_update.py --device cuda --world 1 --batch 32
+              --prompt-length 64 --response 128 --passes 3 --repeats 2)
+      step update_gpt2 120 "${update[@]}" --preset gpt2-small
+      step update_1b 150 "${update[@]}" --preset 1b --batch 16 ;;
+    *) echo "unknown part $what (bench, tests, fsdp, sharded, grpo, update)"; exit 2 ;;
   esac
 done

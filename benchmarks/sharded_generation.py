@@ -158,11 +158,10 @@ def prompts(args: argparse.Namespace, rank: int) -> Any:
     return query.expand(args.batch, -1).contiguous()
 
 
-def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
+def init_rank(rank: int, world: int, args: argparse.Namespace, port: int) -> tuple[Any, Any]:
+    """Join the process group as ``rank`` (NCCL on CUDA, gloo on CPU) with ``args.threads``
+    threads: ``(device, dtype)``, bf16 on CUDA, fp32 on CPU."""
     import torch.distributed as dist
-
-    from salsa_lightning.generation import GenerationSettings, sample, use_static_cache
-    from salsa_lightning.sharding import decoder_layers, is_resharded, sharded_units
 
     torch.set_num_threads(args.threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -171,7 +170,17 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-    dtype = torch.bfloat16 if cuda else torch.float32
+    return device, torch.bfloat16 if cuda else torch.float32
+
+
+def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
+    import torch.distributed as dist
+
+    from salsa_lightning.generation import GenerationSettings, sample, use_static_cache
+    from salsa_lightning.sharding import decoder_layers, is_resharded, sharded_units
+
+    device, dtype = init_rank(rank, world, args, port)
+    cuda = device.type == "cuda"
     query = prompts(args, rank).to(device)
     mask = torch.ones_like(query)
     # Greedy too where gather-once decodes with the StaticDecoder: it samples by inverse

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import sys
@@ -38,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sharded_generation import PRESETS, build_model, free_port  # noqa: E402
+from sharded_generation import PRESETS, build_model, free_port, init_rank  # noqa: E402
 
 MODES = ("tiles", "logits")
 
@@ -57,14 +56,8 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int, mode: str
     from salsa_lightning.generation import output_layer, score_response
     from salsa_lightning.sharding import shard
 
-    torch.set_num_threads(args.threads)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cuda = args.device == "cuda"
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-    dtype = torch.bfloat16 if cuda else torch.float32
+    device, dtype = init_rank(rank, world, args, port)
+    cuda = device.type == "cuda"
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("data_parallel",))
     policy = shard(build_model(args.preset, args.lora, dtype).to(device), mesh)
     assert output_layer(policy) is not None, "the policy's head is not whole after forward"
