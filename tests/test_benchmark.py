@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -36,14 +37,22 @@ import workload  # noqa: E402
 
 
 def run_benchmark(*args: str, tmp_path: Path, script: Path = SCRIPT) -> dict:
+    """The script's last JSON line. A run of the sharded script in which a rank was killed by a
+    signal (gloo has aborted a rank as it exited) runs once more, with a warning."""
     env = {**os.environ, "TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run(
-        [sys.executable, str(script), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1200,
-    )
+    for attempt in (1, 2):
+        res = subprocess.run(
+            [sys.executable, str(script), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1200,
+        )
+        if attempt == 2 or "terminated with signal" not in res.stderr:
+            break
+        warnings.warn(
+            f"a rank was killed by a signal; run again:\n{res.stderr[-2000:]}", stacklevel=2
+        )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     last = res.stdout.strip().splitlines()[-1]
     return json.loads(last)

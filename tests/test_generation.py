@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -430,19 +431,29 @@ def test_the_static_decoder_refuses_a_model_that_ignores_its_cache():
 # ----------------------------------------------------------------------------- sharded, 2 processes
 
 SHARDED = Path(__file__).resolve().parents[1] / "benchmarks" / "sharded_generation.py"
+# What torch.multiprocessing says of a rank killed by a signal. Gloo has aborted a rank as it
+# exited, its work done ("terminate called without an active exception", SIGABRT), about once
+# in dozens of runs: such a run runs once more, with a warning, as test_fsdp.run does.
+KILLED = "terminated with signal"
 TINY = ["--preset", "tiny", "--repeats", "1", "--new-tokens", "8", "--batch", "4"]
 
 
 def sharded_rollouts(*args: str) -> dict:
     """benchmarks/sharded_generation.py on 2 CPU processes (gloo): the tiny model sharded, one
-    rollout in each mode after a warm-up; its summary line."""
+    rollout in each mode after a warm-up; its summary line (a run in which a rank was killed by
+    a signal runs once more)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(SHARDED), *TINY, *args],
-        capture_output=True, text=True, env=env, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    for attempt in (1, 2):
+        proc = subprocess.run(
+            [sys.executable, str(SHARDED), *TINY, *args],
+            capture_output=True, text=True, env=env, timeout=900,
+        )  # fmt: skip
+        if attempt == 1 and KILLED in proc.stderr:
+            message = f"a rank was killed by a signal; run again:\n{proc.stderr[-2000:]}"
+            warnings.warn(message, stacklevel=2)
+            continue
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
@@ -526,7 +537,14 @@ def test_an_fsdp2_sharded_model_takes_its_log_probs_in_tiles(arch):
     and every weight is sharded again after backward."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(sharded_tiles_worker, args=(port, arch), nprocs=2)
+    for attempt in (1, 2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            torch.multiprocessing.spawn(sharded_tiles_worker, args=(port, arch), nprocs=2)
+            return
+        except torch.multiprocessing.ProcessExitedException as err:
+            if attempt == 2 or KILLED not in str(err):
+                raise
+            warnings.warn(f"a rank was killed by a signal; run again: {err}", stacklevel=1)
