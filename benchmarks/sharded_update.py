@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import tempfile
@@ -37,16 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import peak_memory_mib  # noqa: E402
 from sharded_generation import PRESETS, build_model, free_port, init_rank  # noqa: E402
 
 MODES = ("tiles", "logits")
-
-
-def memory_mib(device: torch.device) -> float:
-    """Peak memory so far: CUDA allocations, or the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(rank: int, world: int, args: argparse.Namespace, port: int, mode: str, out: str):
@@ -66,7 +59,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int, mode: str
     vocab = PRESETS[args.preset]["vocab_size"]
     seq = torch.randint(3, vocab, (args.batch, length), generator=g).to(device)
     mask, response = torch.ones_like(seq), seq[:, -args.response :]
-    built = memory_mib(device)
+    built = peak_memory_mib(device.type)
     seconds = []
     for _ in range(args.passes + 1):  # the first pass is a warm-up
         dist.barrier()
@@ -78,13 +71,17 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int, mode: str
         if cuda:
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - start)
-    row = {"pass_s": statistics.median(seconds[1:]), "peak_memory_mib": memory_mib(device) - built}
+    row = {
+        "pass_s": statistics.median(seconds[1:]),
+        "peak_memory_mib": peak_memory_mib(device.type) - built,
+    }
     rows = [None] * world
     dist.all_gather_object(rows, row)
     if rank == 0:
         slowest = max(r["pass_s"] for r in rows)
         peak = max(r["peak_memory_mib"] for r in rows)
         Path(out).write_text(json.dumps({"pass_s": slowest, "peak_memory_mib": peak}))
+    dist.barrier()  # no rank tears gloo down while another still uses it
     dist.destroy_process_group()
 
 

@@ -9,6 +9,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import subprocess  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import datasets  # noqa: E402
@@ -21,6 +23,24 @@ from salsa_lightning.task import TaskConfig, write_task_files  # noqa: E402
 
 datasets.disable_progress_bars()
 torch.set_num_threads(1)  # tiny models: threads only add contention on 2-core machines
+
+# What torch.multiprocessing says of a rank killed by a signal. Gloo has aborted a rank as it
+# exited, its work done ("terminate called without an active exception", SIGABRT), about once
+# in dozens of runs: such a run runs once more, with a warning, as test_fsdp.run does.
+KILLED = "terminated with signal"
+
+
+def run_rerun_if_killed(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, **kwargs)``, once more (with a
+    warning) when a rank of the multi-process script was killed by a signal (:data:`KILLED`)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if KILLED in proc.stderr:
+        warnings.warn(
+            f"a rank was killed by a signal; run again:\n{proc.stderr[-2000:]}", stacklevel=2
+        )
+        proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    return proc
+
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
+from conftest import run_rerun_if_killed
 
 pytestmark = pytest.mark.slow  # subprocesses, a few seconds of PPO each
 
@@ -40,19 +39,7 @@ def run_benchmark(*args: str, tmp_path: Path, script: Path = SCRIPT) -> dict:
     """The script's last JSON line. A run of the sharded script in which a rank was killed by a
     signal (gloo has aborted a rank as it exited) runs once more, with a warning."""
     env = {**os.environ, "TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    for attempt in (1, 2):
-        res = subprocess.run(
-            [sys.executable, str(script), *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=1200,
-        )
-        if attempt == 2 or "terminated with signal" not in res.stderr:
-            break
-        warnings.warn(
-            f"a rank was killed by a signal; run again:\n{res.stderr[-2000:]}", stacklevel=2
-        )
+    res = run_rerun_if_killed([sys.executable, str(script), *args], env=env, timeout=1200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     last = res.stdout.strip().splitlines()[-1]
     return json.loads(last)

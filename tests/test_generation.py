@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import subprocess
 import sys
 import warnings
 from contextlib import nullcontext
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BASE
+from conftest import BASE, KILLED, run_rerun_if_killed
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from salsa_lightning.data import left_padded_prompts
@@ -431,10 +430,6 @@ def test_the_static_decoder_refuses_a_model_that_ignores_its_cache():
 # ----------------------------------------------------------------------------- sharded, 2 processes
 
 SHARDED = Path(__file__).resolve().parents[1] / "benchmarks" / "sharded_generation.py"
-# What torch.multiprocessing says of a rank killed by a signal. Gloo has aborted a rank as it
-# exited, its work done ("terminate called without an active exception", SIGABRT), about once
-# in dozens of runs: such a run runs once more, with a warning, as test_fsdp.run does.
-KILLED = "terminated with signal"
 TINY = ["--preset", "tiny", "--repeats", "1", "--new-tokens", "8", "--batch", "4"]
 
 
@@ -443,17 +438,10 @@ def sharded_rollouts(*args: str) -> dict:
     rollout in each mode after a warm-up; its summary line (a run in which a rank was killed by
     a signal runs once more)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for attempt in (1, 2):
-        proc = subprocess.run(
-            [sys.executable, str(SHARDED), *TINY, *args],
-            capture_output=True, text=True, env=env, timeout=900,
-        )  # fmt: skip
-        if attempt == 1 and KILLED in proc.stderr:
-            message = f"a rank was killed by a signal; run again:\n{proc.stderr[-2000:]}"
-            warnings.warn(message, stacklevel=2)
-            continue
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+    cmd = [sys.executable, str(SHARDED), *TINY, *args]
+    proc = run_rerun_if_killed(cmd, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
@@ -524,6 +512,7 @@ def sharded_tiles_worker(rank: int, port: int, arch: str) -> None:
         assert tile_grads.keys() == logit_grads.keys() and tile_grads
         for name, grad in tile_grads.items():
             torch.testing.assert_close(grad, logit_grads[name], msg=name)
+        dist.barrier()  # no rank tears gloo down while another still uses it
     finally:
         dist.destroy_process_group()
 
