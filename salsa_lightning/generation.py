@@ -494,7 +494,7 @@ def score_response(
     last hidden states in tiles when the model's output layer allows it (:func:`output_layer`)
     and ``logits`` are not asked for, else from the model's response logits. On gpt2-small
     with 32 responses of 128 tokens the logits alone are 412 MB in bf16, and their gradient as
-    much again; the tiles hold two float32 [256, V] at a time."""
+    much again; the tiles hold one float32 [256, V] at a time."""
     n, layer = response.shape[1], None if logits else output_layer(model)
     if layer is None:
         out = response_logits(model, sequence, attention_mask, n, output_hidden_states=hidden)

@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 from conftest import CONFIGS
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from salsa_lightning.cli import main
 from salsa_lightning.errors import SalsaError
@@ -341,6 +341,54 @@ def test_loading_refuses_nan_or_inf_but_not_a_finite_weight_whose_sum_overflows(
     check_finite(torch.full((8,), 3e38), "big", "ckpt/model.safetensors")
     check_finite(torch.randn(4, 4, dtype=torch.bfloat16), "bf16", "ckpt/model.safetensors")
     check_finite(torch.arange(3), "ids", "ckpt/model.safetensors")
+
+
+def resident_mib(path: Path) -> float:
+    """MiB of ``path``'s pages that this process maps and holds resident (Linux's smaps)."""
+    kib, mapped = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header
+            mapped = fields[-1] == str(path.resolve())
+        elif mapped and fields[0] == "Rss:":
+            kib += int(fields[1])
+    return kib / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads Linux's smaps")
+def test_loading_checks_the_weights_without_keeping_the_checkpoint_resident(tmp_path):
+    """``load_pretrained`` reads the checkpoint tensor by tensor for its finite check, each file
+    mapped only for its read: the model's own mapping keeps only what loading touched, so a
+    reward model's 4 MiB embedding (its forward reads only its tokens' rows) stays out of the
+    process's RSS, where summing the loaded weights made the whole file resident. A NaN is still
+    refused by file and tensor, and so is a float32 weight that overflows the float16 the model
+    is loaded in."""
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+    from transformers import LlamaForSequenceClassification as Llama
+
+    from salsa_lightning.pretrained import load_pretrained
+
+    config = LlamaConfig(
+        vocab_size=8192, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, num_labels=1, pad_token_id=0,
+    )  # fmt: skip
+    Llama(config).save_pretrained(tmp_path / "rm")
+    file = tmp_path / "rm/model.safetensors"
+    model = load_pretrained(AutoModelForSequenceClassification, tmp_path / "rm")
+    assert model.model.embed_tokens.weight.shape == (8192, 128)  # 4 MiB in float32
+    assert resident_mib(file) < 1.0, f"{resident_mib(file):.2f} MiB of the file resident"
+
+    name, weights = "model.embed_tokens.weight", load_file(file)
+    for value, dtype, count in [(float("nan"), None, 1), (1e5, torch.float16, 1)]:
+        weights[name][5, 7] = value
+        save_file(weights, file, metadata={"format": "pt"})
+        with pytest.raises(
+            SalsaError, match=rf"rm/model.safetensors: tensor '{name}' holds {count}"
+        ):
+            load_pretrained(AutoModelForSequenceClassification, tmp_path / "rm", dtype=dtype)
+    weights[name][5, 7] = 1e5  # finite in float32: loaded as float32, it is accepted
+    save_file(weights, file, metadata={"format": "pt"})
+    load_pretrained(AutoModelForSequenceClassification, tmp_path / "rm")
 
 
 def test_first_nonfinite_finds_the_first_weight_with_nan_or_inf():

@@ -18,22 +18,46 @@ def _row_chunks(n_rows: int, chunk_size: int, name: str = "chunk_size") -> list[
 
 
 def _scaled_float(chunk: Tensor, temperature: float) -> Tensor:
+    """``chunk / temperature`` in float32 (``chunk`` itself when it is float32 and the
+    temperature 1: read it, never write it)."""
     chunk = chunk.float()
     return chunk / temperature if temperature != 1.0 else chunk
 
 
-def _chunk_logprobs(z: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+def _scaled_copy(chunk: Tensor, temperature: float) -> Tensor:
+    """``chunk / temperature`` as a float32 tensor of its own, in one allocation, for the
+    in-place steps of :func:`_chunk_logprobs` and :func:`_chunk_grad` to overwrite."""
+    z = chunk.float()
+    if z is chunk:
+        return chunk / temperature if temperature != 1.0 else chunk.clone()
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+def _tile_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    """A tile's ``(hidden @ weight.T + bias) / temperature`` in float32, divided in place."""
+    z = F.linear(hidden, weight, bias).float()  # new either way: float() copies a bf16 tile
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+def _chunk_logprobs(z: Tensor, tokens: Tensor, overwrite: bool = False) -> tuple[Tensor, Tensor]:
     """``z[token] - logsumexp(z)`` and the logsumexp, over the last dim of float32 logits
-    ``z`` [..., V] (``tokens`` [..., 1])."""
-    lse = torch.logsumexp(z, dim=-1)
-    return z.gather(-1, tokens).squeeze(-1) - lse, lse
+    ``z`` [..., V] (``tokens`` [..., 1]). ``overwrite``: ``z`` is the caller's own, and the
+    logsumexp's exponentials are taken in it (``torch.logsumexp`` allocates a copy of ``z``)."""
+    picked = z.gather(-1, tokens).squeeze(-1)
+    if not overwrite:
+        lse = torch.logsumexp(z, dim=-1)
+    else:  # logsumexp's own steps; an infinite maximum is shifted by 0, as logsumexp does
+        m = z.amax(-1, keepdim=True)
+        m.masked_fill_(m.isinf(), 0.0)
+        lse = z.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
+    return picked - lse, lse
 
 
 def _chunk_grad(z: Tensor, lse: Tensor, tokens: Tensor, g_out: Tensor, temperature: float):
     """The gradient of ``g_out x log softmax(logits / temperature)[token]`` w.r.t. the logits,
     from ``z`` = logits / temperature: ``(onehot(token) - softmax(z)) x g_out / temperature``
-    (``g_out`` [..., 1])."""
-    g = torch.exp(z - lse.unsqueeze(-1)).mul_(-g_out)
+    (``g_out`` [..., 1]), computed in ``z`` (overwritten: a tile's memory is ``z`` alone)."""
+    g = z.sub_(lse.unsqueeze(-1)).exp_().mul_(-g_out)
     g.scatter_add_(-1, tokens, g_out)
     return g.div_(temperature) if temperature != 1.0 else g
 
@@ -65,7 +89,7 @@ class _TokenLogprobs(torch.autograd.Function):
         logits, tokens, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for rows in _row_chunks(logits.shape[0], ctx.chunk_size):
-            z = _scaled_float(logits[rows], ctx.temperature)
+            z = _scaled_copy(logits[rows], ctx.temperature)
             grad[rows] = _chunk_grad(
                 z, lse[rows], tokens[rows], grad_out[rows, ..., None], ctx.temperature
             )
@@ -135,8 +159,8 @@ class _HeadLogprobs(torch.autograd.Function):
         out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         lse = torch.empty_like(out)
         for rows in _row_chunks(hidden.shape[0], tile):
-            z = _scaled_float(F.linear(hidden[rows], weight, bias), temperature)
-            out[rows], lse[rows] = _chunk_logprobs(z, tokens[rows, None])
+            z = _tile_logits(hidden[rows], weight, bias, temperature)
+            out[rows], lse[rows] = _chunk_logprobs(z, tokens[rows, None], overwrite=True)
         ctx.save_for_backward(hidden, weight, bias, tokens, lse)
         ctx.temperature, ctx.tile = temperature, tile
         return out
@@ -155,7 +179,7 @@ class _HeadLogprobs(torch.autograd.Function):
             else torch.zeros_like(bias, dtype=torch.float32)
         )
         for rows in _row_chunks(hidden.shape[0], ctx.tile):
-            z = _scaled_float(F.linear(hidden[rows], weight, bias), ctx.temperature)
+            z = _tile_logits(hidden[rows], weight, bias, ctx.temperature)
             g = _chunk_grad(z, lse[rows], tokens[rows, None], grad_out[rows, None], ctx.temperature)
             if grad_hidden is not None:
                 grad_hidden[rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
@@ -187,7 +211,8 @@ def logprobs_from_hidden(
         tokens: ``[B, T]`` long, the token ids whose probability is wanted.
         temperature: Sampling temperature; logits are divided by it first.
         tile: Positions (over ``B x T``) whose logits exist at once: the extra memory is
-            about two float32 ``[tile, V]``.
+            one float32 ``[tile, V]`` (the tile's logits, made its exponentials and its
+            gradient in place) and, in backward, the weight's float32 gradient.
 
     Returns:
         ``[B, T]`` float32 log-probabilities (differentiable w.r.t. ``hidden``, ``weight``
