@@ -343,6 +343,10 @@ def best_of_n(
         agreeing, pairs = sample_agreement(gold_n, torch.stack(score, 1))
         if pairs.sum():
             out["agreement_on_samples"] = summarize_agreement(agreeing, pairs, plan.seed)
+            if groups:
+                out["agreement_on_samples"]["groups"] = group_agreement(
+                    agreeing, pairs, groups, plan.seed
+                )
     return out
 
 
@@ -369,6 +373,19 @@ def summarize_agreement(agreeing: torch.Tensor, pairs: torch.Tensor, seed: int) 
     answers are resampled together: they are not independent), and the number of pairs."""
     mean, low, high = grouped_rate_ci(agreeing, pairs, seed=seed)
     return {"mean": mean, "ci_low": low, "ci_high": high, "pairs": int(pairs.sum())}
+
+
+def group_agreement(
+    agreeing: torch.Tensor, pairs: torch.Tensor, groups: list[str], seed: int
+) -> dict[str, dict[str, Any]]:
+    """:func:`summarize_agreement` of each group's prompts (a group with no pair is left out):
+    where, by task family, the reward model misorders the answers it judges."""
+    out = {}
+    for g in sorted(set(groups)):
+        rows = torch.tensor([x == g for x in groups])
+        if pairs[rows].sum():
+            out[g] = summarize_agreement(agreeing[rows], pairs[rows], seed)
+    return out
 
 
 def load_preference_pairs(path: str) -> list[dict[str, Any]]:

@@ -345,6 +345,11 @@ def markdown(
                 f"(what it judges during RL; {pairs} pairs with different gold rewards, the "
                 f"interval over {over}): {fmt(on_samples)}."
             )
+            if on_samples.get("groups"):
+                by = ", ".join(
+                    f"{g} {fmt(v)} ({v['pairs']} pairs)" for g, v in on_samples["groups"].items()
+                )
+                lines.append(f"  By family: {by}.")
         lines.append("")
     for name, land in summary.get("landscapes", {}).items():
         lines += landscape_table(name, land)

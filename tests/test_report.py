@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.evaluate import evaluate, sample_agreement, summarize_agreement
+from salsa_lightning.evaluate import (
+    evaluate,
+    fmt,
+    group_agreement,
+    sample_agreement,
+    summarize_agreement,
+)
 from salsa_lightning.generation import GenerationSettings
 from salsa_lightning.landscape import landscape
 from salsa_lightning.report import Method, ReportSpec, landscape_finding, write_report
@@ -94,6 +100,12 @@ def test_the_report_carries_the_landscape_points_and_plot(stage_outputs, task_fi
     on_samples = on_samples["agreement_on_samples"]  # a's 4 answers to each of the 8 prompts
     assert 0 < on_samples["pairs"] <= 8 * 6
     assert summary["rm_gold_agreement_on_sft_samples"] == on_samples["mean"]
+    by_family = on_samples["groups"]  # the task families of the 8 prompts, pooled back
+    assert sum(v["pairs"] for v in by_family.values()) == on_samples["pairs"]
+    agreeing = sum(v["mean"] * v["pairs"] for v in by_family.values())
+    assert agreeing == pytest.approx(on_samples["mean"] * on_samples["pairs"])
+    family, first = next(iter(by_family.items()))
+    assert f"By family: {family} {fmt(first)} ({first['pairs']} pairs)" in report
     assert (
         f"{on_samples['pairs']} pairs with different gold rewards, the interval over prompts)"
         in report
@@ -120,3 +132,6 @@ def test_sample_agreement_counts_each_prompts_pairs_by_hand():
     summary = summarize_agreement(agreeing, pairs, seed=0)
     assert summary["mean"] == 0.5 and summary["pairs"] == 2
     assert summary["ci_low"] <= 0.5 <= summary["ci_high"]
+    by_group = group_agreement(agreeing, pairs, ["x", "y"], seed=0)
+    assert list(by_group) == ["x"]  # y's prompt has no pair
+    assert by_group["x"]["mean"] == 0.5 and by_group["x"]["pairs"] == 2
