@@ -26,7 +26,7 @@ def _scaled_float(chunk: Tensor, temperature: float) -> Tensor:
 
 def _scaled_copy(chunk: Tensor, temperature: float) -> Tensor:
     """``chunk / temperature`` as a float32 tensor of its own, in one allocation, for the
-    in-place steps of :func:`_chunk_logprobs` and :func:`_chunk_grad` to overwrite."""
+    in-place steps of :func:`_chunk_grad` to overwrite (``chunk`` is left as it was)."""
     z = chunk.float()
     if z is chunk:
         return chunk / temperature if temperature != 1.0 else chunk.clone()
