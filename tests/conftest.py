@@ -9,6 +9,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -28,6 +29,13 @@ torch.set_num_threads(1)  # tiny models: threads only add contention on 2-core m
 # exited, its work done ("terminate called without an active exception", SIGABRT), about once
 # in dozens of runs: such a run runs once more, with a warning, as test_fsdp.run does.
 KILLED = "terminated with signal"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_rerun_if_killed(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:

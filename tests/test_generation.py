@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BASE, KILLED, run_rerun_if_killed
+from conftest import BASE, KILLED, free_port, run_rerun_if_killed
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from salsa_lightning.data import left_padded_prompts
@@ -524,14 +524,9 @@ def test_an_fsdp2_sharded_model_takes_its_log_probs_in_tiles(arch):
     so the tiles read the head's whole weight: the log-probs and every weight's gradient,
     reduced over the ranks, equal the logits path's (tied and untied heads, a LoRA policy),
     and every weight is sharded again after backward."""
-    import socket
-
     for attempt in (1, 2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         try:
-            torch.multiprocessing.spawn(sharded_tiles_worker, args=(port, arch), nprocs=2)
+            torch.multiprocessing.spawn(sharded_tiles_worker, args=(free_port(), arch), nprocs=2)
             return
         except torch.multiprocessing.ProcessExitedException as err:
             if attempt == 2 or KILLED not in str(err):

@@ -13,13 +13,12 @@ policy within 1e-2 element by element (seen: identical, 0.0, in both stages).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS
+from conftest import CONFIGS, free_port
 from test_fsdp import FSDP2, check_exports, first, metrics, run, salsa_args, stage_args
 
 pytestmark = pytest.mark.scale  # .ci/run's scale step (deselected by default)
@@ -33,12 +32,6 @@ TWO_NODES = [
 # What a launcher (torchrun, SLURM, an earlier Lightning run) may leave behind: each node's
 # process must read its place from NODE_RANK alone.
 LAUNCHER_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK", "LOCAL_WORLD_SIZE")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_two_nodes(args: list[str], cwd: Path) -> None:
