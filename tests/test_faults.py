@@ -379,12 +379,10 @@ def test_loading_checks_the_weights_without_keeping_the_checkpoint_resident(tmp_
     assert resident_mib(file) < 1.0, f"{resident_mib(file):.2f} MiB of the file resident"
 
     name, weights = "model.embed_tokens.weight", load_file(file)
-    for value, dtype, count in [(float("nan"), None, 1), (1e5, torch.float16, 1)]:
+    for value, dtype in [(float("nan"), None), (1e5, torch.float16)]:
         weights[name][5, 7] = value
         save_file(weights, file, metadata={"format": "pt"})
-        with pytest.raises(
-            SalsaError, match=rf"rm/model.safetensors: tensor '{name}' holds {count}"
-        ):
+        with pytest.raises(SalsaError, match=rf"rm/model.safetensors: tensor '{name}' holds 1 "):
             load_pretrained(AutoModelForSequenceClassification, tmp_path / "rm", dtype=dtype)
     weights[name][5, 7] = 1e5  # finite in float32: loaded as float32, it is accepted
     save_file(weights, file, metadata={"format": "pt"})
