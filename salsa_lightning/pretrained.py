@@ -58,13 +58,16 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
 
 
 def is_local(name_or_path: str | os.PathLike) -> bool:
-    """Whether a model reference is meant as a local path rather than a hub id."""
+    """Whether a model reference is meant as a local path rather than a hub id: it exists,
+    starts like a path, is a stage's output, has more than one slash, or is ``DIR/NAME`` where
+    ``DIR`` is a local directory (``artifacts/sft-3``; a hub id is ``org/name``)."""
     text = str(name_or_path)
     return (
         Path(text).exists()
         or text.startswith((".", "/", "~"))
         or text.rstrip("/") in STAGE_OUTPUTS
         or text.count("/") > 1
+        or ("/" in text and Path(text.split("/")[0]).is_dir())
     )
 
 
@@ -93,7 +96,7 @@ def check_model_source(name_or_path: str | os.PathLike, what: str = "model") -> 
     if is_local(text):
         hint = STAGE_OUTPUTS.get(text.rstrip("/"))
         stage = f" It is made by an earlier stage: run `{hint}` first." if hint else ""
-        raise SalsaError(f"{what} path {text!r} does not exist.{stage}")
+        raise SalsaError(f"{what} path {text!r} does not exist.{stage}{hub_hint(text)}")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         try:
             AutoConfig.from_pretrained(text, local_files_only=True)
@@ -104,6 +107,17 @@ def check_model_source(name_or_path: str | os.PathLike, what: str = "model") -> 
                 "local directory."
             ) from err
     return text
+
+
+def hub_hint(text: str) -> str:
+    """Why ``ORG/NAME`` was read as a path and not as a hub id, when that is the reason."""
+    first = text.split("/")[0]
+    if text.count("/") != 1 or text.startswith((".", "/", "~")) or not Path(first).is_dir():
+        return ""
+    return (
+        f" (Read as a local path because {first!r} is a directory here; a hub id of that "
+        "name needs another working directory.)"
+    )
 
 
 def check_weight_files(path: Path) -> None:

@@ -232,6 +232,22 @@ def test_missing_model_path_names_stage_to_run(task_files, tmp_path, monkeypatch
     assert module.model is None
 
 
+def test_missing_path_under_a_local_directory_is_refused_without_asking_the_hub(
+    task_files, tmp_path, monkeypatch
+):
+    # 'runs/sft-3' could be a hub id ('org/name'); 'runs' is a directory here, so it is a path,
+    # and a typo is named at once (transformers would try the hub, about 50 s offline).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    (tmp_path / "runs").mkdir()
+    module = SFTModule(model="runs/sft-3")
+    with pytest.raises(SalsaError, match=r"'runs/sft-3' does not exist.*'runs' is a directory"):
+        make_trainer(tmp_path, max_steps=1).fit(
+            module, datamodule=sft_data(task_files, max_samples=16)
+        )
+    assert module.model is None
+
+
 def test_model_directory_without_config_is_refused(task_files, tmp_path):
     (tmp_path / "not-a-model").mkdir()
     module = SFTModule(model=str(tmp_path / "not-a-model"))
