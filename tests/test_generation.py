@@ -128,18 +128,20 @@ def test_decoding_stops_on_non_finite_logits(cache):
 @pytest.mark.slow  # compiling the step takes 10 to 20 s on the 2-core CPU
 def test_compiled_static_decoder_on_the_cpu_decodes_the_same_tokens_as_generate():
     """``generation.compile`` on the CPU: ``cache: auto`` now decodes with the StaticDecoder,
-    its step compiled (not the eager forward), and greedy decoding gives generate's tokens and
-    response mask over two rollouts (the second replays the compiled step)."""
+    its prefill and step compiled (not the eager forward), and greedy decoding gives generate's
+    tokens and response mask over two rollouts (the second replays both, compiling nothing)."""
     tok, model, query, mask = setup()
     compiled = GenerationSettings(max_new_tokens=10, do_sample=False, compile=True)
     dynamic = GenerationSettings(max_new_tokens=10, do_sample=False, cache="dynamic")
-    for _ in range(2):
-        fast = sample(model, tok, query, mask, compiled)
+    for rollout in range(2):
+        with torch._dynamo.config.patch(error_on_recompile=rollout > 0):
+            fast = sample(model, tok, query, mask, compiled)
         assert static_failed(model) is None
         slow = sample(model, tok, query, mask, dynamic)
         assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
     decoder = static_decoder(model, len(PROMPTS), 10, compile=True)
     assert decoder.step != decoder.advance  # the compiled step decoded (`is not`: always true)
+    assert decoder.prefill != decoder.forward
     assert list(model.__dict__["_salsa_static_decoders"]) == [(len(PROMPTS), 10, True)]
     # Sampled, the compiled step (forward, warpers and inverse transform fused) draws the eager
     # step's tokens from the same noise.
@@ -152,16 +154,38 @@ def test_compiled_static_decoder_on_the_cpu_decodes_the_same_tokens_as_generate(
     assert torch.equal(*draws)
 
 
-def test_only_a_compiled_cpu_step_skips_its_guards_and_only_after_a_rollouts_first_token():
-    """The eager step has no guards to skip; the compiled CPU step checks them at each
-    rollout's first token and skips them at the later ones (compiling is lazy: none here)."""
-    _, model, _, _ = setup()
-    eager, compiled = StaticDecoder(model, 2, 4, False), StaticDecoder(model, 2, 4, True)
+def skipping_guards() -> bool:
+    return torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe
+
+
+def test_a_compiled_cpu_step_skips_its_guards_after_a_rollouts_first_token_and_only_there():
+    """The compiled CPU step checks its guards at each rollout's first token and skips them at
+    the later ones, under one stance that ends with the rollout, also when a step fails; the
+    eager step has no guards to skip. (The step is wrapped to record the stance: nothing is
+    compiled here.)"""
+    tok, model, _, _ = setup()
+    query, mask = left_padded_prompts(tok, PROMPTS[:2])
+    settings = GenerationSettings(max_new_tokens=5, do_sample=False)
+    eager, compiled = StaticDecoder(model, 2, 5, False), StaticDecoder(model, 2, 5, True)
     for decoder in (eager, compiled):
-        decoder._fit(5, torch.device("cpu"))
-    assert isinstance(eager.guards(checked=False), nullcontext)
-    assert isinstance(compiled.guards(checked=True), nullcontext)
-    assert not isinstance(compiled.guards(checked=False), nullcontext)
+        decoder._fit(query.shape[1], torch.device("cpu"))
+        seen, advance = [], decoder.advance
+
+        def recording(*args, seen=seen, advance=advance):
+            seen.append(skipping_guards())
+            if len(seen) == 7:  # the second rollout's third step
+                raise RuntimeError("a step failed")
+            return advance(*args)
+
+        decoder.step = recording if decoder is compiled else decoder.advance
+        decoder(query, mask, settings, None, tok.pad_token_id)
+        assert not skipping_guards()
+        if decoder is compiled:
+            assert seen == [False, True, True, True]  # 5 tokens: the prefill's and 4 steps
+            with pytest.raises(RuntimeError, match="a step failed"):
+                decoder(query, mask, settings, None, tok.pad_token_id)
+            assert seen[4:] == [False, True, True] and not skipping_guards()
+    assert isinstance(eager.unchecked(), nullcontext)
 
 
 def test_static_decoder_reuses_its_cache_for_shorter_prompts():
