@@ -47,8 +47,9 @@ class GenerationSettings:
             StaticDecoder by inverse transform, ``generate`` by ``multinomial``: other draws
             under one seed). The log-probs used for training are always recomputed by a plain
             forward pass. ``gather: per_layer`` decodes through ``generate`` whatever this says.
-        compile: Compile the :class:`StaticDecoder`'s per-token forward on the CPU too
-            (``torch.compile``, inductor's C++ kernels; on a GPU it is always compiled), and
+        compile: Compile the :class:`StaticDecoder`'s per-token step and its prompt forward on
+            the CPU too (``torch.compile``, inductor's C++ kernels; on a GPU the per-token
+            forward is always compiled), and
             under ``cache: "auto"`` decode with it there. For small models, whose decoding is
             bound by Python overhead: on the tiny preset of ``benchmarks/grpo_vs_trl.py`` it
             decodes about 3x faster; the first rollout of each shape pays the compilation
@@ -244,7 +245,8 @@ CPU_COMPILE = {"cpp_wrapper": True}
 class StaticDecoder:
     """Decode with a fixed-size KV cache and fixed shapes, so that on a GPU the forward of each
     new token is compiled once and replayed as a CUDA graph (no per-token Python overhead in
-    the model). Prompts are left-padded to the cache's prompt length, so one compiled graph
+    the model), and on the CPU (``compile``) the whole step and the prompt's forward are
+    compiled. Prompts are left-padded to the cache's prompt length, so one compiled graph
     serves every batch of ``batch`` prompts up to that length.
 
     The cache stays allocated between calls (``2 x layers x batch x length x kv width``); a
