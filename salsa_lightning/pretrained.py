@@ -67,8 +67,15 @@ def is_local(name_or_path: str | os.PathLike) -> bool:
         or text.startswith((".", "/", "~"))
         or text.rstrip("/") in STAGE_OUTPUTS
         or text.count("/") > 1
-        or ("/" in text and Path(text.split("/")[0]).is_dir())
+        or org_is_local_dir(text)
     )
+
+
+def org_is_local_dir(text: str) -> bool:
+    """Whether ``text`` has a hub id's shape, ``ORG/NAME``, and ``ORG`` is a directory here."""
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        return False
+    return Path(text.split("/")[0]).is_dir()
 
 
 def check_model_source(name_or_path: str | os.PathLike, what: str = "model") -> str:
@@ -111,12 +118,11 @@ def check_model_source(name_or_path: str | os.PathLike, what: str = "model") -> 
 
 def hub_hint(text: str) -> str:
     """Why ``ORG/NAME`` was read as a path and not as a hub id, when that is the reason."""
-    first = text.split("/")[0]
-    if text.count("/") != 1 or text.startswith((".", "/", "~")) or not Path(first).is_dir():
+    if not org_is_local_dir(text):
         return ""
     return (
-        f" (Read as a local path because {first!r} is a directory here; a hub id of that "
-        "name needs another working directory.)"
+        f" (Read as a local path because {text.split('/')[0]!r} is a directory here; a hub id "
+        "of that name needs another working directory.)"
     )
 
 
