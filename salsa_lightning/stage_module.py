@@ -2,8 +2,8 @@
 
 - the data module's tokenizer, exported with the model;
 - LoRA settings and gradient checkpointing of the trained models;
-- checks before fit that would otherwise fail after training (the export directory), and before
-  the first step, the disk space the export and the checkpoints need;
+- checks before fit that would otherwise fail after training (the export directory) or after the
+  models load (a validation interval longer than an epoch), and before the first step, the disk space the export and the checkpoints need;
 - frozen weights kept out of training checkpoints (they are rebuilt from their recipe), and
   the world size and seed a checkpoint was written with, checked on resume;
 - checkpoint files written aside and renamed into place (:class:`AsideCheckpointIO`), and never
@@ -121,6 +121,41 @@ def optimizer_copies(optimizer: torch.optim.Optimizer) -> int:
     return 2
 
 
+def epoch_batches(trainer: Any) -> int | None:
+    """Training batches in one of this rank's epochs, as Lightning's fit loop will count them
+    (the loader's length within ``trainer.limit_train_batches``); None when the loader has no
+    length or the trainer has no data module."""
+    datamodule = trainer.datamodule
+    try:
+        length = len(datamodule.train_dataloader())
+    except (AttributeError, TypeError, NotImplementedError):
+        return None
+    limit = trainer.limit_train_batches
+    return min(length, limit) if isinstance(limit, int) else int(length * limit)
+
+
+def check_val_check_interval(trainer: Any) -> None:
+    """Refuse a ``trainer.val_check_interval`` of more batches than an epoch holds, the case
+    Lightning's fit loop refuses, but before any model is built (Lightning's check comes after
+    the models load and the optimizers are made)."""
+    interval = trainer.val_check_interval
+    if (
+        not isinstance(interval, int)
+        or getattr(trainer, "_val_check_time_interval", None) is not None
+        or trainer.check_val_every_n_epoch is None
+        or not trainer.limit_val_batches
+    ):
+        return
+    batches = epoch_batches(trainer)
+    if batches and interval > batches:
+        raise SalsaError(
+            f"trainer.val_check_interval ({interval}) is more than the {batches} training "
+            f"batches of an epoch on each process; validate every {batches} batches or fewer, "
+            "once an epoch (trainer.val_check_interval: 1.0), or every "
+            f"{interval} batches across epochs (trainer.check_val_every_n_epoch: null)."
+        )
+
+
 class StageModule(L.LightningModule):
     """Base of the stage modules. Subclasses call ``save_hyperparameters`` (with ``export_dir``,
     ``overwrite`` and ``gradient_checkpointing`` among them) and implement
@@ -145,8 +180,9 @@ class StageModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.tokenizer = self.trainer.datamodule.tokenizer
-        if stage == "fit":  # before any training, not after it
+        if stage == "fit":  # before any model is built or any training
             check_export_dir(self.hparams.export_dir, self.hparams.overwrite)
+            check_val_check_interval(self.trainer)
             strategy = self.trainer.strategy
             if type(strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user chose
                 strategy.checkpoint_io = AsideCheckpointIO()

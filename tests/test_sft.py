@@ -285,6 +285,32 @@ def test_existing_export_dir_refused_before_training_then_overwritten(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
 
 
+def test_a_validation_interval_longer_than_an_epoch_is_refused_before_the_model_is_built(
+    task_files, tmp_path
+):
+    """Lightning refuses it too, but in its fit loop, after the model is built (and, with a
+    warmup schedule, with a traceback from configure_optimizers)."""
+    data = sft_data(task_files, max_samples=64)  # 4 batches of 16; limited to 3 below
+    module = SFTModule(model=TOK)
+    trainer = make_trainer(
+        tmp_path, max_steps=2, val_check_interval=4, limit_train_batches=3, limit_val_batches=1
+    )
+    with pytest.raises(SalsaError) as err:
+        trainer.fit(module, datamodule=data)
+    assert "trainer.val_check_interval (4) is more than the 3 training batches" in str(err.value)
+    assert "trainer.check_val_every_n_epoch: null" in str(err.value)
+    assert module.model is None and trainer.global_step == 0
+
+    # Counted across epochs, as the message offers, the same interval runs.
+    module = SFTModule(model=TOK, optimizer=adamw(1e-4))
+    trainer = make_trainer(
+        tmp_path, max_steps=2, val_check_interval=4, limit_train_batches=3,
+        limit_val_batches=1, check_val_every_n_epoch=None,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 2
+
+
 def test_export_dir_that_is_a_file_is_refused(task_files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").write_text("not a directory")
