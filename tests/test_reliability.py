@@ -501,6 +501,33 @@ def test_impossible_settings_are_refused_before_any_model_is_built(kwargs, match
         build(stage_outputs, **{k: settings[k](**v) for k, v in kwargs.items()})
 
 
+@pytest.mark.parametrize(
+    "trainer_kwargs, match",
+    [
+        (
+            dict(gradient_clip_val=0.5),
+            r"trainer.gradient_clip_val \(0.5\): the PPO update clips its own gradients, at "
+            r"model.ppo.max_grad_norm \(now 1.0\)",
+        ),
+        (
+            dict(accumulate_grad_batches=2),
+            r"trainer.accumulate_grad_batches \(2\): .* \(model.ppo.micro_batch_size 8 rows "
+            r"of model.ppo.minibatch_size 8\)",
+        ),
+    ],
+    ids=["gradient_clip_val", "accumulate_grad_batches"],
+)
+def test_the_trainers_clipping_and_accumulation_point_to_the_ppo_settings(
+    trainer_kwargs, match, stage_outputs, task_dir, tmp_path
+):
+    """Lightning refuses both under manual optimization, telling the user to switch to
+    automatic optimization; the message names the PPO settings that do the same instead."""
+    module = build(stage_outputs)
+    with pytest.raises(SalsaError, match=match):
+        fit(module, prompts(stage_outputs, task_dir), tmp_path, rollouts=1, **trainer_kwargs)
+    assert module.policy is None
+
+
 # ----------------------------------------------------------------------------- tokenizer (11)
 
 

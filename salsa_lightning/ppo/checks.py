@@ -163,3 +163,24 @@ def check_batch_sizes(prompts: int, k: int, ppo: PPOSettings, world_size: int) -
             "rank) or at most it."
         )
     return minibatch
+
+
+def check_trainer(trainer: Any, ppo: PPOSettings) -> None:
+    """Refuse the trainer's gradient clipping and accumulation: the PPO update steps its
+    optimizer itself (Lightning's manual optimization) and has its own. Lightning refuses them
+    too, but tells the user to switch to automatic optimization, which is not theirs to switch."""
+    clip = trainer.gradient_clip_val
+    if clip:
+        raise SalsaError(
+            f"trainer.gradient_clip_val ({clip}): the PPO update clips its own gradients, at "
+            f"model.ppo.max_grad_norm (now {ppo.max_grad_norm}); set that instead and remove "
+            "trainer.gradient_clip_val."
+        )
+    if trainer.accumulate_grad_batches != 1:
+        raise SalsaError(
+            f"trainer.accumulate_grad_batches ({trainer.accumulate_grad_batches}): the PPO "
+            "update accumulates gradients itself, over the micro-batches of each minibatch "
+            f"(model.ppo.micro_batch_size {ppo.micro_batch_size} rows of "
+            f"model.ppo.minibatch_size {ppo.minibatch_size}); set those instead and remove "
+            "trainer.accumulate_grad_batches."
+        )

@@ -29,9 +29,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -252,6 +254,12 @@ class SALSAModule(StageModule):
         if not self.hparams.eval_kl_to_each or len(self.reference.checkpoints) < 2:
             return []
         return [Path(path).name for path in self.reference.checkpoints]
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        # The first hook of a fit, before Lightning validates the trainer's settings.
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            checks.check_trainer(self.trainer, self.ppo_settings)
+        return super().configure_callbacks()
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
