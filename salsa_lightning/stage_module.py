@@ -2,8 +2,9 @@
 
 - the data module's tokenizer, exported with the model;
 - LoRA settings and gradient checkpointing of the trained models;
-- checks before fit that would otherwise fail after training (the export directory) or after the
-  models load (a validation interval longer than an epoch), and before the first step, the disk space the export and the checkpoints need;
+- checks before fit that would otherwise fail after training (the export directory) or after
+  the models load (a validation interval longer than an epoch), and before the first step, the
+  disk space the export and the checkpoints need;
 - frozen weights kept out of training checkpoints (they are rebuilt from their recipe), and
   the world size and seed a checkpoint was written with, checked on resume;
 - checkpoint files written aside and renamed into place (:class:`AsideCheckpointIO`), and never
@@ -138,10 +139,9 @@ def check_val_check_interval(trainer: Any) -> None:
     """Refuse a ``trainer.val_check_interval`` of more batches than an epoch holds, the case
     Lightning's fit loop refuses, but before any model is built (Lightning's check comes after
     the models load and the optimizers are made)."""
-    interval = trainer.val_check_interval
+    interval = getattr(trainer, "val_check_interval", None)  # absent when it is a time
     if (
         not isinstance(interval, int)
-        or getattr(trainer, "_val_check_time_interval", None) is not None
         or trainer.check_val_every_n_epoch is None
         or not trainer.limit_val_batches
     ):

@@ -310,6 +310,14 @@ def test_a_validation_interval_longer_than_an_epoch_is_refused_before_the_model_
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 2
 
+    # A time interval (Lightning then has no batch count to check) runs too.
+    module = SFTModule(model=TOK, optimizer=adamw(1e-4))
+    trainer = make_trainer(
+        tmp_path, max_steps=2, val_check_interval="00:00:10:00", limit_val_batches=1
+    )
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 2
+
 
 def test_export_dir_that_is_a_file_is_refused(task_files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
