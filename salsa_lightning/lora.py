@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from salsa_lightning.errors import require
+
 
 @dataclass
 class LoraSettings:
@@ -24,6 +26,14 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
+
+    def __post_init__(self) -> None:
+        # Refused here, before any model is built; peft would refuse some only when it wraps one.
+        require(self.r >= 1, "model.lora.r", "at least 1", self.r)
+        require(self.alpha > 0, "model.lora.alpha", "positive", self.alpha)
+        require(0 <= self.dropout < 1, "model.lora.dropout", "in [0, 1)", self.dropout)
+        targets = self.target_modules
+        require(bool(targets), "model.lora.target_modules", "non-empty", repr(targets))
 
 
 # Saved in checkpoints' hyper_parameters (Python API); resuming loads with weights_only=True.

@@ -34,6 +34,7 @@ from salsa_lightning.cli import main
 from salsa_lightning.evaluate import evaluate, load_answers
 from salsa_lightning.generation import GenerationSettings
 from salsa_lightning.landscape import landscape
+from salsa_lightning.lora import LoraSettings
 from salsa_lightning.outputs import TMP_MARK
 from salsa_lightning.ppo import PPOSettings
 from salsa_lightning.report import Method, ReportSpec, write_report
@@ -499,6 +500,23 @@ def test_impossible_settings_are_refused_before_any_model_is_built(kwargs, match
     settings = {"generation": GenerationSettings, "ppo": PPOSettings}
     with pytest.raises(SalsaError, match=match):
         build(stage_outputs, **{k: settings[k](**v) for k, v in kwargs.items()})
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(r=0), r"model.lora.r must be at least 1, got 0\."),
+        (dict(alpha=-16), r"model.lora.alpha must be positive, got -16\."),
+        (dict(dropout=1.0), r"model.lora.dropout must be in \[0, 1\), got 1.0\."),
+        (dict(target_modules=[]), r"model.lora.target_modules must be non-empty, got \[\]\."),
+    ],
+    ids=["r-0", "alpha-negative", "dropout-1", "no-targets"],
+)
+def test_impossible_lora_settings_are_refused_by_name(kwargs, match):
+    """Before any model is built (peft refuses r=0 only when it wraps the model, and a
+    dropout of 1 not at all)."""
+    with pytest.raises(SalsaError, match=match):
+        LoraSettings(**kwargs)
 
 
 @pytest.mark.parametrize(
