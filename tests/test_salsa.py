@@ -672,7 +672,7 @@ def test_bad_inputs_fail_before_training(case, stage_outputs, task_dir, tmp_path
         match = "reference.checkpoints is empty"
     elif case == "weights-not-summing-to-1":
         kw = dict(weights=(0.5, 0.6))
-        match = r"weights \[0.5, 0.6\] sum to 1.1, not 1"
+        match = r"weights \[0.5, 0.6\] sum to 1.1, not 1; .*`normalize: true` beside the weights"
     elif case == "reward-without-head":
         kw = dict(reward_model=str(out["sft-1"]))
         match = rf"model.reward_model '{out['sft-1']}' has no one-label score head"

@@ -52,8 +52,9 @@ def check_weights(weights: Sequence[float] | None, n: int, normalize: bool = Fal
         return [w / total for w in out]
     if abs(total - 1.0) > 1e-6:
         raise SalsaError(
-            f"weights {out} sum to {total:.6g}, not 1; fix them or pass --normalize "
-            "(normalize=True) to rescale them"
+            f"weights {out} sum to {total:.6g}, not 1; fix them, or rescale them with "
+            "normalize (`salsa soup --normalize`; `normalize: true` beside the weights in a "
+            "YAML such as model.reference)"
         )
     return out
 
