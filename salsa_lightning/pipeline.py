@@ -22,6 +22,7 @@ from pathlib import Path
 from salsa_lightning.commands import run_command
 from salsa_lightning.config_files import find_config
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.outputs import check_writable_dir
 
 
 @dataclass
@@ -126,7 +127,7 @@ def run_pipeline(
         raise SalsaError(f"pipeline {str(config_path)!r} lists no stages.")
     if only:
         stages = select_stages(stages, only)
-    root = Path(output).resolve()
+    root = check_writable_dir(Path(output).resolve(), "the pipeline's output directory (--output)")
     check_plan(stages, root, config_path.parent)
     root.mkdir(parents=True, exist_ok=True)
     previous = os.getcwd()

@@ -10,6 +10,7 @@ import torch
 from conftest import CONFIGS
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from salsa_lightning.cli import main
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.evaluate import evaluate, load_answers, load_prompts
 from salsa_lightning.generation import GenerationSettings
@@ -133,6 +134,20 @@ def test_pipeline_refuses_a_missing_input_before_running(tmp_path):
     with pytest.raises(SalsaError, match=r"stage 'soup' reads 'artifacts/sft-1'.*earlier stage"):
         run_pipeline(CONFIGS / "quickstart.yaml", tmp_path / "run", stages=stages)
     assert not (tmp_path / "run").exists()
+
+
+def test_quickstart_into_a_file_is_refused_before_any_stage_runs(tmp_path, capsys):
+    """It failed in mkdir, after the plan was checked, with a FileExistsError traceback."""
+    (tmp_path / "afile").write_text("keep")
+    assert main(["quickstart", "--output", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"error: the pipeline's output directory (--output) '{tmp_path / 'afile'}' is a file" in err
+    )
+    assert "Traceback" not in err
+    assert (tmp_path / "afile").read_text() == "keep"
+    with pytest.raises(SalsaError, match=r"'.*afile/run' cannot be created: '.*afile' is a file"):
+        run_pipeline(CONFIGS / "quickstart.yaml", tmp_path / "afile" / "run")
 
 
 PIPELINES = sorted(p for p in CONFIGS.rglob("*.yaml") if "\nstages:" in "\n" + p.read_text())
