@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.outputs import file_written_aside, written_aside
+from salsa_lightning.outputs import check_writable_dir, file_written_aside, written_aside
 
 INSTALLED = Path(__file__).parent / "configs"  # in a wheel
 CHECKOUT = Path(__file__).resolve().parents[1] / "configs"  # in a source checkout
@@ -160,6 +160,7 @@ def copy_config(
         target = dest / source.name
         files = {p: target / p.relative_to(source) for p in sorted(source.rglob("*"))}
         files = {s: t for s, t in files.items() if s.suffix in SUFFIXES and s.is_file()}
+    check_writable_dir(target.parent, "the destination folder")
     if target.exists() and target.is_dir() != source.is_dir():
         kind = "a folder" if target.is_dir() else "a file"
         raise SalsaError(f"{str(target)!r} is {kind}; choose another destination.")

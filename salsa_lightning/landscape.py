@@ -20,6 +20,7 @@ from salsa_lightning.errors import SalsaError
 from salsa_lightning.evaluate import load_prompts, sample_answers
 from salsa_lightning.functional import bootstrap_mean_ci
 from salsa_lightning.generation import GenerationSettings
+from salsa_lightning.outputs import check_output_dir, written_aside
 from salsa_lightning.pretrained import load_tokenizer
 from salsa_lightning.scoring import Scorer, gold_scores
 from salsa_lightning.soup import SoupReference, load_soup
@@ -94,6 +95,7 @@ def landscape(
     generation: GenerationSettings | None = None,
     batch_size: int = 64,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Reward of the soups on the alpha line (2 checkpoints) or barycentric grid (3).
 
@@ -109,7 +111,10 @@ def landscape(
         generation: Sampling settings (default: sampling at temperature 1, 16 new tokens).
         batch_size: Prompts per generation batch.
         seed: Seed of the sampling noise (the same at every point).
+        overwrite: Replace an existing output directory.
     """
+    # Every input is checked before any soup is built or sampled.
+    check_output_dir(output, overwrite, "landscape output", "--overwrite true", "--output")
     if len(checkpoints) not in (2, 3):
         raise SalsaError(
             f"landscape needs 2 checkpoints (alpha line) or 3 (barycentric grid), got {len(checkpoints)}."
@@ -140,10 +145,9 @@ def landscape(
         "generation": asdict(generation),
         "points": results,
     }
-    out_dir = Path(output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "landscape.json").write_text(json.dumps(out, indent=2) + "\n")
-    plot_landscape(out, out_dir / "landscape.png")
+    with written_aside(output) as out_dir:  # appears whole, or leaves the old one as it was
+        (out_dir / "landscape.json").write_text(json.dumps(out, indent=2) + "\n")
+        plot_landscape(out, out_dir / "landscape.png")
     return out
 
 

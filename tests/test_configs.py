@@ -306,6 +306,14 @@ def test_configs_copy_a_file_and_a_folder_and_never_overwrites_unasked(
     assert main(["configs", "copy", "smolm2"]) == 2
     assert "Close matches: smollm2" in capsys.readouterr().err
 
+    # A destination under a file: refused by name (a FileExistsError traceback before).
+    (tmp_path / "afile").write_text("keep")
+    for dest, why in [("afile", "is a file, not a directory"), ("afile/x", "cannot be created")]:
+        assert main(["configs", "copy", "sft.yaml", dest]) == 2
+        err = capsys.readouterr().err
+        assert f"error: the destination folder '{dest}' {why}" in err and "Traceback" not in err
+    assert (tmp_path / "afile").read_text() == "keep"
+
 
 def test_configs_copy_configs_copies_all_of_them(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -101,11 +101,24 @@ def test_landscape_alpha_line_ends_are_the_sft_models(stage_outputs, task_files,
     assert json.loads((tmp_path / "land/landscape.json").read_text())["points"] == result["points"]
     assert (tmp_path / "land/landscape.png").stat().st_size > 0
 
+    # The same output again: refused before any soup is sampled, the first result kept.
+    written = (tmp_path / "land/landscape.json").read_text()
+    match = r"landscape output '.*land' already holds files\. .* --overwrite true to replace it"
+    with pytest.raises(SalsaError, match=match):
+        landscape([str(out["sft-1"]), str(out["sft-2"])], str(task_files["prompts_val"]),
+                  output=str(tmp_path / "land"))  # fmt: skip
+    assert (tmp_path / "land/landscape.json").read_text() == written
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".land")] == []
+
 
 def test_landscape_bad_inputs(stage_outputs, task_files, tmp_path):
     prompts = str(task_files["prompts_val"])
     with pytest.raises(SalsaError, match="2 checkpoints .* or 3 .* got 1"):
-        landscape([str(stage_outputs["sft-1"])], prompts)
+        landscape([str(stage_outputs["sft-1"])], prompts, output=str(tmp_path / "a"))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SalsaError, match=r"landscape output '.*afile' is a file, not a directory"):
+        landscape([str(stage_outputs["sft-1"]), str(stage_outputs["sft-2"])], prompts,
+                  output=str(tmp_path / "afile"))  # fmt: skip
     torch.manual_seed(0)
     other = LlamaForCausalLM(
         LlamaConfig(
@@ -118,7 +131,10 @@ def test_landscape_bad_inputs(stage_outputs, task_files, tmp_path):
     )
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(SalsaError, match="other"):
-        landscape([str(stage_outputs["sft-1"]), str(tmp_path / "other")], prompts)
+        landscape(
+            [str(stage_outputs["sft-1"]), str(tmp_path / "other")], prompts,
+            output=str(tmp_path / "b"),
+        )  # fmt: skip
 
 
 def test_pipeline_refuses_a_missing_input_before_running(tmp_path):
