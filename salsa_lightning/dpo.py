@@ -47,7 +47,7 @@ from salsa_lightning.functional import (
 )
 from salsa_lightning.generation import last_hidden_states, output_layer
 from salsa_lightning.lora import LoraSettings, add_lora
-from salsa_lightning.ppo.checks import check_tokenizer
+from salsa_lightning.ppo.checks import check_policy_matches_reference, check_tokenizer
 from salsa_lightning.pretrained import (
     check_model_source,
     load_pretrained,
@@ -292,6 +292,7 @@ class DPOModule(StageModule):
         hp, data = self.hparams, self.trainer.datamodule
         if hp.policy is not None:
             check_model_source(hp.policy, "model.policy")
+        check_policy_matches_reference(self.reference, hp.policy)
         if not isinstance(data, PreferenceDataModule):
             raise SalsaError(
                 f"DPOModule trains on preference pairs; data is {type(data).__name__}: set "

@@ -326,6 +326,9 @@ def test_bad_settings_fail_on_the_command_line_before_any_model(
     args = cli_args(stage_outputs, task_dir, tmp_path)
     assert main([*args, "--model.init_args.beta", "0"]) == 2
     assert "error: beta must be positive, got 0" in capsys.readouterr().err
+    reward = stage_outputs["reward"]  # a classifier as the policy: loaded with a random LM head
+    assert main([*args, "--model.init_args.policy", str(reward)]) == 2
+    assert f"error: model.policy '{reward}' is a sequence classifier" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the parser: a Literal, so --help lists the choices
         SalsaCLI(args=[*args[1:], "--model.init_args.loss", "kto"], run=False)
     err = capsys.readouterr().err

@@ -656,6 +656,9 @@ def tiny_llama(path: Path, vocab_size: int) -> Path:
         "empty-reference",
         "weights-not-summing-to-1",
         "reward-without-head",
+        "policy-is-a-reward-model",
+        "reference-is-a-reward-model",
+        "critic-is-a-causal-lm",
         "context-too-long",
         "batch-not-whole-minibatches",
     ],
@@ -676,6 +679,15 @@ def test_bad_inputs_fail_before_training(case, stage_outputs, task_dir, tmp_path
     elif case == "reward-without-head":
         kw = dict(reward_model=str(out["sft-1"]))
         match = rf"model.reward_model '{out['sft-1']}' has no one-label score head"
+    elif case == "policy-is-a-reward-model":  # it trained, from a random LM head
+        kw = dict(policy=str(out["reward"]))
+        match = rf"model.policy '{out['reward']}' is a sequence classifier \(LlamaForSequence"
+    elif case == "reference-is-a-reward-model":
+        kw = dict(checkpoints=("reward",), weights=(1.0,))
+        match = rf"model.reference '{out['reward']}' is a sequence classifier"
+    elif case == "critic-is-a-causal-lm":  # it failed in the first update, on tensor sizes
+        kw = dict(critic=str(out["sft-1"]))
+        match = rf"model.critic '{out['sft-1']}' has no one-label score head"
     elif case == "batch-not-whole-minibatches":
         kw = dict(ppo=PPOSettings(minibatch_size=6, micro_batch_size=3))
         match = (

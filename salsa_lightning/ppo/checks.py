@@ -20,15 +20,28 @@ def reference_config(reference: SoupReference) -> PretrainedConfig:
     return AutoConfig.from_pretrained(str(config_dir(reference.checkpoints[0])))
 
 
+def check_causal_lm(config: PretrainedConfig, path: str, what: str) -> None:
+    """Refuse a sequence classifier (a reward model) where the policy or its reference is
+    read: transformers would load it as a causal LM with a new, random LM head."""
+    archs = config.architectures or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        raise SalsaError(
+            f"{what} {path!r} is a sequence classifier ({archs[0]}: a reward model?), not a "
+            "causal LM; name an SFT model (`salsa fit --config configs/sft.yaml` writes one)."
+        )
+
+
 def check_policy_matches_reference(
     reference: SoupReference, policy: str | None
 ) -> PretrainedConfig:
     """The policy (a checkpoint, or the soup) is a model of the reference's kind and vocabulary;
     returns the policy's config."""
     ref_config = reference_config(reference)
+    check_causal_lm(ref_config, reference.checkpoints[0], "model.reference")
     if policy is None:
         return ref_config
     policy_config = AutoConfig.from_pretrained(policy)
+    check_causal_lm(policy_config, policy, "model.policy")
     if (policy_config.model_type, policy_config.vocab_size) != (
         ref_config.model_type,
         ref_config.vocab_size,

@@ -80,6 +80,7 @@ from salsa_lightning.scoring import (
     RewardMode,
     RewardSource,
     ValueModel,
+    check_reward_model,
     check_reward_source,
     check_scores,
     gold_scores,
@@ -267,9 +268,10 @@ class SALSAModule(StageModule):
         self.reference.validate()
         self.reference_weights = self.reference.resolved_weights()
         hp = self.hparams
-        for path, what in ((hp.policy, "model.policy"), (hp.critic, "model.critic")):
-            if path is not None:
-                check_model_source(path, what)
+        if hp.policy is not None:
+            check_model_source(hp.policy, "model.policy")
+        if hp.critic is not None:  # its score head is the value head
+            check_reward_model(hp.critic, "model.critic")
         if self.reward_source is not None:
             check_reward_source(self.reward_source, "model.reward_model")
         config = checks.check_policy_matches_reference(self.reference, hp.policy)
