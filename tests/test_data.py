@@ -383,6 +383,13 @@ def test_empty_after_filtering_names_max_length(task_files):
     )
     with pytest.raises(SalsaError, match=r"no train rows left after filtering to max_length=6"):
         dm.setup("fit")
+    # Under truncate (which cuts responses only), no advice to use truncate.
+    dm = SFTDataModule(
+        tokenizer=TOK, train_files=str(task_files["sft_val"]), max_length=2, overflow="truncate"
+    )
+    with pytest.raises(SalsaError) as err:
+        dm.setup("fit")
+    assert str(err.value).endswith("max_length=2 (overflow: truncate); raise data.max_length.")
 
 
 def first_train_batch(task_files, **kwargs) -> dict[str, torch.Tensor]:

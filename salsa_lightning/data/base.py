@@ -258,9 +258,13 @@ class ChatDataModule(L.LightningDataModule):
                     f"{source}: every {split} pair has chosen == rejected, so no pair is left to "
                     "learn from; check the chosen and rejected columns."
                 )
+            # Truncation cuts responses only: a row whose prompt alone does not fit is dropped
+            # under either setting.
+            other = "" if self.hparams.overflow == "truncate" else " or use overflow: truncate"
             raise SalsaError(
                 f"{source}: no {split} rows left after filtering to max_length="
-                f"{self.hparams.max_length}; raise data.max_length or use overflow: truncate."
+                f"{self.hparams.max_length} (overflow: {self.hparams.overflow}); raise "
+                f"data.max_length{other}."
             )
         return data
 
