@@ -10,7 +10,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 from salsa_lightning.errors import SalsaError
@@ -76,6 +82,19 @@ def org_is_local_dir(text: str) -> bool:
     if text.count("/") != 1 or text.startswith((".", "/", "~")):
         return False
     return Path(text.split("/")[0]).is_dir()
+
+
+def check_causal_lm(config: PretrainedConfig, path: str, what: str) -> None:
+    """Refuse a sequence classifier (a reward model) where a causal LM is read (the policy,
+    its reference, the model SFT starts from): transformers would load it with a new, random
+    LM head, and the run would train from noise."""
+    archs = config.architectures or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        raise SalsaError(
+            f"{what} {path!r} is a sequence classifier ({archs[0]}: a reward model?), not a "
+            "causal LM; name a causal LM (a base model, or an SFT model: `salsa fit --config "
+            "configs/sft.yaml` writes one)."
+        )
 
 
 def check_model_source(name_or_path: str | os.PathLike, what: str = "model") -> str:

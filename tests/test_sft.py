@@ -257,6 +257,17 @@ def test_model_directory_without_config_is_refused(task_files, tmp_path):
         )
 
 
+def test_a_reward_model_as_the_start_is_refused(stage_outputs, task_files, tmp_path):
+    """transformers would load the classifier as a causal LM with a random LM head."""
+    reward = stage_outputs["reward"]
+    module = SFTModule(model=str(reward))
+    with pytest.raises(SalsaError, match=rf"model.model '{reward}' is a sequence classifier"):
+        make_trainer(tmp_path, max_steps=1).fit(
+            module, datamodule=sft_data(task_files, max_samples=16)
+        )
+    assert module.model is None
+
+
 def test_model_or_config_required():
     with pytest.raises(SalsaError, match="model.model .* or model.model_config"):
         SFTModule(model=None)

@@ -9,7 +9,7 @@ from transformers import AutoConfig, PretrainedConfig
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.ppo.estimators import ESTIMATORS, Estimator
 from salsa_lightning.ppo.settings import EstimatorSettings, PPOSettings
-from salsa_lightning.pretrained import load_tokenizer
+from salsa_lightning.pretrained import check_causal_lm, load_tokenizer
 from salsa_lightning.soup import SoupReference, config_dir
 from salsa_lightning.soup.plan import plan_soup
 from salsa_lightning.world_size import per_rank
@@ -18,17 +18,6 @@ from salsa_lightning.world_size import per_rank
 def reference_config(reference: SoupReference) -> PretrainedConfig:
     """The config of the reference's models (of a LoRA adapter's base)."""
     return AutoConfig.from_pretrained(str(config_dir(reference.checkpoints[0])))
-
-
-def check_causal_lm(config: PretrainedConfig, path: str, what: str) -> None:
-    """Refuse a sequence classifier (a reward model) where the policy or its reference is
-    read: transformers would load it as a causal LM with a new, random LM head."""
-    archs = config.architectures or []
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        raise SalsaError(
-            f"{what} {path!r} is a sequence classifier ({archs[0]}: a reward model?), not a "
-            "causal LM; name an SFT model (`salsa fit --config configs/sft.yaml` writes one)."
-        )
 
 
 def check_policy_matches_reference(
