@@ -35,7 +35,12 @@ from salsa_lightning.errors import SalsaError
 from salsa_lightning.functional import bootstrap_mean_ci, grouped_rate_ci, kl_estimate, win_rate
 from salsa_lightning.generation import GenerationSettings, response_logprobs, sample
 from salsa_lightning.outputs import check_output_dir, written_aside
-from salsa_lightning.pretrained import check_model_source, load_pretrained, load_tokenizer
+from salsa_lightning.pretrained import (
+    check_causal_lm_dir,
+    check_model_source,
+    load_pretrained,
+    load_tokenizer,
+)
 from salsa_lightning.scoring import Scorer, gold_scores
 from salsa_lightning.soup import SoupReference
 
@@ -197,6 +202,7 @@ def evaluate(
     sets = {name: load_prompts(path, prompt_column)[:max_prompts] for name, path in prompts.items()}
     for name, path in {**models, **(references or {})}.items():
         check_model_source(path, f"model {name!r}")
+        check_causal_lm_dir(path, f"model {name!r} path")
     pairs = pairs or [[a, b] for i, a in enumerate(models) for b in list(models)[i + 1 :]]
     for pair in pairs:
         if len(pair) != 2 or any(m not in models for m in pair):

@@ -21,7 +21,7 @@ from salsa_lightning.evaluate import load_prompts, sample_answers
 from salsa_lightning.functional import bootstrap_mean_ci
 from salsa_lightning.generation import GenerationSettings
 from salsa_lightning.outputs import check_output_dir, written_aside
-from salsa_lightning.pretrained import load_tokenizer
+from salsa_lightning.pretrained import check_causal_lm_dir, load_tokenizer
 from salsa_lightning.scoring import Scorer, gold_scores
 from salsa_lightning.soup import SoupReference, load_soup
 
@@ -121,7 +121,8 @@ def landscape(
         )
     SoupReference(
         list(checkpoints)
-    ).validate()  # averageable: same architecture, tensors, vocabulary
+    ).validate()  # averageable: one architecture, tensors, vocabulary
+    check_causal_lm_dir(checkpoints[0], "checkpoint")
     rows = load_prompts(prompts)[:max_prompts]
     texts = [r["prompt"] for r in rows]
     generation = generation or GenerationSettings()

@@ -97,6 +97,14 @@ def check_causal_lm(config: PretrainedConfig, path: str, what: str) -> None:
         )
 
 
+def check_causal_lm_dir(path: str | os.PathLike, what: str) -> None:
+    """:func:`check_causal_lm` of a local model directory's ``config.json`` (a hub id or a LoRA
+    adapter is left to loading)."""
+    config = Path(path).expanduser() / "config.json"
+    if config.is_file():
+        check_causal_lm(AutoConfig.from_pretrained(config.parent), str(path), what)
+
+
 def check_model_source(name_or_path: str | os.PathLike, what: str = "model") -> str:
     """Fail fast, naming the culprit, when a model reference cannot be loaded.
 

@@ -198,13 +198,14 @@ def sampled_pairs(
     """
     from salsa_lightning.evaluate import load_models, load_prompts, sample_answers
     from salsa_lightning.outputs import check_output_dir, written_aside
-    from salsa_lightning.pretrained import check_model_source
+    from salsa_lightning.pretrained import check_causal_lm_dir, check_model_source
     from salsa_lightning.scoring import gold_scores
 
     if samples < 2:
         raise SalsaError(f"salsa pairs needs samples >= 2 answers per prompt, got {samples}.")
     check_output_dir(output, overwrite, "pairs output", "--overwrite true", "--output")
     check_model_source(model, "model")
+    check_causal_lm_dir(model, "model")
     rows = load_prompts(prompts)[:max_prompts]
     texts = [r["prompt"] for r in rows]
     if gold_scores(reward_fn, texts[:1], [""]) is None:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torchmetrics import MeanMetric
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from salsa_lightning.data import IGNORE_INDEX
 from salsa_lightning.finetune import FineTuneModule
-from salsa_lightning.pretrained import check_causal_lm
+from salsa_lightning.pretrained import check_causal_lm_dir
 
 
 def token_stats(
@@ -53,9 +52,8 @@ class SFTModule(FineTuneModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)  # the model source exists
-        name = self.model_name
-        if name is not None and (Path(name) / "config.json").is_file():
-            check_causal_lm(AutoConfig.from_pretrained(name), name, "model.model")
+        if self.model_name is not None:
+            check_causal_lm_dir(self.model_name, "model.model")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

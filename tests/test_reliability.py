@@ -38,6 +38,7 @@ from salsa_lightning.lora import LoraSettings
 from salsa_lightning.outputs import TMP_MARK
 from salsa_lightning.ppo import PPOSettings
 from salsa_lightning.report import Method, ReportSpec, write_report
+from salsa_lightning.reward import sampled_pairs
 from salsa_lightning.scoring import sequence_scores
 from salsa_lightning.soup import write_soup
 from salsa_lightning.task import pretraining_rows, write_pretraining_files
@@ -585,6 +586,22 @@ def test_a_causal_lm_as_reward_model_is_refused_alike_by_fit_evaluate_and_landsc
         landscape([lm, str(stage_outputs["sft-2"])], str(task_files["prompts_val"]),
                   str(tmp_path / "l"), reward_model=lm)  # fmt: skip
     assert not (tmp_path / "l").exists()
+
+
+def test_a_reward_model_as_a_causal_lm_is_refused_alike_by_evaluate_landscape_and_pairs(
+    stage_outputs, task_files, tmp_path
+):
+    """transformers would load the classifier with a random LM head: evaluate and pairs ran on
+    it (pairs wrote 0 pairs), landscape failed in its first soup."""
+    rm, val = str(stage_outputs["reward"]), str(task_files["prompts_val"])
+    match = rf"'{rm}' is a sequence classifier \(LlamaForSequenceClassification: a reward model\?\)"
+    with pytest.raises(SalsaError, match=rf"model 'a' path {match}"):
+        evaluate({"a": rm}, {"val": val}, str(tmp_path / "e"), rm)
+    with pytest.raises(SalsaError, match=rf"checkpoint {match}"):
+        landscape([rm, rm], val, str(tmp_path / "l"), reward_model=rm)
+    with pytest.raises(SalsaError, match=rf"model {match}"):
+        sampled_pairs(rm, val, str(tmp_path / "p"))
+    assert not [p.name for p in tmp_path.iterdir()]  # nothing written
 
 
 # ----------------------------------------------------------------------------- models (15, 16)
