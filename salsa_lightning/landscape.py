@@ -119,9 +119,8 @@ def landscape(
         raise SalsaError(
             f"landscape needs 2 checkpoints (alpha line) or 3 (barycentric grid), got {len(checkpoints)}."
         )
-    SoupReference(
-        list(checkpoints)
-    ).validate()  # averageable: one architecture, tensors, vocabulary
+    # Averageable (one architecture, the same tensors and vocabulary), and causal LMs.
+    SoupReference(list(checkpoints)).validate()
     check_causal_lm_dir(checkpoints[0], "checkpoint")
     rows = load_prompts(prompts)[:max_prompts]
     texts = [r["prompt"] for r in rows]
