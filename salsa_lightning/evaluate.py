@@ -31,7 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from salsa_lightning.data import left_padded_prompts, read_data_files
-from salsa_lightning.errors import SalsaError
+from salsa_lightning.errors import SalsaError, require
 from salsa_lightning.functional import bootstrap_mean_ci, grouped_rate_ci, kl_estimate, win_rate
 from salsa_lightning.generation import GenerationSettings, response_logprobs, sample
 from salsa_lightning.outputs import check_output_dir, written_aside
@@ -47,13 +47,17 @@ from salsa_lightning.soup import SoupReference
 PROMPT_COLUMNS = ("prompt", "question", "instruction")
 
 
-def load_prompts(path: str | os.PathLike, column: str | None = None) -> list[dict[str, Any]]:
+def load_prompts(
+    path: str | os.PathLike, column: str | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
     """Rows of a prompt file (json, jsonl, csv or parquet) with a prompt column.
 
     Args:
         path: The file.
         column: The prompt column; default the first of ``prompt``, ``question``, ``instruction``.
+        limit: The first this many rows (the commands' ``max_prompts``); None: every row.
     """
+    require(limit is None or limit >= 1, "max_prompts", "at least 1 (null: every prompt)", limit)
     data = read_data_files([path])
     names = [column] if column else list(PROMPT_COLUMNS)
     found = next((c for c in names if c in data.column_names), None)
@@ -62,7 +66,8 @@ def load_prompts(path: str | os.PathLike, column: str | None = None) -> list[dic
             f"prompt file {str(path)!r} has no prompt column: expected one of {names}, found "
             f"{data.column_names}; name it with --prompt_column."
         )
-    return [{**row, "prompt": row[found]} for row in data]
+    rows = data if limit is None else data.select(range(min(limit, len(data))))
+    return [{**row, "prompt": row[found]} for row in rows]
 
 
 @torch.no_grad()
@@ -199,7 +204,7 @@ def evaluate(
     generation = generation or GenerationSettings()
     # Every input is checked before any generation starts.
     check_output_dir(output, overwrite, "evaluation output", "--overwrite true", "--output")
-    sets = {name: load_prompts(path, prompt_column)[:max_prompts] for name, path in prompts.items()}
+    sets = {name: load_prompts(path, prompt_column, max_prompts) for name, path in prompts.items()}
     for name, path in {**models, **(references or {})}.items():
         check_model_source(path, f"model {name!r}")
         check_causal_lm_dir(path, f"model {name!r} path")

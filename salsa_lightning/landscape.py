@@ -122,7 +122,7 @@ def landscape(
     # Averageable (one architecture, the same tensors and vocabulary), and causal LMs.
     SoupReference(list(checkpoints)).validate()
     check_causal_lm_dir(checkpoints[0], "checkpoint")
-    rows = load_prompts(prompts)[:max_prompts]
+    rows = load_prompts(prompts, limit=max_prompts)
     texts = [r["prompt"] for r in rows]
     generation = generation or GenerationSettings()
     tokenizer = load_tokenizer(checkpoints[0])

@@ -206,7 +206,7 @@ def sampled_pairs(
     check_output_dir(output, overwrite, "pairs output", "--overwrite true", "--output")
     check_model_source(model, "model")
     check_causal_lm_dir(model, "model")
-    rows = load_prompts(prompts)[:max_prompts]
+    rows = load_prompts(prompts, limit=max_prompts)
     texts = [r["prompt"] for r in rows]
     if gold_scores(reward_fn, texts[:1], [""]) is None:
         raise SalsaError(

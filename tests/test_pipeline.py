@@ -17,6 +17,7 @@ from salsa_lightning.generation import GenerationSettings
 from salsa_lightning.landscape import landscape
 from salsa_lightning.pipeline import Stage, run_pipeline, select_stages
 from salsa_lightning.report import frontier, interpolate
+from salsa_lightning.reward import sampled_pairs
 
 GEN = GenerationSettings(max_new_tokens=8)
 
@@ -60,6 +61,23 @@ def test_evaluate_writes_answers_scores_and_win_rates(stage_outputs, task_files,
     assert back["score"].tolist() == pytest.approx([r["score"] for r in rows])
     assert (tmp_path / "eval/rewards.png").stat().st_size > 0
     assert "| comparison |" in (tmp_path / "eval/report.md").read_text()
+
+
+@pytest.mark.parametrize("limit", [0, -3])
+def test_max_prompts_below_1_is_refused_alike_by_evaluate_landscape_and_pairs(
+    limit, stage_outputs, task_files, tmp_path
+):
+    """0 crashed in torch.cat after the models loaded; -3 silently dropped the last 3."""
+    val, sft = str(task_files["prompts_val"]), str(stage_outputs["sft-1"])
+    match = rf"max_prompts must be at least 1 \(null: every prompt\), got {limit}\."
+    with pytest.raises(SalsaError, match=match):
+        evaluate({"a": sft}, {"val": val}, str(tmp_path / "e"), max_prompts=limit)
+    with pytest.raises(SalsaError, match=match):
+        landscape([sft, str(stage_outputs["sft-2"])], val, str(tmp_path / "l"), max_prompts=limit)
+    with pytest.raises(SalsaError, match=match):
+        sampled_pairs(sft, val, str(tmp_path / "p"), max_prompts=limit)
+    assert not list(tmp_path.iterdir())
+    assert len(load_prompts(val, limit=3)) == 3 and len(load_prompts(val)) > 3
 
 
 def test_evaluate_refuses_unknown_pair_before_generating(stage_outputs, task_files, tmp_path):
