@@ -10,6 +10,8 @@
 - checkpoint files written aside and renamed into place (:class:`AsideCheckpointIO`), and never
   a checkpoint or an export of non-finite weights (:meth:`StageModule.check_finite`);
 - SIGTERM stops the run with a resumable ``last.ckpt`` (``preemption.StopOnSigterm``);
+- Lightning's warnings that do not apply to these modules silenced during their fit
+  (``false_alarms``);
 - the export when fit ends: a Hugging Face directory written atomically by rank 0, from a full
   state dict gathered on every rank under FSDP.
 
@@ -36,6 +38,7 @@ from torch.distributed.tensor import DTensor
 
 from salsa_lightning.data.base import held_out_rows
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.false_alarms import SilenceFalseAlarms
 from salsa_lightning.frozen import keep_frozen_out_of_state_dict
 from salsa_lightning.lora import LoraSettings, as_lora, enable_gradient_checkpointing
 from salsa_lightning.outputs import check_free_space, file_written_aside, is_disk_full
@@ -176,7 +179,7 @@ class StageModule(L.LightningModule):
         return model.train()
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [StopOnSigterm(), ReloadTrainDataOnResume()]
+        return [StopOnSigterm(), ReloadTrainDataOnResume(), SilenceFalseAlarms()]
 
     def setup(self, stage: str) -> None:
         self.tokenizer = self.trainer.datamodule.tokenizer

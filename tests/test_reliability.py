@@ -10,14 +10,16 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import BASE
+from conftest import BASE, make_trainer
 from safetensors.torch import load_file, save_file
 from test_fsdp import salsa_args
 from test_salsa import build, fit, prompts, snapshot
@@ -708,3 +710,63 @@ def test_a_short_last_minibatch_weighs_its_micro_batches_by_rows(stage_outputs, 
     assert trainer.global_step == 1
     assert module.backpropagated == pytest.approx([8 / 12, 4 / 12])
     assert sum(module.backpropagated) == pytest.approx(1.0)  # the minibatch's mean loss
+
+
+class ManualWithFrozenPart(L.LightningModule):
+    """A plain Lightning module (not one of ours): manual optimization and a submodule in eval
+    mode, the two things Lightning warns about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.layer, self.frozen = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1).eval()
+
+    def training_step(self, batch, batch_idx) -> None:
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(self.layer(batch).sum())
+        opt.step()
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.ones(2, 2), batch_size=1)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.layer.parameters(), lr=0.1)
+
+
+def test_lightnings_false_alarms_are_silenced_during_our_fit_only(
+    stage_outputs, task_dir, tmp_path
+):
+    """Lightning warns about the frozen models in eval mode and about a checkpoint written
+    after the optimizer step under manual optimization: neither applies to SALSA-PPO, whose
+    fit prints neither; the warning filters are as before once it ends, and a user's own module
+    fitted next in the same process gets both warnings."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from salsa_lightning.false_alarms import FALSE_ALARMS
+
+    def fit_recording(module, root: Path, **kwargs) -> list[str]:
+        ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=-1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            filters = list(warnings.filters)
+            if isinstance(module, SALSAModule):
+                data = prompts(stage_outputs, task_dir)
+                fit(module, data, root, rollouts=1, callbacks=[ckpt], enable_checkpointing=True)
+            else:
+                make_trainer(root, max_steps=2, callbacks=[ckpt], enable_checkpointing=True).fit(
+                    module
+                )
+            assert warnings.filters == filters  # put back as they were
+        return [str(w.message) for w in caught]
+
+    def alarms(messages: list[str]) -> list[str]:
+        return [m for m in messages for p, _ in FALSE_ALARMS if re.search(p, m)]
+
+    ours = fit_recording(build(stage_outputs), tmp_path / "ours")
+    # the checkpoint after the rollout (its 2 optimizer steps) was written where Lightning warns
+    assert [p.name for p in (tmp_path / "ours" / "ckpt").glob("*.ckpt")] == ["epoch=0-step=2.ckpt"]
+    assert alarms(ours) == []
+    theirs = alarms(fit_recording(ManualWithFrozenPart(), tmp_path / "theirs"))
+    assert any(m.startswith("Found 1 module(s) in eval mode") for m in theirs), theirs
+    assert any(m.startswith("Using ModelCheckpoint with manual optimization") for m in theirs)
