@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,7 +81,8 @@ def run_stage(stage: Stage, config_dir: Path) -> None:
     if stage.command == "fit" and "--ckpt_path" not in args:
         args += ["--ckpt_path", "last"]
     try:
-        code = run_command(args)
+        with stage_command_line(args):
+            code = run_command(args)
     except Exception as err:
         err.add_note(f"(in stage {stage.name!r} of the pipeline)")
         raise
@@ -93,6 +97,32 @@ def run_stage(stage: Stage, config_dir: Path) -> None:
         raise SalsaError(
             f"stage {stage.name!r} failed (exit status {code}); see the message above."
         )
+
+
+# What Lightning's launcher of more processes sets in the process that starts them.
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextmanager
+def stage_command_line(args: list[str]) -> Iterator[None]:
+    """The stage's own command line in ``sys.argv`` while it runs, as if typed alone
+    (``salsa fit ...``). The processes Lightning starts for more devices rerun ``sys.argv``:
+    so they run this stage and exit, where they would rerun the whole pipeline and then every
+    later stage beside this process. When this process launched them, the launcher's
+    environment and process group end with the stage, so the next stage starts afresh."""
+    import torch.distributed as dist
+
+    argv, env = sys.argv[:], {k: os.environ.get(k) for k in LAUNCHER_ENV}
+    sys.argv[1:] = args
+    try:
+        yield
+    finally:
+        sys.argv[:] = argv
+        if env["LOCAL_RANK"] is None and "LOCAL_RANK" in os.environ:  # this process launched
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+            for key, value in env.items():
+                os.environ.pop(key, None) if value is None else os.environ.update({key: value})
 
 
 def select_stages(stages: list[Stage], patterns: list[str]) -> list[Stage]:

@@ -288,3 +288,48 @@ def test_landscape_command_takes_checkpoints_shell_style(stage_outputs, task_fil
     assert code == 0
     points = json.loads((tmp_path / "land/landscape.json").read_text())["points"]
     assert [p["weights"] for p in points] == [[0.0, 1.0], [1.0, 0.0]]
+
+
+@pytest.mark.slow
+def test_a_two_process_stage_runs_alone_and_each_later_stage_runs_once(
+    stage_outputs, task_dir, tmp_path
+):
+    """The process Lightning starts for a stage's second device runs that stage and exits: it
+    does not run the pipeline again, and with it every later stage beside this process (a
+    soup written twice at once, a 1-process fit joined by a second rank). A second 2-process
+    stage then starts its own processes afresh."""
+    import yaml
+    from test_fsdp import run
+
+    root = tmp_path / "run"
+    shutil.copytree(stage_outputs["sft-1"], root / "artifacts" / "sft-1")
+
+    def fit(name: str, devices: int) -> dict:
+        args = [
+            "--data.init_args.task_dir", str(task_dir), "--data.init_args.max_samples", "64",
+            "--data.init_args.batch_size", "8", "--trainer.max_steps", "2",
+            "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto",
+            "--model.init_args.export_dir", f"artifacts/{name}",
+            "--trainer.logger.init_args.name", name,
+        ]  # fmt: skip
+        configs = [str(CONFIGS / "sft.yaml")]
+        return {"name": name, "command": "fit", "configs": configs, "args": args,
+                "outputs": [f"artifacts/{name}"]}  # fmt: skip
+
+    soup = {
+        "name": "soup",
+        "command": "soup",
+        "args": ["--checkpoints", "artifacts/sft-1", "artifacts/a", "--output", "artifacts/soup"],
+        "outputs": ["artifacts/soup"],
+    }
+    stages = [fit("a", 2), soup, fit("b", 2), fit("c", 1)]
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    out = run(
+        ["pipeline", "--config", str(tmp_path / "pipeline.yaml"), "--output", str(root)], tmp_path
+    )
+    for i, stage in enumerate(stages, 1):
+        assert out.count(f"[{i}/4] {stage['name']}: salsa") == 1, out
+        assert out.count(f"[{i}/4] {stage['name']}: finished") == 1, out
+    for name in ("a", "b", "c", "soup"):
+        assert (root / "artifacts" / name / "model.safetensors").is_file()
