@@ -47,7 +47,7 @@ def build_references(
 ) -> nn.ModuleList:
     """The frozen KL references: the soup (``mode`` soup) or each checkpoint (multiple_kl)."""
     models = [reference.build(dtype=dtype)] if mode == "soup" else reference.build_each(dtype=dtype)
-    return nn.ModuleList(models)
+    return nn.ModuleList(models).eval()  # frozen: the summary shows them in eval mode too
 
 
 def build_reward(
