@@ -118,11 +118,14 @@ def stage_command_line(args: list[str]) -> Iterator[None]:
         yield
     finally:
         sys.argv[:] = argv
-        if env["LOCAL_RANK"] is None and "LOCAL_RANK" in os.environ:  # this process launched
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
-            for key, value in env.items():
-                os.environ.pop(key, None) if value is None else os.environ.update({key: value})
+        launched = env["LOCAL_RANK"] is None and "LOCAL_RANK" in os.environ
+        if launched and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in env.items():  # unchanged under torchrun or srun
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def select_stages(stages: list[Stage], patterns: list[str]) -> list[Stage]:
