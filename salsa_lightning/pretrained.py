@@ -84,16 +84,20 @@ def org_is_local_dir(text: str) -> bool:
     return Path(text.split("/")[0]).is_dir()
 
 
+def is_sequence_classifier(config: PretrainedConfig) -> bool:
+    """Whether a checkpoint's config names a sequence classifier (a reward model's kind)."""
+    return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+
+
 def check_causal_lm(config: PretrainedConfig, path: str, what: str) -> None:
     """Refuse a sequence classifier (a reward model) where a causal LM is read (the policy,
     its reference, the model SFT starts from): transformers would load it with a new, random
     LM head, and the run would train from noise."""
-    archs = config.architectures or []
-    if any(a.endswith("ForSequenceClassification") for a in archs):
+    if is_sequence_classifier(config):
         raise SalsaError(
-            f"{what} {path!r} is a sequence classifier ({archs[0]}: a reward model?), not a "
-            "causal LM; name a causal LM (a base model, or an SFT model: `salsa fit --config "
-            "configs/sft.yaml` writes one)."
+            f"{what} {path!r} is a sequence classifier ({config.architectures[0]}: a reward "
+            "model?), not a causal LM; name a causal LM (a base model, or an SFT model: "
+            "`salsa fit --config configs/sft.yaml` writes one)."
         )
 
 

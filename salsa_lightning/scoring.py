@@ -24,7 +24,12 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.generation import position_ids
-from salsa_lightning.pretrained import check_model_source, load_pretrained, load_tokenizer
+from salsa_lightning.pretrained import (
+    check_model_source,
+    is_sequence_classifier,
+    load_pretrained,
+    load_tokenizer,
+)
 from salsa_lightning.soup import SoupReference, load_soup
 from salsa_lightning.soup.plan import plan_soup
 
@@ -117,7 +122,7 @@ def check_reward_model(path: str, what: str = "reward_model") -> None:
     check_model_source(path, what)
     config = AutoConfig.from_pretrained(path)
     archs = config.architectures or []
-    if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
+    if not is_sequence_classifier(config) or config.num_labels != 1:
         raise SalsaError(
             f"{what} {path!r} has no one-label score head (architectures {archs}, num_labels "
             f"{config.num_labels}); train one with `salsa fit --config configs/reward.yaml`."
