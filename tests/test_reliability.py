@@ -745,7 +745,7 @@ def test_lightnings_false_alarms_are_silenced_during_our_fit_only(
 
     from salsa_lightning.false_alarms import FALSE_ALARMS
 
-    def fit_recording(module, root: Path, **kwargs) -> list[str]:
+    def fit_recording(module, root: Path) -> list[str]:
         ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=-1)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
