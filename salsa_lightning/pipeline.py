@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch.distributed as dist
+
 from salsa_lightning.commands import run_command
 from salsa_lightning.config_files import find_config
 from salsa_lightning.errors import SalsaError
@@ -110,8 +112,6 @@ def stage_command_line(args: list[str]) -> Iterator[None]:
     so they run this stage and exit, where they would rerun the whole pipeline and then every
     later stage beside this process. When this process launched them, the launcher's
     environment and process group end with the stage, so the next stage starts afresh."""
-    import torch.distributed as dist
-
     argv, env = sys.argv[:], {k: os.environ.get(k) for k in LAUNCHER_ENV}
     sys.argv[1:] = args
     try:
