@@ -147,12 +147,9 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     if not target.parent.is_dir():
         return removed
     for tmp in target.parent.glob(f".{target.name}{TMP_MARK}*"):
-        pid = tmp.name.rpartition(TMP_MARK)[2]
+        pid = tmp.name.rpartition(TMP_MARK)[2].removesuffix(".old")
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            if tmp.is_dir() and not tmp.is_symlink():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
+            remove(tmp)
             removed.append(tmp)
     return removed
 
@@ -214,9 +211,25 @@ def explain_failed_write(err: BaseException, target: Path, tmp: Path) -> None:
 
 
 def replace_atomically(tmp: Path, target: Path) -> None:
-    """Put the complete directory ``tmp`` at ``target``, replacing what is there."""
-    if target.is_symlink() or target.is_file():
-        target.unlink()
-    elif target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    """Put the complete directory ``tmp`` at ``target``, replacing what is there. What is there
+    is renamed aside first and removed only once ``tmp`` is in its place: an error or interrupt
+    between the two renames puts it back, so ``target`` holds the old output or the new one."""
+    aside = temporary_sibling(target)
+    old = aside.with_name(f"{aside.name}.old")  # removed as stale if this process dies
+    try:
+        if target.is_symlink() or target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except BaseException:
+        if (old.is_symlink() or old.exists()) and not target.exists():
+            os.replace(old, target)
+        raise
+    remove(old)
+
+
+def remove(path: Path) -> None:
+    """Remove a file, link or directory tree, if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

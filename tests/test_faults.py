@@ -27,9 +27,10 @@ import yaml
 from conftest import CONFIGS
 from safetensors.torch import load_file, save_file
 
+from salsa_lightning import outputs
 from salsa_lightning.cli import main
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.outputs import TMP_MARK
+from salsa_lightning.outputs import TMP_MARK, written_aside
 from salsa_lightning.pipeline import run_pipeline
 from salsa_lightning.soup import write_soup
 from salsa_lightning.stage_module import AsideCheckpointIO
@@ -196,6 +197,41 @@ def test_sigterm_during_a_soup_removes_its_temporary_and_says_so(tmp_path):
         f"stopped by SIGTERM: removed the unfinished {tmp}; {out / 'soup'} is as it was"
     ]
     assert list(out.iterdir()) == []
+
+
+def test_an_interrupt_while_an_output_is_replaced_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    """Overwriting an output renames the old one aside before the new one takes its place: a
+    Ctrl-C between the two renames puts the old one back (before, it had been deleted first)."""
+    target = tmp_path / "soup"
+    target.mkdir()
+    (target / "model.safetensors").write_text("old")
+    rename = os.replace
+
+    def interrupted_when_the_new_one_moves_in(src, dst):
+        if Path(src).name.endswith(TMP_MARK + str(os.getpid())):
+            raise KeyboardInterrupt
+        rename(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", interrupted_when_the_new_one_moves_in)
+    with pytest.raises(KeyboardInterrupt) as caught, written_aside(target) as tmp:
+        (tmp / "model.safetensors").write_text("new")
+    assert caught.value.__notes__ == [f"removed the unfinished {tmp}; {target} is as it was"]
+    assert [p.name for p in tmp_path.iterdir()] == ["soup"]
+    assert (target / "model.safetensors").read_text() == "old"
+
+
+def test_a_replaced_output_leaves_nothing_aside_and_a_dead_runs_aside_is_removed(tmp_path):
+    target = tmp_path / "soup"
+    target.mkdir()
+    (target / "model.safetensors").write_text("old")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    stale = tmp_path / f".soup{TMP_MARK}{dead}.old"  # a run killed while removing the old one
+    stale.mkdir()
+    with written_aside(target) as tmp:
+        (tmp / "model.safetensors").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["soup"]
+    assert (target / "model.safetensors").read_text() == "new"
 
 
 # ----------------------------------------------------------------------------- full disks
