@@ -139,7 +139,7 @@ def function_parser(fn: Callable[..., Any], prog: str):
 def function_main(fn: Callable[..., Any], argv: list[str] | None, prog: str) -> int:
     """Run ``fn`` from its command line (:func:`function_parser`)."""
     parser = function_parser(fn, prog)
-    cfg = parser.instantiate_classes(parser.parse_args(join_list_flags(fn, argv)))
+    cfg = parser.instantiate(parser.parse_args(join_list_flags(fn, argv)))
     fn(**{k: v for k, v in vars(cfg).items() if k != "config"})
     return 0
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from salsa_lightning.errors import SalsaError
+from salsa_lightning.errors import SalsaError, require
 from salsa_lightning.evaluate import load_prompts, sample_answers
 from salsa_lightning.functional import bootstrap_mean_ci
 from salsa_lightning.generation import GenerationSettings
@@ -36,7 +36,7 @@ def alpha_line(n_points: int) -> list[list[float]]:
         The list of weight pairs, starting at ``[0, 1]`` and ending at ``[1, 0]``.
     """
     if n_points < 2:
-        raise SalsaError(f"alpha_line needs n_points >= 2, got {n_points}")
+        raise SalsaError(f"points must be at least 2 (the line's two ends), got {n_points}.")
     return [[k / (n_points - 1), 1.0 - k / (n_points - 1)] for k in range(n_points)]
 
 
@@ -50,7 +50,7 @@ def barycentric_grid(resolution: int) -> list[list[float]]:
         ``(resolution + 1) * (resolution + 2) / 2`` weight triples.
     """
     if resolution < 1:
-        raise SalsaError(f"barycentric_grid needs resolution >= 1, got {resolution}")
+        raise SalsaError(f"resolution must be at least 1, got {resolution}.")
     return [
         [i / resolution, j / resolution, (resolution - i - j) / resolution]
         for i in range(resolution + 1)
@@ -117,8 +117,11 @@ def landscape(
     check_output_dir(output, overwrite, "landscape output", "--overwrite true", "--output")
     if len(checkpoints) not in (2, 3):
         raise SalsaError(
-            f"landscape needs 2 checkpoints (alpha line) or 3 (barycentric grid), got {len(checkpoints)}."
+            "landscape needs 2 checkpoints (alpha line) or 3 (barycentric grid), got "
+            f"{len(checkpoints)}: {list(checkpoints)} (separate them with spaces: --checkpoints A B)."
         )
+    grid = alpha_line(points) if len(checkpoints) == 2 else barycentric_grid(resolution)
+    require(batch_size >= 1, "batch_size", "at least 1", batch_size)
     # Averageable (one architecture, the same tensors and vocabulary), and causal LMs.
     SoupReference(list(checkpoints)).validate()
     check_causal_lm_dir(checkpoints[0], "checkpoint")
@@ -127,7 +130,6 @@ def landscape(
     generation = generation or GenerationSettings()
     tokenizer = load_tokenizer(checkpoints[0])
     scorer = Scorer(reward_model, torch.device("cpu")) if reward_model else None
-    grid = alpha_line(points) if len(checkpoints) == 2 else barycentric_grid(resolution)
     results = []
     for i, weights in enumerate(grid):
         model = load_soup(checkpoints, weights)

@@ -13,7 +13,7 @@ import torch
 from torchmetrics import MeanMetric
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from salsa_lightning.errors import SalsaError
+from salsa_lightning.errors import SalsaError, require
 from salsa_lightning.finetune import FineTuneModule
 from salsa_lightning.functional import bradley_terry_loss, reward_centering_loss
 from salsa_lightning.generation import GenerationSettings
@@ -203,6 +203,7 @@ def sampled_pairs(
 
     if samples < 2:
         raise SalsaError(f"salsa pairs needs samples >= 2 answers per prompt, got {samples}.")
+    require(batch_size >= 1, "batch_size", "at least 1", batch_size)
     check_output_dir(output, overwrite, "pairs output", "--overwrite true", "--output")
     check_model_source(model, "model")
     check_causal_lm_dir(model, "model")

@@ -80,6 +80,23 @@ def test_max_prompts_below_1_is_refused_alike_by_evaluate_landscape_and_pairs(
     assert len(load_prompts(val, limit=3)) == 3 and len(load_prompts(val)) > 3
 
 
+@pytest.mark.parametrize("size", [0, -2])
+def test_batch_size_below_1_is_refused_alike_by_evaluate_landscape_and_pairs(
+    size, stage_outputs, task_files, tmp_path
+):
+    """0 ended in a traceback once the models were loaded (range() arg 3 must not be zero),
+    -2 in another (zip() argument 2 is shorter than argument 1)."""
+    val, sft = str(task_files["prompts_val"]), str(stage_outputs["sft-1"])
+    match = rf"batch_size must be at least 1, got {size}\."
+    with pytest.raises(SalsaError, match=match):
+        evaluate({"a": sft}, {"val": val}, str(tmp_path / "e"), batch_size=size)
+    with pytest.raises(SalsaError, match=match):
+        landscape([sft, str(stage_outputs["sft-2"])], val, str(tmp_path / "l"), batch_size=size)
+    with pytest.raises(SalsaError, match=match):
+        sampled_pairs(sft, val, str(tmp_path / "p"), batch_size=size)
+    assert not list(tmp_path.iterdir())
+
+
 def test_evaluate_refuses_unknown_pair_before_generating(stage_outputs, task_files, tmp_path):
     with pytest.raises(SalsaError, match=r"pairs entry \['a', 'nope'\]"):
         evaluate(
@@ -153,6 +170,29 @@ def test_landscape_bad_inputs(stage_outputs, task_files, tmp_path):
             [str(stage_outputs["sft-1"]), str(tmp_path / "other")], prompts,
             output=str(tmp_path / "b"),
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--points", "1"], "points must be at least 2 (the line's two ends), got 1."),
+        (["--checkpoints+", "{sft-2}", "--resolution", "0"], "resolution must be at least 1, got 0."),
+        (["--checkpoints", "{sft-1},{sft-2}"], "got 1: ['{sft-1},{sft-2}'] (separate them with "
+         "spaces: --checkpoints A B)."),
+    ],
+)  # fmt: skip
+def test_landscape_flags_are_refused_by_their_names(
+    flags, message, stage_outputs, task_files, tmp_path, capsys
+):
+    """The messages named the functions behind the flags (``alpha_line needs n_points >= 2``);
+    a comma-separated list, as the usage line ``[ITEM,...]`` suggests, was "got 1" alone."""
+    sft = {k: str(stage_outputs[k]) for k in ("sft-1", "sft-2")}
+    argv = ["landscape", "--checkpoints", sft["sft-1"], sft["sft-2"],
+            "--prompts", str(task_files["prompts_val"]), "--output", str(tmp_path / "land")]  # fmt: skip
+    assert main(argv + [f.format(**sft) if "{" in f else f for f in flags]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and line.endswith(message.format(**sft))
+    assert not list(tmp_path.iterdir())
 
 
 def test_pipeline_refuses_a_missing_input_before_running(tmp_path):
