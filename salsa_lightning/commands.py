@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from salsa_lightning.errors import SalsaError
@@ -125,6 +128,26 @@ def join_list_flags(fn: Callable[..., Any], argv: list[str] | None) -> list[str]
     return out
 
 
+def check_mapping_flags(argv: list[str]) -> None:
+    """Refuse a mapping flag written without a space after its colons: YAML reads
+    ``{sft:artifacts/sft-1}`` as one key with no value, which jsonargparse reports only as
+    "Expected a <class 'dict'>"."""
+    for flag, value in itertools.pairwise(argv):
+        if not (flag.startswith("--") and value.startswith("{") and ":" in value):
+            continue
+        try:
+            mapping = yaml.safe_load(value)
+        except yaml.YAMLError:
+            continue  # jsonargparse says what is wrong with it
+        if isinstance(mapping, dict) and any(
+            v is None and ":" in str(k) for k, v in mapping.items()
+        ):
+            spaced = re.sub(r":(?=\S)", ": ", value)
+            raise SalsaError(
+                f"{flag} {value}: YAML needs a space after each colon of a mapping: {spaced}"
+            )
+
+
 def function_parser(fn: Callable[..., Any], prog: str):
     """The parser of ``fn``'s command line: its arguments as flags, or from a YAML with
     ``--config``."""
@@ -138,6 +161,7 @@ def function_parser(fn: Callable[..., Any], prog: str):
 
 def function_main(fn: Callable[..., Any], argv: list[str] | None, prog: str) -> int:
     """Run ``fn`` from its command line (:func:`function_parser`)."""
+    check_mapping_flags(argv or [])
     parser = function_parser(fn, prog)
     cfg = parser.instantiate(parser.parse_args(join_list_flags(fn, argv)))
     fn(**{k: v for k, v in vars(cfg).items() if k != "config"})
@@ -310,7 +334,6 @@ def configured_choices(args: list[str]) -> list[str]:
     """For ``salsa fit|validate --config ... --help``: every choice setting (a ``Literal``) of
     the model and data classes the configs name, with its choices (LightningCLI's help lists
     only the trainer's options in subclass mode)."""
-    import yaml
     from jsonargparse.typing import import_object
 
     named: dict[str, str] = {}

@@ -195,6 +195,18 @@ def test_landscape_flags_are_refused_by_their_names(
     assert not list(tmp_path.iterdir())
 
 
+def test_a_mapping_flag_without_spaces_after_its_colons_is_refused_with_the_fix(tmp_path, capsys):
+    """YAML reads ``{a:x}`` as one key with no value; jsonargparse said only "Expected a <class
+    'dict'>"."""
+    argv = ["evaluate", "--models", "{a:x,b:y}", "--prompts", "{val: p.jsonl}",
+            "--output", str(tmp_path / "e")]  # fmt: skip
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --models {a:x,b:y}: YAML needs a space after each colon of a mapping: {a: x,b: y}"
+    )
+    assert not list(tmp_path.iterdir())
+
+
 def test_pipeline_refuses_a_missing_input_before_running(tmp_path):
     stages = [
         Stage(
