@@ -30,7 +30,7 @@ import lightning as L
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
-from salsa_lightning.errors import SalsaError
+from salsa_lightning.errors import SalsaError, require
 
 
 class SalsaCLI(LightningCLI):
@@ -98,6 +98,9 @@ class SalsaCLI(LightningCLI):
         if callback is not None and callback.dirpath:
             check_writable_dir(callback.dirpath, "the checkpoint callback's dirpath")
         check_writable_dir(trainer.default_root_dir, "trainer.default_root_dir")
+        # Lightning takes 0 and fails dividing by it when the schedule counts the steps.
+        steps = trainer.accumulate_grad_batches
+        require(steps >= 1, "trainer.accumulate_grad_batches", "at least 1", steps)
 
 
 # ----------------------------------------------------------------------------- functions as commands

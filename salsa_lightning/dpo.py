@@ -55,7 +55,7 @@ from salsa_lightning.pretrained import (
 )
 from salsa_lightning.sharding import shard
 from salsa_lightning.soup import SoupReference, load_soup
-from salsa_lightning.stage_module import StageModule
+from salsa_lightning.stage_module import StageModule, check_warmup, checked_optimizer
 
 # Checkpoints save the reference recipe in their hyper_parameters; resuming loads them with
 # torch.load(weights_only=True), which unpickles allowlisted classes only.
@@ -258,9 +258,10 @@ class DPOModule(StageModule):
     ) -> None:
         super().__init__(lora)
         check_preference_settings(loss, beta, label_smoothing)
+        check_warmup(warmup)
         self.save_hyperparameters(ignore=["optimizer"])
         self.reference = reference
-        self.optimizer_factory = optimizer
+        self.optimizer_factory = checked_optimizer(optimizer)
         self.policy: nn.Module | None = None
         self.reference_model: nn.Module | None = None
         self.ref_table: dict[bytes, tuple[float, float]] | None = None

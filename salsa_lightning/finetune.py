@@ -23,7 +23,7 @@ from salsa_lightning.pretrained import (
     torch_dtype,
 )
 from salsa_lightning.sharding import shard
-from salsa_lightning.stage_module import StageModule
+from salsa_lightning.stage_module import StageModule, check_warmup, checked_optimizer
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -75,9 +75,10 @@ class FineTuneModule(StageModule):
         super().__init__(lora)
         if model is None and model_config is None:
             raise SalsaError("set model.model (a path or hub id) or model.model_config.")
+        check_warmup(warmup)
         self.save_hyperparameters(ignore=["optimizer"])
         self.model_name = embedded.resolve(model) if model_config is None else None
-        self.optimizer_factory = optimizer
+        self.optimizer_factory = checked_optimizer(optimizer)
         self.model: nn.Module | None = None
 
     # -- building

@@ -37,7 +37,7 @@ from torch.distributed.fsdp import FlatParameter
 from torch.distributed.tensor import DTensor
 
 from salsa_lightning.data.base import held_out_rows
-from salsa_lightning.errors import SalsaError
+from salsa_lightning.errors import SalsaError, require
 from salsa_lightning.false_alarms import SilenceFalseAlarms
 from salsa_lightning.frozen import keep_frozen_out_of_state_dict
 from salsa_lightning.lora import LoraSettings, as_lora, enable_gradient_checkpointing
@@ -46,6 +46,24 @@ from salsa_lightning.preemption import StopOnSigterm, last_checkpoint
 from salsa_lightning.pretrained import check_export_dir, export_pretrained
 from salsa_lightning.resume import ReloadTrainDataOnResume
 from salsa_lightning.sharding import full_state_dict
+
+
+def checked_optimizer(factory: Callable[..., torch.optim.Optimizer]) -> Callable:
+    """``factory`` (``model.optimizer``), once it has built an optimizer over a stand-in weight:
+    torch checks the learning rate, betas, eps and weight decay when an optimizer is made, which
+    would otherwise happen after the models are built (``Invalid learning rate: -1.0``)."""
+    try:
+        factory([nn.Parameter(torch.zeros(2, 2))])
+    except ValueError as err:
+        raise SalsaError(f"model.optimizer: {err}; fix its init_args.") from err
+    return factory
+
+
+def check_warmup(warmup: float) -> None:
+    """``model.warmup`` of :meth:`StageModule.warmup_cosine_optimizers`: a fraction below 1 or
+    a step count, never negative."""
+    rule = "a non-negative fraction of the steps (< 1) or step count (>= 1)"
+    require(math.isfinite(warmup) and warmup >= 0, "model.warmup", rule, warmup)
 
 
 def check_world_size(written: int | None, trainer: Any) -> None:

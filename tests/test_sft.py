@@ -421,6 +421,34 @@ def test_cli_bad_input_returns_2_with_message(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--model.init_args.optimizer.init_args.lr", "-1",
+         "model.optimizer: Invalid learning rate: -1.0; fix its init_args."),
+        ("--model.init_args.optimizer.init_args.betas", "[0.9, 1.5]",
+         "model.optimizer: Invalid beta parameter at index 1: 1.5; fix its init_args."),
+        ("--model.init_args.warmup", "-0.1", "model.warmup must be a non-negative fraction of "
+         "the steps (< 1) or step count (>= 1), got -0.1."),
+        ("--trainer.accumulate_grad_batches", "0",
+         "trainer.accumulate_grad_batches must be at least 1, got 0."),
+    ],
+)  # fmt: skip
+def test_cli_bad_optimizer_settings_are_refused_by_name_before_the_model_is_built(
+    flag, value, message, task_files, tmp_path, monkeypatch, capsys
+):
+    """torch checks an optimizer's settings when it is made, in configure_optimizers, after the
+    model is built: a traceback ending in ``ValueError: Invalid learning rate: -1.0``. A negative
+    warmup ran without one; ``accumulate_grad_batches 0`` ended in a ZeroDivisionError."""
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(CONFIGS / "sft.yaml"), "--trainer.logger", "false",
+            "--model.init_args.export_dir", "out", flag, value]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_bad_choice_is_refused_by_the_parser_with_the_choices(tmp_path, monkeypatch, capsys):
     """A choice setting is a ``Literal``: the parser refuses a bad value (exit status 2) with a
     message naming the setting, the value and the choices, before anything is built."""

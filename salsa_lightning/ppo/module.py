@@ -89,7 +89,7 @@ from salsa_lightning.scoring import (
     text_scores,
 )
 from salsa_lightning.soup import SoupReference
-from salsa_lightning.stage_module import StageModule
+from salsa_lightning.stage_module import StageModule, checked_optimizer
 
 # (prompts, responses) -> Tensor[B]; typed loosely so YAML can name any callable class.
 RewardFunction = Callable[..., Any]
@@ -206,7 +206,7 @@ class SALSAModule(StageModule):
         self.kl_ctl = fn.AdaptiveKLController(
             self.kl_settings.coef, self.kl_settings.target, self.kl_settings.horizon
         )
-        self.optimizer_factory = optimizer
+        self.optimizer_factory = checked_optimizer(optimizer)
         # The models, built in configure_model.
         self.policy: nn.Module | None = None
         self.critic: ValueModel | None = None
