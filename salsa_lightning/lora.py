@@ -61,7 +61,12 @@ def as_lora(lora: LoraSettings | dict | None) -> LoraSettings | None:
 
 def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     """Recompute activations in backward (non-reentrant, so frozen inputs work with LoRA)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # newer transformers 5
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:  # deprecated there, removed in 6
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     config = getattr(model, "config", None)
     if config is not None:
         config.use_cache = False
