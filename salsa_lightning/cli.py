@@ -92,8 +92,8 @@ def configs_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="salsa configs", description="List the packaged YAML configs, or copy one to edit."
     )
-    sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("list", help="every packaged YAML with its first comment line")
+    sub = parser.add_subparsers(dest="action")
+    sub.add_parser("list", help="every packaged YAML with its first comment line (the default)")
     copy = sub.add_parser("copy", help="copy a packaged YAML or folder to edit")
     copy.add_argument(
         "name", help="a YAML (sft.yaml, smollm2/sft.yaml) or folder (smollm2, paper; configs: all)"
@@ -104,7 +104,7 @@ def configs_parser() -> argparse.ArgumentParser:
 
 
 def configs_main(argv: list[str]) -> int:
-    """``salsa configs list`` / ``salsa configs copy NAME [DEST] [--overwrite]``."""
+    """``salsa configs [list]`` / ``salsa configs copy NAME [DEST] [--overwrite]``."""
     from salsa_lightning.config_files import (
         copy_config,
         first_comment,
@@ -113,7 +113,7 @@ def configs_main(argv: list[str]) -> int:
     )
 
     args = configs_parser().parse_args(argv)
-    if args.action == "list":
+    if args.action in (None, "list"):
         root, names = packaged_dir(), packaged_names()
         print(f"{len(names)} packaged configs in {root} (salsa configs copy NAME to edit one):")
         width = max(len(n) for n in names)

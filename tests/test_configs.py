@@ -270,6 +270,8 @@ def test_configs_list_shows_every_yaml_with_its_first_comment(capsys):
     assert set(rows) == {p.relative_to(CONFIGS).as_posix() for p in ALL_YAML}
     assert rows["sft.yaml"] == first_comment(CONFIGS / "sft.yaml")
     assert rows["sft.yaml"].startswith("Stage 1: supervised fine-tuning")
+    assert main(["configs"]) == 0  # the list is the default (it was a usage error)
+    assert capsys.readouterr().out.splitlines() == lines
 
 
 def test_configs_copy_a_file_and_a_folder_and_never_overwrites_unasked(
