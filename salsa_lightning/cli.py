@@ -20,6 +20,7 @@ from salsa_lightning.commands import (
     LIGHTNING_COMMANDS,
     STAGE_COMMANDS,
     SalsaCLI,
+    drop_switch_values,
     exit_status,
     run_command,
     soup_main,
@@ -112,7 +113,7 @@ def configs_main(argv: list[str]) -> int:
         packaged_names,
     )
 
-    args = configs_parser().parse_args(argv)
+    args = configs_parser().parse_args(drop_switch_values(argv, ("--overwrite",)))
     if args.action in (None, "list"):
         root, names = packaged_dir(), packaged_names()
         print(f"{len(names)} packaged configs in {root} (salsa configs copy NAME to edit one):")

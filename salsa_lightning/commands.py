@@ -131,6 +131,41 @@ def join_list_flags(fn: Callable[..., Any], argv: list[str] | None) -> list[str]
     return out
 
 
+def add_switch_values(fn: Callable[..., Any], argv: list[str]) -> list[str]:
+    """Let a boolean argument be written alone, ``--overwrite``, as well as ``--overwrite true``
+    (as ``salsa soup``, ``convert`` and ``configs copy`` take it)."""
+    switches = {
+        f"--{name}"
+        for name, p in inspect.signature(fn).parameters.items()
+        if str(p.annotation) == "bool"
+    }
+    out = []
+    for i, token in enumerate(argv):
+        out.append(token)
+        following = argv[i + 1] if i + 1 < len(argv) else "--"
+        if token in switches and following.startswith("--"):
+            out.append("true")
+    return out
+
+
+def drop_switch_values(argv: list[str] | None, switches: tuple[str, ...]) -> list[str] | None:
+    """Let a switch of ``salsa soup``, ``convert`` or ``configs copy`` (``--overwrite``) be
+    written with a value too, as the other commands take it: ``--overwrite true`` becomes
+    ``--overwrite``, ``--overwrite false`` nothing."""
+    if argv is None:
+        return None
+    out, i = [], 0
+    while i < len(argv):
+        value = argv[i + 1].lower() if i + 1 < len(argv) else ""
+        if argv[i] in switches and value in ("true", "false"):
+            out += [argv[i]] if value == "true" else []
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def check_mapping_flags(argv: list[str]) -> None:
     """Refuse a mapping flag written without a space after its colons: YAML reads
     ``{sft:artifacts/sft-1}`` as one key with no value, which jsonargparse reports only as
@@ -164,7 +199,9 @@ def function_parser(fn: Callable[..., Any], prog: str):
 
 def function_main(fn: Callable[..., Any], argv: list[str] | None, prog: str) -> int:
     """Run ``fn`` from its command line (:func:`function_parser`)."""
-    check_mapping_flags(argv or [])
+    if argv is not None:
+        argv = add_switch_values(fn, argv)
+        check_mapping_flags(argv)
     parser = function_parser(fn, prog)
     cfg = parser.instantiate(parser.parse_args(join_list_flags(fn, argv)))
     fn(**{k: v for k, v in vars(cfg).items() if k != "config"})
@@ -225,7 +262,7 @@ def soup_main(argv: list[str] | None = None) -> int:
     from salsa_lightning.soup import write_soup
 
     try:
-        args = soup_parser().parse_args(argv)
+        args = soup_parser().parse_args(drop_switch_values(argv, ("--normalize", "--overwrite")))
         write_soup(
             args.checkpoints,
             args.weights,
@@ -263,7 +300,7 @@ def convert_main(argv: list[str] | None = None) -> int:
     """``salsa convert --gguf FILE --output DIR [--overwrite] [--dtype float32]``."""
     from salsa_lightning.convert import convert_gguf
 
-    args = convert_parser().parse_args(argv)
+    args = convert_parser().parse_args(drop_switch_values(argv, ("--overwrite",)))
     convert_gguf(args.gguf, args.output, args.overwrite, args.dtype, log=print)
     return 0
 

@@ -207,6 +207,32 @@ def test_a_mapping_flag_without_spaces_after_its_colons_is_refused_with_the_fix(
     assert not list(tmp_path.iterdir())
 
 
+def test_overwrite_is_taken_alone_or_with_true_by_every_command(
+    stage_outputs, task_files, tmp_path, monkeypatch, capsys
+):
+    """``salsa soup``, ``convert`` and ``configs copy`` took ``--overwrite`` alone ("unrecognized
+    arguments: true" after it), ``evaluate``, ``landscape`` and ``pairs`` only with a value
+    ("expected one argument" without): a user who learned one form was refused the other."""
+    monkeypatch.chdir(tmp_path)
+    sft = [str(stage_outputs["sft-1"]), str(stage_outputs["sft-2"])]
+    soup = ["--checkpoints", *sft, "--output", "soup"]
+    evaluate = ["--models", f"{{a: {sft[0]}}}", "--output", "eval",
+                "--prompts", f"{{val: {task_files['prompts_val']}}}", "--max_prompts", "2"]  # fmt: skip
+    for command, args in (
+        (["soup"], soup),
+        (["evaluate"], evaluate),
+        (["configs", "copy"], ["sft.yaml"]),
+    ):
+        assert main([*command, *args]) == 0
+        assert main([*command, *args]) == 2  # there already
+        assert main([*command, *args, "--overwrite", "false"]) == 2
+        assert main([*command, *args, "--overwrite", "true"]) == 0
+        assert main([*command, *args, "--overwrite"]) == 0
+        assert main([*command, "--overwrite", *args]) == 0
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" not in err and "expected one argument" not in err
+
+
 def test_pipeline_refuses_a_missing_input_before_running(tmp_path):
     stages = [
         Stage(
