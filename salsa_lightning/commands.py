@@ -30,6 +30,7 @@ import lightning as L
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
+from salsa_lightning.config_files import check_not_a_pipeline, read_mapping
 from salsa_lightning.errors import SalsaError, require
 
 
@@ -323,6 +324,7 @@ def run_command(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     def run() -> int:
+        check_not_a_pipeline(argv[0] if argv else "fit", argv)
         if argv and argv[0] in STAGE_COMMANDS:
             return STAGE_COMMANDS[argv[0]](argv[1:]) or 0
         try:  # None when argv is the process's own command line: LightningCLI warns when given it
@@ -379,7 +381,7 @@ def configured_choices(args: list[str]) -> list[str]:
     named: dict[str, str] = {}
     for flag, value in zip(args, args[1:], strict=False):
         if flag in ("-c", "--config") and Path(value).is_file():
-            config = yaml.safe_load(Path(value).read_text()) or {}
+            config = read_mapping(Path(value))
             for key in ("model", "data"):
                 if isinstance(config.get(key), dict) and "class_path" in config[key]:
                     named[key] = config[key]["class_path"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 from salsa_lightning.errors import SalsaError
@@ -117,21 +117,45 @@ def resolve_config(value: str | os.PathLike, log: Callable[[str], None] | None =
     return found
 
 
+def config_flags(argv: list[str]) -> Iterator[tuple[int, str, str]]:
+    """``(index, value, prefix)`` of every ``--config VALUE`` (prefix ``""``) or
+    ``--config=VALUE`` (prefix ``"--config="``) in ``argv``."""
+    for i, token in enumerate(argv):
+        if token == "--config" and i + 1 < len(argv):
+            yield i + 1, argv[i + 1], ""
+        elif token.startswith("--config="):
+            yield i, token.partition("=")[2], "--config="
+
+
 def resolve_config_args(argv: list[str], log: Callable[[str], None] | None = None) -> list[str]:
     """``argv`` with every ``--config NAME.yaml`` that is not a file here replaced by the
     packaged YAML's path (:func:`resolve_config`). Values that do not end in ``.yaml`` or
     ``.yml`` (inline YAML) are left to the parser."""
     out = list(argv)
-    for i, token in enumerate(out):
-        if token == "--config" and i + 1 < len(out):
-            at, value, prefix = i + 1, out[i + 1], ""
-        elif token.startswith("--config="):
-            at, value, prefix = i, token.partition("=")[2], "--config="
-        else:
-            continue
+    for at, value, prefix in config_flags(argv):
         if value.endswith(SUFFIXES):
             out[at] = prefix + str(resolve_config(value, log))
     return out
+
+
+def check_not_a_pipeline(command: str, argv: list[str]) -> None:
+    """Refuse a pipeline YAML (one that lists ``stages``) given to a stage command: the parser
+    would name only its first key the command does not take (``report.methods...``)."""
+    for _, value, _ in config_flags(argv):
+        path = Path(value)
+        if path.suffix in SUFFIXES and path.is_file() and "stages" in read_mapping(path):
+            raise SalsaError(
+                f"{value} is a pipeline YAML (it lists stages), not a config of salsa {command}: "
+                f"run it with `salsa pipeline --config {value}`."
+            )
+
+
+def read_mapping(path: Path) -> dict:
+    """The top-level mapping of a YAML file (empty when it holds anything else)."""
+    import yaml
+
+    spec = yaml.safe_load(path.read_text())
+    return spec if isinstance(spec, dict) else {}
 
 
 def copy_config(

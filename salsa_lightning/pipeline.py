@@ -25,7 +25,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from salsa_lightning.commands import run_command
-from salsa_lightning.config_files import find_config
+from salsa_lightning.config_files import find_config, read_mapping
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.outputs import check_writable_dir
 
@@ -150,14 +150,16 @@ def run_pipeline(
     ``only``: run just the stages these name patterns select (``select_stages``); the inputs
     they read from the other stages must exist already. So several processes can share out
     independent stages (e.g. one per seed) and a last plain run finishes the rest."""
-    import yaml
-
     config_path = Path(config).resolve()
+    spec = {}
     if stages is None:
-        spec = yaml.safe_load(config_path.read_text()) or {}
+        spec = read_mapping(config_path)
         stages = [Stage(**s) for s in spec.get("stages", [])]
     if not stages:
-        raise SalsaError(f"pipeline {str(config_path)!r} lists no stages.")
+        hint = ""
+        if {"trainer", "model", "data"} & spec.keys():
+            hint = f": it is a config of salsa fit, run it with `salsa fit --config {config}`"
+        raise SalsaError(f"pipeline {str(config_path)!r} lists no stages{hint}.")
     if only:
         stages = select_stages(stages, only)
     root = check_writable_dir(Path(output).resolve(), "the pipeline's output directory (--output)")
@@ -183,13 +185,11 @@ def run_pipeline(
 def run_with_report(config: str | os.PathLike, output: str | os.PathLike = ".") -> Path:
     """Run a pipeline YAML (a file, or a packaged name such as ``quickstart.yaml``), then write
     the report its ``report:`` section names (the quickstart); returns the output directory."""
-    import yaml
-
     from salsa_lightning.report import ReportSpec, write_report
 
     config = find_config(config)
     start = time.perf_counter()
-    report = (yaml.safe_load(config.read_text()) or {}).get("report")
+    report = read_mapping(config).get("report")
     spec = ReportSpec.from_yaml(report) if report else None  # a bad report section fails first
     root = run_pipeline(config, output)
     if spec is not None:

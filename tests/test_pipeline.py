@@ -233,6 +233,27 @@ def test_overwrite_is_taken_alone_or_with_true_by_every_command(
     assert "unrecognized arguments" not in err and "expected one argument" not in err
 
 
+def test_a_pipeline_yaml_given_to_a_stage_and_a_stage_yaml_to_the_pipeline_say_which_to_run(
+    tmp_path, capsys
+):
+    """``salsa fit --config experiment.yaml`` said only "Subcommand 'fit' does not accept option
+    'report.methods.salsa-a0.3.models'"; ``salsa pipeline --config sft.yaml`` "lists no
+    stages"."""
+    pipeline, stage = CONFIGS / "experiment.yaml", CONFIGS / "sft.yaml"
+    for command in (["fit"], ["evaluate"]):
+        assert main([*command, "--config", str(pipeline)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: {pipeline} is a pipeline YAML (it lists stages), not a config of salsa "
+            f"{command[0]}: run it with `salsa pipeline --config {pipeline}`."
+        )
+    assert main(["pipeline", "--config", str(stage), "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: pipeline '{stage}' lists no stages: it is a config of salsa fit, run it with "
+        f"`salsa fit --config {stage}`."
+    )
+    assert not list(tmp_path.iterdir())
+
+
 def test_pipeline_refuses_a_missing_input_before_running(tmp_path):
     stages = [
         Stage(
