@@ -205,6 +205,8 @@ def evaluate(
     # Every input is checked before any generation starts.
     check_output_dir(output, overwrite, "evaluation output", "--overwrite true", "--output")
     require(batch_size >= 1, "batch_size", "at least 1", batch_size)
+    require(bool(models), "models", "at least one {name: model directory}", models)
+    require(bool(prompts), "prompts", "at least one {set name: prompt file}", prompts)
     sets = {name: load_prompts(path, prompt_column, max_prompts) for name, path in prompts.items()}
     for name, path in {**models, **(references or {})}.items():
         check_model_source(path, f"model {name!r}")

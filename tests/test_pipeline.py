@@ -97,6 +97,18 @@ def test_batch_size_below_1_is_refused_alike_by_evaluate_landscape_and_pairs(
     assert not list(tmp_path.iterdir())
 
 
+def test_evaluate_refuses_no_models_or_no_prompt_sets(stage_outputs, task_files, tmp_path):
+    """Either one empty wrote an evaluation of nothing (a report with an empty table)."""
+    val, sft = str(task_files["prompts_val"]), str(stage_outputs["sft-1"])
+    match = r"models must be at least one \{name: model directory\}, got \{\}\."
+    with pytest.raises(SalsaError, match=match):
+        evaluate({}, {"val": val}, str(tmp_path / "e"))
+    match = r"prompts must be at least one \{set name: prompt file\}, got \{\}\."
+    with pytest.raises(SalsaError, match=match):
+        evaluate({"a": sft}, {}, str(tmp_path / "e"))
+    assert not list(tmp_path.iterdir())
+
+
 def test_evaluate_refuses_unknown_pair_before_generating(stage_outputs, task_files, tmp_path):
     with pytest.raises(SalsaError, match=r"pairs entry \['a', 'nope'\]"):
         evaluate(
