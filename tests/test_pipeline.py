@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -63,38 +64,31 @@ def test_evaluate_writes_answers_scores_and_win_rates(stage_outputs, task_files,
     assert "| comparison |" in (tmp_path / "eval/report.md").read_text()
 
 
-@pytest.mark.parametrize("limit", [0, -3])
-def test_max_prompts_below_1_is_refused_alike_by_evaluate_landscape_and_pairs(
-    limit, stage_outputs, task_files, tmp_path
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("max_prompts", 0, "max_prompts must be at least 1 (null: every prompt), got 0."),
+        ("max_prompts", -3, "max_prompts must be at least 1 (null: every prompt), got -3."),
+        ("batch_size", 0, "batch_size must be at least 1, got 0."),
+        ("batch_size", -2, "batch_size must be at least 1, got -2."),
+    ],
+)
+def test_a_size_below_1_is_refused_alike_by_evaluate_landscape_and_pairs(
+    setting, value, message, stage_outputs, task_files, tmp_path
 ):
-    """0 crashed in torch.cat after the models loaded; -3 silently dropped the last 3."""
+    """``max_prompts``: 0 crashed in torch.cat after the models loaded; -3 silently dropped the
+    last 3. ``batch_size``: 0 ended in a traceback once the models were loaded (range() arg 3
+    must not be zero), -2 in another (zip() argument 2 is shorter than argument 1)."""
     val, sft = str(task_files["prompts_val"]), str(stage_outputs["sft-1"])
-    match = rf"max_prompts must be at least 1 \(null: every prompt\), got {limit}\."
+    match, size = re.escape(message), {setting: value}
     with pytest.raises(SalsaError, match=match):
-        evaluate({"a": sft}, {"val": val}, str(tmp_path / "e"), max_prompts=limit)
+        evaluate({"a": sft}, {"val": val}, str(tmp_path / "e"), **size)
     with pytest.raises(SalsaError, match=match):
-        landscape([sft, str(stage_outputs["sft-2"])], val, str(tmp_path / "l"), max_prompts=limit)
+        landscape([sft, str(stage_outputs["sft-2"])], val, str(tmp_path / "l"), **size)
     with pytest.raises(SalsaError, match=match):
-        sampled_pairs(sft, val, str(tmp_path / "p"), max_prompts=limit)
+        sampled_pairs(sft, val, str(tmp_path / "p"), **size)
     assert not list(tmp_path.iterdir())
     assert len(load_prompts(val, limit=3)) == 3 and len(load_prompts(val)) > 3
-
-
-@pytest.mark.parametrize("size", [0, -2])
-def test_batch_size_below_1_is_refused_alike_by_evaluate_landscape_and_pairs(
-    size, stage_outputs, task_files, tmp_path
-):
-    """0 ended in a traceback once the models were loaded (range() arg 3 must not be zero),
-    -2 in another (zip() argument 2 is shorter than argument 1)."""
-    val, sft = str(task_files["prompts_val"]), str(stage_outputs["sft-1"])
-    match = rf"batch_size must be at least 1, got {size}\."
-    with pytest.raises(SalsaError, match=match):
-        evaluate({"a": sft}, {"val": val}, str(tmp_path / "e"), batch_size=size)
-    with pytest.raises(SalsaError, match=match):
-        landscape([sft, str(stage_outputs["sft-2"])], val, str(tmp_path / "l"), batch_size=size)
-    with pytest.raises(SalsaError, match=match):
-        sampled_pairs(sft, val, str(tmp_path / "p"), batch_size=size)
-    assert not list(tmp_path.iterdir())
 
 
 def test_evaluate_refuses_no_models_or_no_prompt_sets(stage_outputs, task_files, tmp_path):
