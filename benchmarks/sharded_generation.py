@@ -174,6 +174,15 @@ def init_rank(rank: int, world: int, args: argparse.Namespace, port: int) -> tup
 
 
 def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
+    """One rank: the measurements, then the process group ends, after the sharded models are
+    freed (``end_process_group``: gloo aborts now and then at exit otherwise)."""
+    from salsa_lightning.sharding import end_process_group
+
+    measure(rank, world, args, port)
+    end_process_group()
+
+
+def measure(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     import torch.distributed as dist
 
     from salsa_lightning.generation import GenerationSettings, sample, use_static_cache
@@ -259,8 +268,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
             rows.append(row)
     if rank == 0:
         print(json.dumps(summary(rows, args, world)), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    dist.barrier()  # no rank ends the group while another still uses it
 
 
 def summary(rows: list[dict[str, Any]], args: argparse.Namespace, world: int) -> dict[str, Any]:

@@ -43,6 +43,15 @@ MODES = ("tiles", "logits")
 
 
 def worker(rank: int, world: int, args: argparse.Namespace, port: int, mode: str, out: str):
+    """One rank: the measurements, then the process group ends, after the sharded model is
+    freed (``end_process_group``: gloo aborts now and then at exit otherwise)."""
+    from salsa_lightning.sharding import end_process_group
+
+    measure(rank, world, args, port, mode, out)
+    end_process_group()
+
+
+def measure(rank: int, world: int, args: argparse.Namespace, port: int, mode: str, out: str):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -81,8 +90,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int, mode: str
         slowest = max(r["pass_s"] for r in rows)
         peak = max(r["peak_memory_mib"] for r in rows)
         Path(out).write_text(json.dumps({"pass_s": slowest, "peak_memory_mib": peak}))
-    dist.barrier()  # no rank tears gloo down while another still uses it
-    dist.destroy_process_group()
+    dist.barrier()  # no rank ends the group while another still uses it
 
 
 def main(argv: list[str] | None = None) -> None:

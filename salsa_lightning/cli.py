@@ -26,6 +26,7 @@ from salsa_lightning.commands import (
     soup_main,
 )
 from salsa_lightning.config_files import resolve_config, resolve_config_args
+from salsa_lightning.sharding import end_process_group
 
 __all__ = ["SalsaCLI", "main", "run_command", "soup_main"]  # the stage commands' home: commands.py
 
@@ -169,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             return COMMANDS[command](resolved[1:])
         return run_command(resolved)
 
-    return exit_status(run)
+    status = exit_status(run)
+    end_process_group()  # every rank, the stop included
+    return status
 
 
 if __name__ == "__main__":

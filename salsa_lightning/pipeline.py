@@ -22,12 +22,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch.distributed as dist
-
 from salsa_lightning.commands import run_command
 from salsa_lightning.config_files import find_config, read_mapping
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.outputs import check_writable_dir
+from salsa_lightning.sharding import end_process_group
 
 
 @dataclass
@@ -119,8 +118,8 @@ def stage_command_line(args: list[str]) -> Iterator[None]:
     finally:
         sys.argv[:] = argv
         launched = env["LOCAL_RANK"] is None and "LOCAL_RANK" in os.environ
-        if launched and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        if launched:
+            end_process_group()
         for key, value in env.items():  # unchanged under torchrun or srun
             if value is None:
                 os.environ.pop(key, None)

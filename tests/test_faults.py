@@ -166,6 +166,37 @@ def test_sigterm_on_one_fsdp_rank_stops_every_rank_after_the_same_step(task_dir,
     assert (tmp_path / "export/model.safetensors").is_file()
 
 
+def test_the_process_group_ends_after_the_sharded_model_it_served_is_freed(tmp_path):
+    """``end_process_group`` (the end of every ``salsa`` command, on every rank) frees what the
+    run left before it destroys the group. An FSDP2 model is freed only by the collector (its
+    state and hooks hold each other) and holds gloo's last collective works: left to the
+    interpreter's exit, gloo aborted one 2-process ``salsa fit`` in ten, its work done."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from salsa_lightning.sharding import end_process_group
+
+    rendezvous = f"file://{tmp_path / 'rendezvous'}"
+    dist.init_process_group("gloo", init_method=rendezvous, rank=0, world_size=1)
+    gc.disable()  # the collector runs only when end_process_group runs it
+    try:
+        model = fully_shard(torch.nn.Linear(4, 4))
+        model(torch.ones(2, 4)).sum().backward()
+        alive = weakref.ref(model)
+        del model
+        assert alive() is not None  # a cycle: only the collector frees it
+        end_process_group()
+        assert alive() is None and not dist.is_initialized()
+        end_process_group()  # no group: nothing to do
+    finally:
+        gc.enable()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_sigterm_during_a_soup_removes_its_temporary_and_says_so(tmp_path):
     """A soup big enough to be caught writing (2 x 128 MB); SIGTERM as soon as its hidden
     temporary appears: exit 143, one line naming the temporary it removed, nothing left."""

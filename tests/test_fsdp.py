@@ -107,9 +107,11 @@ def failure(proc: subprocess.CompletedProcess, cwd: Path) -> str:
 def run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> str:
     """``salsa <args>`` in a subprocess (which fails the test if it fails); its stdout.
 
-    A run killed by a signal (gloo's TCP transport aborted a rank once in CI, inside the
-    export's all-gather, in a run that passes every other time) runs once more, after what it
-    wrote is removed, with a warning that shows its errors; any other failure fails at once."""
+    A run killed by a signal runs once more, after what it wrote is removed, with a warning that
+    shows its errors; any other failure fails at once. Gloo aborted about one 2-process run in
+    ten as it exited, its work done, until ``salsa`` ended its process group itself
+    (``sharding.end_process_group``, tested in test_faults); the rerun stays for gloo's TCP
+    transport, which has aborted a rank inside a collective once in CI."""
     before = set(Path(cwd).rglob("*"))
     proc = launch(args, cwd, env, timeout)
     if proc.returncode < 0:

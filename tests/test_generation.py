@@ -502,43 +502,51 @@ def test_a_sharded_rollout_gathers_the_policy_once(args):
 
 
 def sharded_tiles_worker(rank: int, port: int, arch: str) -> None:
-    """One of 2 gloo ranks: the same random model sharded by FSDP2 twice, two passes of each
-    (forward and backward) through the tiles and through the logits."""
+    """One of 2 gloo ranks: :func:`sharded_tiles_passes`, then the group ends after the sharded
+    models are freed."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
 
-    from salsa_lightning.sharding import is_resharded, shard
+    from salsa_lightning.sharding import end_process_group
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))
-        seq = torch.randint(3, 100, (3, 12), generator=torch.Generator().manual_seed(rank))
-        mask = torch.ones_like(seq)
-        seq[0, :3], mask[0, :3] = 0, 0
-        response, weights = seq[:, -5:], torch.arange(1.0, 6.0)
-        passes = {}
-        for path in ("tiles", "logits"):
-            model = shard(tiny_causal_lm(arch), mesh)
-            assert output_layer(model) is not None
-            for _ in range(2):  # the second pass starts from the state backward left
-                out = score_response(model, seq, mask, response, 0.8, logits=path == "logits")
-                (out.logprobs * weights).sum().backward()
-            assert (out.logits is None) == (path == "tiles")
-            assert is_resharded(model)
-            grads = {
-                n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None
-            }
-            passes[path] = out.logprobs.detach(), grads
-        (tiles, tile_grads), (logits, logit_grads) = passes["tiles"], passes["logits"]
-        torch.testing.assert_close(tiles, logits)
-        assert tile_grads.keys() == logit_grads.keys() and tile_grads
-        for name, grad in tile_grads.items():
-            torch.testing.assert_close(grad, logit_grads[name], msg=name)
-        dist.barrier()  # no rank tears gloo down while another still uses it
+        sharded_tiles_passes(rank, arch)
     finally:
-        dist.destroy_process_group()
+        end_process_group()
+
+
+def sharded_tiles_passes(rank: int, arch: str) -> None:
+    """The same random model sharded by FSDP2 twice, two passes of each (forward and backward)
+    through the tiles and through the logits."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from salsa_lightning.sharding import is_resharded, shard
+
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))
+    seq = torch.randint(3, 100, (3, 12), generator=torch.Generator().manual_seed(rank))
+    mask = torch.ones_like(seq)
+    seq[0, :3], mask[0, :3] = 0, 0
+    response, weights = seq[:, -5:], torch.arange(1.0, 6.0)
+    passes = {}
+    for path in ("tiles", "logits"):
+        model = shard(tiny_causal_lm(arch), mesh)
+        assert output_layer(model) is not None
+        for _ in range(2):  # the second pass starts from the state backward left
+            out = score_response(model, seq, mask, response, 0.8, logits=path == "logits")
+            (out.logprobs * weights).sum().backward()
+        assert (out.logits is None) == (path == "tiles")
+        assert is_resharded(model)
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+        passes[path] = out.logprobs.detach(), grads
+    (tiles, tile_grads), (logits, logit_grads) = passes["tiles"], passes["logits"]
+    torch.testing.assert_close(tiles, logits)
+    assert tile_grads.keys() == logit_grads.keys() and tile_grads
+    for name, grad in tile_grads.items():
+        torch.testing.assert_close(grad, logit_grads[name], msg=name)
+    dist.barrier()  # no rank ends the group while another still uses it
 
 
 @pytest.mark.slow
