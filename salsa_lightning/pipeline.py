@@ -161,9 +161,13 @@ def run_pipeline(
         raise SalsaError(f"pipeline {str(config_path)!r} lists no stages{hint}.")
     if only:
         stages = select_stages(stages, only)
-    root = check_writable_dir(Path(output).resolve(), "the pipeline's output directory (--output)")
+    what = "the pipeline's output directory (--output)"
+    root = check_writable_dir(Path(output).resolve(), what)
     check_plan(stages, root, config_path.parent)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # what the permission bits do not tell: /proc, a full or failed disk
+        raise SalsaError(f"{what} {str(root)!r} cannot be created: {err.strerror}.") from err
     previous = os.getcwd()
     os.chdir(root)
     try:

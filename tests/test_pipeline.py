@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 
@@ -276,7 +277,8 @@ def test_pipeline_refuses_a_missing_input_before_running(tmp_path):
 
 
 def test_quickstart_into_a_file_is_refused_before_any_stage_runs(tmp_path, capsys):
-    """It failed in mkdir, after the plan was checked, with a FileExistsError traceback."""
+    """It failed in mkdir, after the plan was checked, with a FileExistsError traceback (and a
+    FileNotFoundError one where the permission bits allow what mkdir then refuses: /proc)."""
     (tmp_path / "afile").write_text("keep")
     assert main(["quickstart", "--output", str(tmp_path / "afile")]) == 2
     err = capsys.readouterr().err
@@ -287,6 +289,9 @@ def test_quickstart_into_a_file_is_refused_before_any_stage_runs(tmp_path, capsy
     assert (tmp_path / "afile").read_text() == "keep"
     with pytest.raises(SalsaError, match=r"'.*afile/run' cannot be created: '.*afile' is a file"):
         run_pipeline(CONFIGS / "quickstart.yaml", tmp_path / "afile" / "run")
+    if os.path.isdir("/proc"):  # root may write there by the permission bits; mkdir fails
+        with pytest.raises(SalsaError, match=r"'/proc/salsa-run' cannot be (created|written)"):
+            run_pipeline(CONFIGS / "quickstart.yaml", "/proc/salsa-run")
 
 
 PIPELINES = sorted(p for p in CONFIGS.rglob("*.yaml") if "\nstages:" in "\n" + p.read_text())
