@@ -6,6 +6,8 @@ paths it writes (``outputs``). The driver checks, before anything runs, that eve
 or is written by an earlier stage; it runs the stages in order from the output directory,
 printing a line per stage, and skips a stage whose outputs all exist (so a rerun resumes); a fit
 stage that was stopped (SIGTERM, a crash) resumes from its own ``last.ckpt``.
+Started once per device (``torchrun``, ``srun``) or once per node (``NODE_RANK``), every process
+runs the fit stages together and rank 0 alone runs the others (``pipeline_rank``).
 Config paths are relative to the pipeline YAML (so a packaged pipeline runs the packaged
 stages); stage paths are relative to the output directory.
 ``salsa quickstart [--output DIR]`` runs ``configs/quickstart.yaml`` and then writes the report.
@@ -13,6 +15,7 @@ stages); stage paths are relative to the output directory.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import sys
@@ -127,6 +130,67 @@ def stage_command_line(args: list[str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+# Written into the output directory by rank 0 of a pipeline several processes run, when a stage
+# fails there: the processes waiting for that stage's outputs stop instead of waiting on.
+STOPPED_MARKER = ".salsa-pipeline-stopped"
+POLL_SECONDS = 2.0
+
+
+def pipeline_rank() -> int | None:
+    """This process's rank among processes that run one pipeline together, None when it runs
+    alone: the global rank when ``torchrun`` or ``srun`` started one process per device (read
+    as Lightning reads it, ``TorchElasticEnvironment`` and ``SLURMEnvironment``), ``NODE_RANK``
+    when each node runs the pipeline and Lightning starts the node's devices. Every process
+    runs the fit stages (one world); rank 0 alone runs the others (a soup of a 7B model built
+    in every process would hold it once per device), and the other ranks wait for them."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    for env in (TorchElasticEnvironment, SLURMEnvironment):
+        if env.detect():
+            launched = env()
+            return launched.global_rank() if launched.world_size() > 1 else None
+    node = os.environ.get("NODE_RANK")
+    return int(node) if node else None
+
+
+def wait_for_rank_zero(paths: list[str], head: str, why: str, since: float) -> None:
+    """Wait until every one of ``paths`` (relative to the output directory, the working
+    directory) exists: what rank 0 writes (a stage it runs alone, or an export, which rank 0
+    writes after the fit's last step). Outputs are written aside and renamed into place, so a
+    path that exists is whole. Stops with an error when rank 0's pipeline stopped after
+    ``since`` (its :data:`STOPPED_MARKER`)."""
+    missing = [p for p in paths if not Path(p).exists()]
+    if not missing:
+        return
+    print(f"{head}: {why}; waiting for {', '.join(missing)}", flush=True)
+    start = time.perf_counter()
+    while missing:
+        marker = Path(STOPPED_MARKER)
+        if marker.is_file() and marker.stat().st_mtime >= since:
+            raise SalsaError(
+                f"{head}: rank 0 stopped ({marker.read_text().strip()}), so this rank stops too; "
+                "run the same command again once it is fixed."
+            )
+        time.sleep(POLL_SECONDS)
+        missing = [p for p in missing if not Path(p).exists()]
+    print(f"{head}: written by rank 0 after {time.perf_counter() - start:.0f} s", flush=True)
+
+
+@contextmanager
+def telling_waiting_ranks(stage: Stage, rank: int | None) -> Iterator[None]:
+    """On rank 0 of a pipeline several processes run, a stage that fails writes
+    :data:`STOPPED_MARKER` (the stage and the error's first line): the other ranks may be
+    waiting for its outputs."""
+    try:
+        yield
+    except BaseException as err:
+        if rank == 0:
+            why = str(err).splitlines()[0] if str(err) else type(err).__name__
+            with contextlib.suppress(OSError):  # a full disk: the stage's own error matters
+                Path(STOPPED_MARKER).write_text(f"stage {stage.name!r}: {why}\n")
+        raise
+
+
 def select_stages(stages: list[Stage], patterns: list[str]) -> list[Stage]:
     """The stages whose names match one of ``patterns`` (shell patterns, e.g. ``ppo-*``), in
     pipeline order. A pattern that matches no stage is refused, naming the stages there are."""
@@ -168,17 +232,26 @@ def run_pipeline(
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # what the permission bits do not tell: /proc, a full or failed disk
         raise SalsaError(f"{what} {str(root)!r} cannot be created: {err.strerror}.") from err
-    previous = os.getcwd()
+    previous, rank, since = os.getcwd(), pipeline_rank(), time.time()
     os.chdir(root)
     try:
+        if rank == 0:
+            Path(STOPPED_MARKER).unlink(missing_ok=True)
         for i, stage in enumerate(stages, 1):
-            head = f"[{i}/{len(stages)}] {stage.name}"
+            head = f"{'' if rank is None else f'[rank: {rank}] '}[{i}/{len(stages)}] {stage.name}"
             if stage.outputs and all(Path(p).exists() for p in stage.outputs):
                 print(f"{head}: done already ({', '.join(stage.outputs)}), skipped", flush=True)
                 continue
+            if rank and stage.command != "fit":
+                why = f"salsa {stage.command} runs on rank 0 alone"
+                wait_for_rank_zero(stage.outputs, head, why, since)
+                continue
+            if rank:  # rank 0 may still be writing an earlier fit's export
+                wait_for_rank_zero(stage.inputs, head, "rank 0 writes the inputs", since)
             print(f"{head}: salsa {stage.command} ...", flush=True)
             start = time.perf_counter()
-            run_stage(stage, config_path.parent)
+            with telling_waiting_ranks(stage, rank):
+                run_stage(stage, config_path.parent)
             print(f"{head}: finished in {time.perf_counter() - start:.0f} s", flush=True)
     finally:
         os.chdir(previous)
@@ -195,7 +268,7 @@ def run_with_report(config: str | os.PathLike, output: str | os.PathLike = ".") 
     report = read_mapping(config).get("report")
     spec = ReportSpec.from_yaml(report) if report else None  # a bad report section fails first
     root = run_pipeline(config, output)
-    if spec is not None:
+    if spec is not None and not pipeline_rank():  # rank 0, or alone
         write_report(root, spec)
     print(f"finished in {time.perf_counter() - start:.0f} s", flush=True)
     return root

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS, free_port
+from conftest import CONFIGS, free_port, run_rerun_if_killed
 from test_fsdp import FSDP2, check_exports, first, metrics, run, salsa_args, stage_args
 
 pytestmark = pytest.mark.scale  # .ci/run's scale step (deselected by default)
@@ -95,3 +95,59 @@ def test_salsa_on_two_nodes_is_salsa_on_two_processes(stage_outputs, task_dir, t
     diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
     print(f"SALSA policy, two nodes against one: max |diff| {diff}")
     assert diff < 1e-2
+
+
+def test_torchrun_runs_a_pipeline_with_its_soup_on_rank_0_alone(tmp_path):
+    """``torchrun -m salsa_lightning.cli pipeline``: both ranks run each fit stage as one world
+    of 2; the soup runs on rank 0 while rank 1 waits for it (before, both built it and wrote
+    the same directory), and the fit stage that reads it trains on both."""
+    import yaml
+
+    fit = [
+        "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_steps", "2",
+        "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+        "--data.init_args.max_samples", "64", "--data.init_args.batch_size", "8",
+    ]  # fmt: skip
+    sft = str(CONFIGS / "sft.yaml")
+
+    def sft_stage(name: str, extra: list[str], inputs: list[str]) -> dict:
+        args = ["--model.init_args.export_dir", f"artifacts/{name}"]
+        args += ["--trainer.logger.init_args.name", name, *extra, *fit]
+        return dict(name=name, command="fit", configs=[sft], args=args, inputs=inputs,
+                    outputs=[f"artifacts/{name}"])  # fmt: skip
+
+    stages = [
+        sft_stage("sft-1", ["--seed_everything", "1"], []),
+        sft_stage("sft-2", ["--seed_everything", "2"], []),
+        dict(name="soup", command="soup", configs=[str(CONFIGS / "soup.yaml")],
+             inputs=["artifacts/sft-1", "artifacts/sft-2"], outputs=["artifacts/soup"]),
+        sft_stage("sft-3", ["--model.init_args.model", "artifacts/soup"], ["artifacts/soup"]),
+    ]  # fmt: skip
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"stages": stages}))
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
+    proc = run_rerun_if_killed(
+        [*torchrun, "-m", "salsa_lightning.cli", "pipeline", "--config", str(config),
+         "--output", str(tmp_path / "run")],
+        cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, timeout=900,
+    )  # fmt: skip
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    assert text.count("written to artifacts/soup") == 1
+    assert "[rank: 0] [3/4] soup: salsa soup ..." in text
+    assert (
+        "[rank: 1] [3/4] soup: salsa soup runs on rank 0 alone; waiting for artifacts/soup" in text
+    )
+    assert "[rank: 1] [3/4] soup: salsa soup ..." not in text
+    for rank in (0, 1):
+        assert f"[rank: {rank}] [4/4] sft-3: finished in" in text
+    assert (tmp_path / "run" / "artifacts" / "sft-3" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / ".salsa-pipeline-stopped").exists()

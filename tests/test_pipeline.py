@@ -6,12 +6,14 @@ import json
 import os
 import re
 import shutil
+import threading
 
 import pytest
 import torch
 from conftest import CONFIGS
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from salsa_lightning import pipeline
 from salsa_lightning.cli import main
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.evaluate import evaluate, load_answers, load_prompts
@@ -316,6 +318,102 @@ def test_every_pipeline_yaml_chains_its_stages_and_its_report(path, tmp_path):
     check_plan(stages, tmp_path, path.parent)
     if spec.get("report"):
         ReportSpec.from_yaml(spec["report"])
+
+
+LAUNCHERS = ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK",
+             "LOCAL_WORLD_SIZE", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_PROCID", "SLURM_JOB_NAME",
+             "NODE_RANK")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "env, rank",
+    [
+        ({}, None),
+        ({"TORCHELASTIC_RUN_ID": "r", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+          "GROUP_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, 3),
+        ({"TORCHELASTIC_RUN_ID": "r", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+          "GROUP_RANK": "0", "LOCAL_WORLD_SIZE": "1"}, None),
+        ({"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4", "SLURM_PROCID": "5",
+          "SLURM_JOB_NAME": "salsa"}, 5),
+        ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_JOB_NAME": "salsa"}, None),
+        ({"NODE_RANK": "1"}, 1),
+        ({"NODE_RANK": "0"}, 0),
+    ],
+    ids=["alone", "torchrun", "torchrun-one", "srun", "sbatch-one-task", "node-1", "node-0"],
+)  # fmt: skip
+def test_the_pipeline_reads_its_rank_as_lightning_reads_the_launchers(monkeypatch, env, rank):
+    for key in LAUNCHERS:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert pipeline.pipeline_rank() == rank
+
+
+def soup_stage() -> Stage:
+    return Stage(
+        name="soup",
+        command="soup",
+        configs=["soup.yaml"],
+        inputs=["artifacts/sft-1", "artifacts/sft-2"],
+        outputs=["artifacts/soup"],
+    )
+
+
+def later(seconds: float, action) -> threading.Thread:
+    thread = threading.Timer(seconds, action)
+    thread.start()
+    return thread
+
+
+def test_a_rank_other_than_0_waits_for_what_rank_0_runs_alone(tmp_path, monkeypatch, capsys):
+    """Under torchrun or srun every rank ran the soup and evaluation stages: each built the
+    soup (a 7B soup once per device) and wrote the same files, and a rank that found the
+    output half-way could stop on it. Now rank 1 waits for rank 0's outputs and runs nothing."""
+    for key in LAUNCHERS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setattr(pipeline, "POLL_SECONDS", 0.05)
+    root = tmp_path / "run"
+    for name in ("sft-1", "sft-2"):  # never read: rank 1 does not run the soup
+        (root / "artifacts" / name).mkdir(parents=True)
+    writer = later(0.5, lambda: (root / "artifacts" / "soup").mkdir())
+    run_pipeline(CONFIGS / "quickstart.yaml", root, stages=[soup_stage()])
+    writer.join()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (
+        "[rank: 1] [1/1] soup: salsa soup runs on rank 0 alone; waiting for artifacts/soup"
+    )
+    assert re.fullmatch(r"\[rank: 1\] \[1/1\] soup: written by rank 0 after \d+ s", out[1])
+    assert len(out) == 2  # no "salsa soup ..." line: it did not run here
+    assert sorted(p.name for p in (root / "artifacts").iterdir()) == ["sft-1", "sft-2", "soup"]
+    assert not list((root / "artifacts" / "soup").iterdir())  # the empty one "rank 0" made
+
+
+def test_a_waiting_rank_stops_when_rank_0_stopped_and_rank_0_says_so(tmp_path, monkeypatch):
+    for key in LAUNCHERS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(pipeline, "POLL_SECONDS", 0.05)
+    root = tmp_path / "run"
+    for name in ("sft-1", "sft-2"):
+        (root / "artifacts" / name).mkdir(parents=True)
+    # Rank 0: the soup of two empty directories fails, and the marker names the stage.
+    monkeypatch.setenv("NODE_RANK", "0")
+    (root / pipeline.STOPPED_MARKER).write_text("left by an earlier run\n")
+    with pytest.raises(SalsaError, match="stage 'soup' failed"):
+        run_pipeline(CONFIGS / "quickstart.yaml", root, stages=[soup_stage()])
+    stopped = (root / pipeline.STOPPED_MARKER).read_text()
+    assert stopped.startswith("stage 'soup': stage 'soup' failed (exit status 2)")
+    # Rank 1, started before rank 0 wrote it: stops, naming what rank 0 wrote.
+    (root / pipeline.STOPPED_MARKER).unlink()
+    monkeypatch.setenv("NODE_RANK", "1")
+    writer = later(0.3, lambda: (root / pipeline.STOPPED_MARKER).write_text(stopped))
+    with pytest.raises(SalsaError, match=r"\[1/1\] soup: rank 0 stopped \(stage 'soup': stage"):
+        run_pipeline(CONFIGS / "quickstart.yaml", root, stages=[soup_stage()])
+    writer.join()
+    # A marker older than this run (an earlier run's) is not read as this run's stop.
+    os.utime(root / pipeline.STOPPED_MARKER, (1, 1))
+    later(0.3, lambda: (root / "artifacts" / "soup").mkdir()).join()
+    run_pipeline(CONFIGS / "quickstart.yaml", root, stages=[soup_stage()])
 
 
 def test_stages_selects_by_name_pattern_in_pipeline_order_and_checks_the_rest(tmp_path):
