@@ -13,6 +13,7 @@ the command says which file it used.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable
 
@@ -55,7 +56,19 @@ def pipeline_parser() -> argparse.ArgumentParser:
         help="run only these stages (names or shell patterns such as 'ppo-*'); what they read "
         "from other stages must exist already. Side by side: one process per seed.",
     )
+    add_fit_args(parser)
     return parser
+
+
+def add_fit_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--fit-args",
+        default="",
+        metavar="'ARGS'",
+        help="arguments added to every fit stage, after its own, in one quoted string: e.g. "
+        "'--config fsdp.yaml --trainer.devices 8' (--config files are found from here, other "
+        "paths from --output)",
+    )
 
 
 def pipeline_main(argv: list[str]) -> int:
@@ -63,7 +76,7 @@ def pipeline_main(argv: list[str]) -> int:
     from salsa_lightning.pipeline import run_pipeline
 
     args = pipeline_parser().parse_args(argv)
-    run_pipeline(args.config, args.output, only=args.stages)
+    run_pipeline(args.config, args.output, only=args.stages, fit_args=shlex.split(args.fit_args))
     return 0
 
 
@@ -75,6 +88,7 @@ def quickstart_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", default=QUICKSTART, help=f"pipeline YAML (default {QUICKSTART}, else packaged)"
     )
+    add_fit_args(parser)
     return parser
 
 
@@ -83,7 +97,8 @@ def quickstart_main(argv: list[str]) -> int:
     from salsa_lightning.pipeline import run_with_report
 
     args = quickstart_parser().parse_args(argv)
-    run_with_report(resolve_config(args.config, log_line), args.output)
+    config = resolve_config(args.config, log_line)
+    run_with_report(config, args.output, fit_args=shlex.split(args.fit_args))
     return 0
 
 

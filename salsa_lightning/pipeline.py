@@ -26,7 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from salsa_lightning.commands import run_command
-from salsa_lightning.config_files import find_config, read_mapping
+from salsa_lightning.config_files import (
+    SUFFIXES,
+    config_flags,
+    find_config,
+    read_mapping,
+    resolve_config_args,
+)
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.outputs import check_writable_dir
 from salsa_lightning.sharding import end_process_group
@@ -71,8 +77,9 @@ def check_plan(stages: list[Stage], root: Path, config_dir: Path) -> None:
         produced.update(stage.outputs)
 
 
-def run_stage(stage: Stage, config_dir: Path) -> None:
-    """Run one stage in this process. A fit stage resumes from its own ``last.ckpt`` when an
+def run_stage(stage: Stage, config_dir: Path, fit_args: list[str] | None = None) -> None:
+    """Run one stage in this process; a fit stage's command line ends with ``fit_args``
+    (:func:`fit_arguments`). A fit stage resumes from its own ``last.ckpt`` when an
     earlier run of it was stopped (``--ckpt_path last``; a new run when there is none). A stage
     that fails stops the pipeline, named: SIGTERM with :class:`Terminated` (status 143), any
     other failure with a :class:`SalsaError` or its own exception."""
@@ -82,8 +89,9 @@ def run_stage(stage: Stage, config_dir: Path) -> None:
     for cfg in stage.configs:
         args += ["--config", str(config_dir / cfg)]
     args += [str(a) for a in stage.args]
-    if stage.command == "fit" and "--ckpt_path" not in args:
-        args += ["--ckpt_path", "last"]
+    if stage.command == "fit":
+        args += fit_args or []
+        args += [] if "--ckpt_path" in args else ["--ckpt_path", "last"]
     try:
         with stage_command_line(args):
             code = run_command(args)
@@ -191,6 +199,17 @@ def telling_waiting_ranks(stage: Stage, rank: int | None) -> Iterator[None]:
         raise
 
 
+def fit_arguments(args: list[str]) -> list[str]:
+    """``--fit-args`` as every fit stage takes them: each ``--config`` file found from where
+    the command runs (else the packaged YAML of that name), as an absolute path, since the
+    stages run from the output directory; a missing one is refused before any stage runs."""
+    out = resolve_config_args(args)
+    for at, value, prefix in config_flags(out):
+        if value.endswith(SUFFIXES):
+            out[at] = prefix + str(Path(value).resolve())
+    return out
+
+
 def select_stages(stages: list[Stage], patterns: list[str]) -> list[Stage]:
     """The stages whose names match one of ``patterns`` (shell patterns, e.g. ``ppo-*``), in
     pipeline order. A pattern that matches no stage is refused, naming the stages there are."""
@@ -208,11 +227,14 @@ def run_pipeline(
     output: str | os.PathLike = ".",
     stages: list[Stage] | None = None,
     only: list[str] | None = None,
+    fit_args: list[str] | None = None,
 ) -> Path:
     """Run the stages of a pipeline YAML (or ``stages``) from ``output``; returns ``output``.
     ``only``: run just the stages these name patterns select (``select_stages``); the inputs
     they read from the other stages must exist already. So several processes can share out
-    independent stages (e.g. one per seed) and a last plain run finishes the rest."""
+    independent stages (e.g. one per seed) and a last plain run finishes the rest.
+    ``fit_args``: added to every fit stage's command line, after its own arguments (e.g. the
+    strategy and the devices: ``["--config", "fsdp.yaml", "--trainer.devices", "8"]``)."""
     config_path = Path(config).resolve()
     spec = {}
     if stages is None:
@@ -228,6 +250,7 @@ def run_pipeline(
     what = "the pipeline's output directory (--output)"
     root = check_writable_dir(Path(output).resolve(), what)
     check_plan(stages, root, config_path.parent)
+    fit_args = fit_arguments(fit_args or [])
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # what the permission bits do not tell: /proc, a full or failed disk
@@ -251,14 +274,16 @@ def run_pipeline(
             print(f"{head}: salsa {stage.command} ...", flush=True)
             start = time.perf_counter()
             with telling_waiting_ranks(stage, rank):
-                run_stage(stage, config_path.parent)
+                run_stage(stage, config_path.parent, fit_args)
             print(f"{head}: finished in {time.perf_counter() - start:.0f} s", flush=True)
     finally:
         os.chdir(previous)
     return root
 
 
-def run_with_report(config: str | os.PathLike, output: str | os.PathLike = ".") -> Path:
+def run_with_report(
+    config: str | os.PathLike, output: str | os.PathLike = ".", fit_args: list[str] | None = None
+) -> Path:
     """Run a pipeline YAML (a file, or a packaged name such as ``quickstart.yaml``), then write
     the report its ``report:`` section names (the quickstart); returns the output directory."""
     from salsa_lightning.report import ReportSpec, write_report
@@ -267,7 +292,7 @@ def run_with_report(config: str | os.PathLike, output: str | os.PathLike = ".") 
     start = time.perf_counter()
     report = read_mapping(config).get("report")
     spec = ReportSpec.from_yaml(report) if report else None  # a bad report section fails first
-    root = run_pipeline(config, output)
+    root = run_pipeline(config, output, fit_args=fit_args)
     if spec is not None and not pipeline_rank():  # rank 0, or alone
         write_report(root, spec)
     print(f"finished in {time.perf_counter() - start:.0f} s", flush=True)

@@ -98,21 +98,22 @@ def test_salsa_on_two_nodes_is_salsa_on_two_processes(stage_outputs, task_dir, t
 
 
 def test_torchrun_runs_a_pipeline_with_its_soup_on_rank_0_alone(tmp_path):
-    """``torchrun -m salsa_lightning.cli pipeline``: both ranks run each fit stage as one world
-    of 2; the soup runs on rank 0 while rank 1 waits for it (before, both built it and wrote
-    the same directory), and the fit stage that reads it trains on both."""
+    """``torchrun -m salsa_lightning.cli pipeline --fit-args '... --trainer.devices 2'``: both
+    ranks run each fit stage as one world of 2; the soup runs on rank 0 while rank 1 waits for
+    it (before, both built it and wrote the same directory), and the fit stage that reads it
+    trains on both."""
     import yaml
 
-    fit = [
-        "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_steps", "2",
-        "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
-        "--data.init_args.max_samples", "64", "--data.init_args.batch_size", "8",
-    ]  # fmt: skip
+    fit = (
+        "--trainer.devices 2 --trainer.accelerator cpu --trainer.max_steps 2 "
+        "--trainer.limit_val_batches 1 --trainer.num_sanity_val_steps 0 "
+        "--data.init_args.max_samples 64 --data.init_args.batch_size 8"
+    )
     sft = str(CONFIGS / "sft.yaml")
 
     def sft_stage(name: str, extra: list[str], inputs: list[str]) -> dict:
         args = ["--model.init_args.export_dir", f"artifacts/{name}"]
-        args += ["--trainer.logger.init_args.name", name, *extra, *fit]
+        args += ["--trainer.logger.init_args.name", name, *extra]
         return dict(name=name, command="fit", configs=[sft], args=args, inputs=inputs,
                     outputs=[f"artifacts/{name}"])  # fmt: skip
 
@@ -136,7 +137,7 @@ def test_torchrun_runs_a_pipeline_with_its_soup_on_rank_0_alone(tmp_path):
     ]
     proc = run_rerun_if_killed(
         [*torchrun, "-m", "salsa_lightning.cli", "pipeline", "--config", str(config),
-         "--output", str(tmp_path / "run")],
+         "--output", str(tmp_path / "run"), "--fit-args", fit],
         cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, timeout=900,
     )  # fmt: skip
     text = proc.stdout + proc.stderr

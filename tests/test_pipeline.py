@@ -416,6 +416,42 @@ def test_a_waiting_rank_stops_when_rank_0_stopped_and_rank_0_says_so(tmp_path, m
     run_pipeline(CONFIGS / "quickstart.yaml", root, stages=[soup_stage()])
 
 
+def test_fit_args_end_every_fit_stage_and_reach_no_other(
+    stage_outputs, task_dir, tmp_path, monkeypatch
+):
+    """``--fit-args`` (e.g. the strategy and devices of a multi-device run): added after each
+    fit stage's own arguments, so they win; its ``--config`` files found from where the command
+    runs, though the stages run from the output directory; the soup takes none of them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("trainer: {max_steps: 1}\n")
+    soup = Stage(
+        name="soup", command="soup", configs=["soup.yaml"],
+        args=["--checkpoints", str(stage_outputs["sft-1"]), str(stage_outputs["sft-2"]),
+              "--output", "artifacts/soup"],
+        outputs=["artifacts/soup"],
+    )  # fmt: skip
+    sft = Stage(
+        name="sft", command="fit", configs=["sft.yaml"],
+        args=["--model.init_args.export_dir", "artifacts/sft", "--data.init_args.task_dir",
+              str(task_dir), "--trainer.accelerator", "cpu", "--trainer.max_steps", "3",
+              "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+              "--data.init_args.max_samples", "16", "--data.init_args.batch_size", "4"],
+        outputs=["artifacts/sft"],
+    )  # fmt: skip
+    fit_args = ["--config", "mine.yaml", "--model.init_args.export_dir", "artifacts/sft-2"]
+    root = run_pipeline(CONFIGS / "quickstart.yaml", "run", [soup, sft], fit_args=fit_args)
+    assert (root / "artifacts" / "soup" / "model.safetensors").is_file()
+    assert (root / "artifacts" / "sft-2" / "model.safetensors").is_file()
+    assert not (root / "artifacts" / "sft").exists()
+    (last,) = root.rglob("last.ckpt")
+    assert torch.load(last, weights_only=False)["global_step"] == 1  # mine.yaml's max_steps
+    with pytest.raises(SalsaError, match="'missing.yaml' is neither a file here nor a packaged"):
+        run_pipeline(
+            CONFIGS / "quickstart.yaml", "run-2", [soup], fit_args=["--config", "missing.yaml"]
+        )
+    assert not (tmp_path / "run-2").exists()
+
+
 def test_stages_selects_by_name_pattern_in_pipeline_order_and_checks_the_rest(tmp_path):
     import yaml
 
