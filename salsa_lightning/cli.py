@@ -139,6 +139,8 @@ def configs_main(argv: list[str]) -> int:
         return 0
     target, files = copy_config(args.name, args.dest, overwrite=args.overwrite)
     what = f"{len(files)} files" if len(files) > 1 else "1 file"
+    if target.is_file() and len(files) > 1:  # a pipeline and its stages' YAMLs
+        what += ": the pipeline and the stage YAMLs it names"
     print(f"copied {args.name} to {target} ({what})")
     return 0
 

@@ -158,10 +158,21 @@ def read_mapping(path: Path) -> dict:
     return spec if isinstance(spec, dict) else {}
 
 
+def stage_configs(pipeline: Path, dest: Path) -> dict[Path, Path]:
+    """The stage YAMLs a pipeline YAML names (paths relative to it; none for another YAML),
+    each mapped to the same relative place under ``dest``."""
+    stages = read_mapping(pipeline).get("stages")
+    stages = [s for s in stages if isinstance(s, dict)] if isinstance(stages, list) else []
+    names = dict.fromkeys(str(c) for s in stages for c in s.get("configs") or [])
+    return {pipeline.parent / n: dest / n for n in names if (pipeline.parent / n).is_file()}
+
+
 def copy_config(
     name: str, dest: str | os.PathLike = ".", overwrite: bool = False
 ) -> tuple[Path, list[Path]]:
-    """Copy the packaged YAML or folder ``name`` for editing.
+    """Copy the packaged YAML or folder ``name`` for editing. A pipeline YAML comes with the
+    stage YAMLs it names, beside it as in the package, so that the copy runs (its stages'
+    configs are found relative to it).
 
     Args:
         name: A packaged YAML (``sft.yaml``, ``smollm2/sft.yaml``) or folder (``smollm2``,
@@ -179,7 +190,7 @@ def copy_config(
     dest = Path(dest)
     if source.is_file():
         target = dest if dest.suffix in SUFFIXES and not dest.is_dir() else dest / source.name
-        files = {source: target}
+        files = {source: target, **stage_configs(source, target.parent)}
     else:
         target = dest / source.name
         files = {p: target / p.relative_to(source) for p in sorted(source.rglob("*"))}

@@ -317,6 +317,44 @@ def test_configs_copy_a_file_and_a_folder_and_never_overwrites_unasked(
     assert (tmp_path / "afile").read_text() == "keep"
 
 
+@pytest.mark.parametrize("name", ["experiment.yaml", "smollm2/experiment.yaml"])
+def test_a_copied_pipeline_yaml_comes_with_its_stage_yamls_and_its_plan_holds(
+    name, tmp_path, monkeypatch, capsys
+):
+    """A pipeline YAML copied alone named stage YAMLs that were not beside it: `salsa pipeline`
+    refused the copy (`config file './sft.yaml' does not exist`). Now its stages' YAMLs come
+    with it, the ones of its own folder (smollm2's sft.yaml, not the embedded task's)."""
+    import yaml
+
+    from salsa_lightning.pipeline import Stage, check_plan
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["configs", "copy", name, "mine"]) == 0
+    source = CONFIGS / name
+    stages = [Stage(**s) for s in yaml.safe_load(source.read_text())["stages"]]
+    named = sorted({c for s in stages for c in s.configs})
+    assert len(named) >= 5
+    assert capsys.readouterr().out.strip() == (
+        f"copied {name} to mine/experiment.yaml ({len(named) + 1} files: the pipeline and the "
+        "stage YAMLs it names)"
+    )
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == sorted(
+        ["experiment.yaml", *named]
+    )
+    for config in named:
+        assert (tmp_path / "mine" / config).read_bytes() == (source.parent / config).read_bytes()
+    given = {i for s in stages for i in s.inputs} - {o for s in stages for o in s.outputs}
+    for path in given:
+        (tmp_path / "run" / path).mkdir(parents=True)
+    check_plan(stages, tmp_path / "run", tmp_path / "mine")  # every stage YAML is there
+    # An edited stage YAML beside it is not overwritten unasked; nothing is written then.
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "sft.yaml").write_text("edited: true\n")
+    assert main(["configs", "copy", name, "again"]) == 2
+    assert "again/sft.yaml already exists; pass --overwrite" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "again").iterdir()] == ["sft.yaml"]
+
+
 def test_configs_copy_configs_copies_all_of_them(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["configs", "copy", "configs", "."]) == 0
