@@ -97,18 +97,10 @@ def test_salsa_on_two_nodes_is_salsa_on_two_processes(stage_outputs, task_dir, t
     assert diff < 1e-2
 
 
-def test_torchrun_runs_a_pipeline_with_its_soup_on_rank_0_alone(tmp_path):
-    """``torchrun -m salsa_lightning.cli pipeline --fit-args '... --trainer.devices 2'``: both
-    ranks run each fit stage as one world of 2; the soup runs on rank 0 while rank 1 waits for
-    it (before, both built it and wrote the same directory), and the fit stage that reads it
-    trains on both."""
+def soup_pipeline(tmp_path: Path) -> Path:
+    """Two SFT fits, their soup, an SFT fit from the soup: a pipeline YAML in ``tmp_path``."""
     import yaml
 
-    fit = (
-        "--trainer.devices 2 --trainer.accelerator cpu --trainer.max_steps 2 "
-        "--trainer.limit_val_batches 1 --trainer.num_sanity_val_steps 0 "
-        "--data.init_args.max_samples 64 --data.init_args.batch_size 8"
-    )
     sft = str(CONFIGS / "sft.yaml")
 
     def sft_stage(name: str, extra: list[str], inputs: list[str]) -> dict:
@@ -126,6 +118,36 @@ def test_torchrun_runs_a_pipeline_with_its_soup_on_rank_0_alone(tmp_path):
     ]  # fmt: skip
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump({"stages": stages}))
+    return config
+
+
+# Every fit stage of soup_pipeline: short, on the CPU (the world's shape comes with each launcher).
+SHORT_FIT = (
+    "--trainer.accelerator cpu --trainer.max_steps 2 --trainer.limit_val_batches 1 "
+    "--trainer.num_sanity_val_steps 0 --data.init_args.max_samples 64 --data.init_args.batch_size 8"
+)
+
+
+def check_soup_pipeline(text: str, root: Path) -> None:
+    """Both ranks ran every fit; the soup ran on rank 0 alone while rank 1 waited for it."""
+    assert text.count("written to artifacts/soup") == 1
+    assert "[rank: 0] [3/4] soup: salsa soup ..." in text
+    assert (
+        "[rank: 1] [3/4] soup: salsa soup runs on rank 0 alone; waiting for artifacts/soup" in text
+    )
+    assert "[rank: 1] [3/4] soup: salsa soup ..." not in text
+    for rank in (0, 1):
+        assert f"[rank: {rank}] [4/4] sft-3: finished in" in text
+    assert (root / "artifacts" / "sft-3" / "model.safetensors").is_file()
+    assert not (root / ".salsa-pipeline-stopped").exists()
+
+
+def test_torchrun_runs_a_pipeline_with_its_soup_on_rank_0_alone(tmp_path):
+    """``torchrun -m salsa_lightning.cli pipeline --fit-args '--trainer.devices 2 ...'``: both
+    ranks run each fit stage as one world of 2; the soup runs on rank 0 while rank 1 waits for
+    it (before, both built it and wrote the same directory), and the fit stage that reads it
+    trains on both."""
+    config = soup_pipeline(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     torchrun = [
         sys.executable,
@@ -137,18 +159,38 @@ def test_torchrun_runs_a_pipeline_with_its_soup_on_rank_0_alone(tmp_path):
     ]
     proc = run_rerun_if_killed(
         [*torchrun, "-m", "salsa_lightning.cli", "pipeline", "--config", str(config),
-         "--output", str(tmp_path / "run"), "--fit-args", fit],
+         "--output", str(tmp_path / "run"), "--fit-args", f"--trainer.devices 2 {SHORT_FIT}"],
         cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, timeout=900,
     )  # fmt: skip
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
-    assert text.count("written to artifacts/soup") == 1
-    assert "[rank: 0] [3/4] soup: salsa soup ..." in text
-    assert (
-        "[rank: 1] [3/4] soup: salsa soup runs on rank 0 alone; waiting for artifacts/soup" in text
-    )
-    assert "[rank: 1] [3/4] soup: salsa soup ..." not in text
-    for rank in (0, 1):
-        assert f"[rank: {rank}] [4/4] sft-3: finished in" in text
-    assert (tmp_path / "run" / "artifacts" / "sft-3" / "model.safetensors").is_file()
-    assert not (tmp_path / "run" / ".salsa-pipeline-stopped").exists()
+    check_soup_pipeline(text, tmp_path / "run")
+
+
+def test_a_pipeline_on_two_nodes_runs_its_soup_on_node_0_alone(tmp_path):
+    """The same pipeline run once per node (Lightning's own launch: ``NODE_RANK`` 0 and 1,
+    ``--trainer.num_nodes 2``), side by side on this machine."""
+    config = soup_pipeline(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    fit_args = f"--trainer.devices 1 --trainer.num_nodes 2 {SHORT_FIT}"
+    pipeline = ["pipeline", "--config", str(config), "--output", str(tmp_path / "run")]
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "salsa_lightning.cli", *pipeline, "--fit-args", fit_args],
+            cwd=tmp_path,
+            env={**env, "NODE_RANK": str(rank)},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    try:
+        texts = [node.communicate(timeout=900)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for rank, (node, text) in enumerate(zip(nodes, texts, strict=True)):
+        assert node.returncode == 0, f"node {rank}: {text[-4000:]}"
+    check_soup_pipeline("\n".join(texts), tmp_path / "run")
