@@ -71,12 +71,19 @@ def add_fit_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def fit_args(args: argparse.Namespace) -> list[str]:
+    """``--fit-args`` split as a shell splits it, saying which packaged YAML a ``--config`` in it
+    stands for (:func:`resolve_config_args`)."""
+    return resolve_config_args(shlex.split(args.fit_args), log_line)
+
+
 def pipeline_main(argv: list[str]) -> int:
-    """``salsa pipeline --config PIPELINE.yaml [--output DIR] [--stages NAME ...]``."""
+    """``salsa pipeline --config PIPELINE.yaml [--output DIR] [--stages NAME ...]
+    [--fit-args 'ARGS']``."""
     from salsa_lightning.pipeline import run_pipeline
 
     args = pipeline_parser().parse_args(argv)
-    run_pipeline(args.config, args.output, only=args.stages, fit_args=shlex.split(args.fit_args))
+    run_pipeline(args.config, args.output, only=args.stages, fit_args=fit_args(args))
     return 0
 
 
@@ -93,12 +100,13 @@ def quickstart_parser() -> argparse.ArgumentParser:
 
 
 def quickstart_main(argv: list[str]) -> int:
-    """``salsa quickstart [--output DIR] [--config PIPELINE.yaml]``: a pipeline, then its report."""
+    """``salsa quickstart [--output DIR] [--config PIPELINE.yaml] [--fit-args 'ARGS']``: a
+    pipeline, then its report."""
     from salsa_lightning.pipeline import run_with_report
 
     args = quickstart_parser().parse_args(argv)
     config = resolve_config(args.config, log_line)
-    run_with_report(config, args.output, fit_args=shlex.split(args.fit_args))
+    run_with_report(config, args.output, fit_args=fit_args(args))
     return 0
 
 
