@@ -77,6 +77,19 @@ def check_plan(stages: list[Stage], root: Path, config_dir: Path) -> None:
         produced.update(stage.outputs)
 
 
+def check_waitable(stages: list[Stage]) -> None:
+    """With several processes, every stage that is not a fit names its outputs: rank 0 alone
+    runs it, and the other ranks know it is done when they exist (without them they would go on
+    at once, and wait for rank 0 in the next fit's rendezvous, which times out)."""
+    for stage in stages:
+        if stage.command != "fit" and not stage.outputs:
+            raise SalsaError(
+                f"stage {stage.name!r} (salsa {stage.command}) lists no outputs; with several "
+                "processes rank 0 alone runs it and the others wait for its outputs: list what "
+                "it writes under `outputs:`."
+            )
+
+
 def run_stage(stage: Stage, config_dir: Path, fit_args: list[str] | None = None) -> None:
     """Run one stage in this process; a fit stage's command line ends with ``fit_args``
     (:func:`fit_arguments`). A fit stage resumes from its own ``last.ckpt`` when an
@@ -250,12 +263,15 @@ def run_pipeline(
     what = "the pipeline's output directory (--output)"
     root = check_writable_dir(Path(output).resolve(), what)
     check_plan(stages, root, config_path.parent)
+    rank = pipeline_rank()
+    if rank is not None:
+        check_waitable(stages)
     fit_args = fit_arguments(fit_args or [])
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # what the permission bits do not tell: /proc, a full or failed disk
         raise SalsaError(f"{what} {str(root)!r} cannot be created: {err.strerror}.") from err
-    previous, rank, since = os.getcwd(), pipeline_rank(), time.time()
+    previous, since = os.getcwd(), time.time()
     os.chdir(root)
     try:
         if rank == 0:

@@ -316,6 +316,7 @@ def test_every_pipeline_yaml_chains_its_stages_and_its_report(path, tmp_path):
     for name in given:
         (tmp_path / name).mkdir(parents=True)
     check_plan(stages, tmp_path, path.parent)
+    pipeline.check_waitable(stages)  # it runs on several processes too
     if spec.get("report"):
         ReportSpec.from_yaml(spec["report"])
 
@@ -414,6 +415,28 @@ def test_a_waiting_rank_stops_when_rank_0_stopped_and_rank_0_says_so(tmp_path, m
     os.utime(root / pipeline.STOPPED_MARKER, (1, 1))
     later(0.3, lambda: (root / "artifacts" / "soup").mkdir()).join()
     run_pipeline(CONFIGS / "quickstart.yaml", root, stages=[soup_stage()])
+
+
+@pytest.mark.parametrize("node", ["0", "1"])
+def test_with_several_processes_a_stage_rank_0_runs_alone_must_name_its_outputs(
+    node, tmp_path, monkeypatch
+):
+    """Without outputs the other ranks could not tell when rank 0 finished it: they would wait
+    for rank 0 in the next fit's rendezvous, which times out (30 minutes). Refused on every rank
+    before anything is written; alone, the same stage runs as before."""
+    for key in LAUNCHERS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NODE_RANK", node)
+    stage = soup_stage()
+    stage.outputs = []
+    for name in ("sft-1", "sft-2"):
+        (tmp_path / "run" / "artifacts" / name).mkdir(parents=True)
+    with pytest.raises(SalsaError, match=r"stage 'soup' \(salsa soup\) lists no outputs; with"):
+        run_pipeline(CONFIGS / "quickstart.yaml", tmp_path / "run", stages=[stage])
+    assert sorted(p.name for p in (tmp_path / "run" / "artifacts").iterdir()) == ["sft-1", "sft-2"]
+    monkeypatch.delenv("NODE_RANK")
+    with pytest.raises(SalsaError, match="stage 'soup' failed"):  # alone: it runs (and fails
+        run_pipeline(CONFIGS / "quickstart.yaml", tmp_path / "run", stages=[stage])  # on these)
 
 
 def test_fit_args_end_every_fit_stage_and_reach_no_other(
