@@ -271,30 +271,40 @@ def run_pipeline(
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # what the permission bits do not tell: /proc, a full or failed disk
         raise SalsaError(f"{what} {str(root)!r} cannot be created: {err.strerror}.") from err
-    previous, since = os.getcwd(), time.time()
+    previous = os.getcwd()
     os.chdir(root)
     try:
-        if rank == 0:
-            Path(STOPPED_MARKER).unlink(missing_ok=True)
-        for i, stage in enumerate(stages, 1):
-            head = f"{'' if rank is None else f'[rank: {rank}] '}[{i}/{len(stages)}] {stage.name}"
-            if stage.outputs and all(Path(p).exists() for p in stage.outputs):
-                print(f"{head}: done already ({', '.join(stage.outputs)}), skipped", flush=True)
-                continue
-            if rank and stage.command != "fit":
-                why = f"salsa {stage.command} runs on rank 0 alone"
-                wait_for_rank_zero(stage.outputs, head, why, since)
-                continue
-            if rank:  # rank 0 may still be writing an earlier fit's export
-                wait_for_rank_zero(stage.inputs, head, "rank 0 writes the inputs", since)
-            print(f"{head}: salsa {stage.command} ...", flush=True)
-            start = time.perf_counter()
-            with telling_waiting_ranks(stage, rank):
-                run_stage(stage, config_path.parent, fit_args)
-            print(f"{head}: finished in {time.perf_counter() - start:.0f} s", flush=True)
+        run_stages(stages, config_path.parent, fit_args, rank)
     finally:
         os.chdir(previous)
     return root
+
+
+def run_stages(
+    stages: list[Stage], config_dir: Path, fit_args: list[str], rank: int | None
+) -> None:
+    """Run the stages in order from the output directory (the working directory), a line per
+    stage, skipping those whose outputs exist; on a rank other than 0 (:func:`pipeline_rank`),
+    wait for rank 0 instead of running a stage that is not a fit."""
+    since = time.time()
+    if rank == 0:
+        Path(STOPPED_MARKER).unlink(missing_ok=True)
+    for i, stage in enumerate(stages, 1):
+        head = f"{'' if rank is None else f'[rank: {rank}] '}[{i}/{len(stages)}] {stage.name}"
+        if stage.outputs and all(Path(p).exists() for p in stage.outputs):
+            print(f"{head}: done already ({', '.join(stage.outputs)}), skipped", flush=True)
+            continue
+        if rank and stage.command != "fit":
+            why = f"salsa {stage.command} runs on rank 0 alone"
+            wait_for_rank_zero(stage.outputs, head, why, since)
+            continue
+        if rank:  # rank 0 may still be writing an earlier fit's export
+            wait_for_rank_zero(stage.inputs, head, "rank 0 writes the inputs", since)
+        print(f"{head}: salsa {stage.command} ...", flush=True)
+        start = time.perf_counter()
+        with telling_waiting_ranks(stage, rank):
+            run_stage(stage, config_dir, fit_args)
+        print(f"{head}: finished in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def run_with_report(
