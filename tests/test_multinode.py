@@ -34,13 +34,14 @@ TWO_NODES = [
 LAUNCHER_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK", "LOCAL_WORLD_SIZE")
 
 
-def run_two_nodes(args: list[str], cwd: Path) -> None:
-    """``salsa <args>`` as node 0 and node 1 of a two-node world, side by side."""
+def run_two_nodes(args: list[str], cwd: Path, node_args: list[str] = TWO_NODES) -> list[str]:
+    """``salsa <args> <node_args>`` as node 0 and node 1 of a two-node world, side by side;
+    each node's stdout and stderr."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     nodes = [
         subprocess.Popen(
-            [sys.executable, "-m", "salsa_lightning.cli", *args, *TWO_NODES],
+            [sys.executable, "-m", "salsa_lightning.cli", *args, *node_args],
             cwd=cwd,
             env={**env, "NODE_RANK": str(rank)},
             stdout=subprocess.PIPE,
@@ -56,6 +57,7 @@ def run_two_nodes(args: list[str], cwd: Path) -> None:
             node.kill()
     for rank, (node, (_, err)) in enumerate(zip(nodes, outputs, strict=True)):
         assert node.returncode == 0, f"node {rank}: {err[-4000:]}"
+    return [out + err for out, err in outputs]
 
 
 def test_sft_on_two_nodes_is_sft_on_two_processes(task_dir, tmp_path):
@@ -171,26 +173,7 @@ def test_a_pipeline_on_two_nodes_runs_its_soup_on_node_0_alone(tmp_path):
     """The same pipeline run once per node (Lightning's own launch: ``NODE_RANK`` 0 and 1,
     ``--trainer.num_nodes 2``), side by side on this machine."""
     config = soup_pipeline(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     fit_args = f"--trainer.devices 1 --trainer.num_nodes 2 {SHORT_FIT}"
     pipeline = ["pipeline", "--config", str(config), "--output", str(tmp_path / "run")]
-    nodes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "salsa_lightning.cli", *pipeline, "--fit-args", fit_args],
-            cwd=tmp_path,
-            env={**env, "NODE_RANK": str(rank)},
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        for rank in (0, 1)
-    ]
-    try:
-        texts = [node.communicate(timeout=900)[0] for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
-    for rank, (node, text) in enumerate(zip(nodes, texts, strict=True)):
-        assert node.returncode == 0, f"node {rank}: {text[-4000:]}"
+    texts = run_two_nodes([*pipeline, "--fit-args", fit_args], tmp_path, node_args=[])
     check_soup_pipeline("\n".join(texts), tmp_path / "run")

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -326,6 +327,14 @@ LAUNCHERS = ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_R
              "NODE_RANK")  # fmt: skip
 
 
+@pytest.fixture
+def no_launcher(monkeypatch):
+    """This process as if no launcher had started it, whatever runs pytest; waits poll fast."""
+    for key in LAUNCHERS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(pipeline, "POLL_SECONDS", 0.05)
+
+
 @pytest.mark.parametrize(
     "env, rank",
     [
@@ -342,12 +351,19 @@ LAUNCHERS = ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_R
     ],
     ids=["alone", "torchrun", "torchrun-one", "srun", "sbatch-one-task", "node-1", "node-0"],
 )  # fmt: skip
-def test_the_pipeline_reads_its_rank_as_lightning_reads_the_launchers(monkeypatch, env, rank):
-    for key in LAUNCHERS:
-        monkeypatch.delenv(key, raising=False)
+def test_the_pipeline_reads_its_rank_as_lightning_reads_the_launchers(
+    no_launcher, monkeypatch, env, rank
+):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert pipeline.pipeline_rank() == rank
+
+
+def soup_inputs(root: Path) -> Path:
+    """``root`` with the soup stage's two inputs, empty (only rank 0 would read them)."""
+    for name in ("sft-1", "sft-2"):
+        (root / "artifacts" / name).mkdir(parents=True)
+    return root
 
 
 def soup_stage() -> Stage:
@@ -366,17 +382,14 @@ def later(seconds: float, action) -> threading.Thread:
     return thread
 
 
-def test_a_rank_other_than_0_waits_for_what_rank_0_runs_alone(tmp_path, monkeypatch, capsys):
+def test_a_rank_other_than_0_waits_for_what_rank_0_runs_alone(
+    no_launcher, tmp_path, monkeypatch, capsys
+):
     """Under torchrun or srun every rank ran the soup and evaluation stages: each built the
     soup (a 7B soup once per device) and wrote the same files, and a rank that found the
     output half-way could stop on it. Now rank 1 waits for rank 0's outputs and runs nothing."""
-    for key in LAUNCHERS:
-        monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("NODE_RANK", "1")
-    monkeypatch.setattr(pipeline, "POLL_SECONDS", 0.05)
-    root = tmp_path / "run"
-    for name in ("sft-1", "sft-2"):  # never read: rank 1 does not run the soup
-        (root / "artifacts" / name).mkdir(parents=True)
+    root = soup_inputs(tmp_path / "run")  # never read: rank 1 does not run the soup
     writer = later(0.5, lambda: (root / "artifacts" / "soup").mkdir())
     run_pipeline(CONFIGS / "quickstart.yaml", root, stages=[soup_stage()])
     writer.join()
@@ -390,13 +403,10 @@ def test_a_rank_other_than_0_waits_for_what_rank_0_runs_alone(tmp_path, monkeypa
     assert not list((root / "artifacts" / "soup").iterdir())  # the empty one "rank 0" made
 
 
-def test_a_waiting_rank_stops_when_rank_0_stopped_and_rank_0_says_so(tmp_path, monkeypatch):
-    for key in LAUNCHERS:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(pipeline, "POLL_SECONDS", 0.05)
-    root = tmp_path / "run"
-    for name in ("sft-1", "sft-2"):
-        (root / "artifacts" / name).mkdir(parents=True)
+def test_a_waiting_rank_stops_when_rank_0_stopped_and_rank_0_says_so(
+    no_launcher, tmp_path, monkeypatch
+):
+    root = soup_inputs(tmp_path / "run")
     # Rank 0: the soup of two empty directories fails, and the marker names the stage.
     monkeypatch.setenv("NODE_RANK", "0")
     (root / pipeline.STOPPED_MARKER).write_text("left by an earlier run\n")
@@ -419,18 +429,15 @@ def test_a_waiting_rank_stops_when_rank_0_stopped_and_rank_0_says_so(tmp_path, m
 
 @pytest.mark.parametrize("node", ["0", "1"])
 def test_with_several_processes_a_stage_rank_0_runs_alone_must_name_its_outputs(
-    node, tmp_path, monkeypatch
+    node, no_launcher, tmp_path, monkeypatch
 ):
     """Without outputs the other ranks could not tell when rank 0 finished it: they would wait
     for rank 0 in the next fit's rendezvous, which times out (30 minutes). Refused on every rank
     before anything is written; alone, the same stage runs as before."""
-    for key in LAUNCHERS:
-        monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("NODE_RANK", node)
     stage = soup_stage()
     stage.outputs = []
-    for name in ("sft-1", "sft-2"):
-        (tmp_path / "run" / "artifacts" / name).mkdir(parents=True)
+    soup_inputs(tmp_path / "run")
     with pytest.raises(SalsaError, match=r"stage 'soup' \(salsa soup\) lists no outputs; with"):
         run_pipeline(CONFIGS / "quickstart.yaml", tmp_path / "run", stages=[stage])
     assert sorted(p.name for p in (tmp_path / "run" / "artifacts").iterdir()) == ["sft-1", "sft-2"]
