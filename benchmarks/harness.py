@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import importlib.metadata
 import json
 import os
@@ -89,8 +90,9 @@ def sync(device: str) -> None:
 
 
 def software(*packages: str) -> dict[str, str | None]:
-    """Installed versions of ``packages`` in this process's environment (None: absent)."""
-    out: dict[str, str | None] = {}
+    """Installed versions of ``packages`` in this process's environment (None: absent), and
+    the environment itself (``sys.prefix``)."""
+    out: dict[str, str | None] = {"environment": sys.prefix}
     for name in packages:
         try:
             out[name] = importlib.metadata.version(name)
@@ -245,7 +247,7 @@ def fit_ours(
     if failed := static_failed(module.policy):
         result["decoding"] = f"generate (static decoding failed: {failed})"
     result.update(memory_report(device, import_rss, timer.models_rss))
-    result["software"] = software("torch", "transformers", "lightning", "salsa-lightning")
+    result["software"] = software("torch", "transformers", "lightning", "peft", "torchmetrics")
     return result
 
 
@@ -317,6 +319,48 @@ def child_setup(settings_file: str) -> tuple[dict[str, Any], dict[str, str], Pat
 
 
 # ----------------------------------------------------------------------------- in the parent
+
+
+def built_venv(where: Path, requirements: list[str], stamp: str) -> str:
+    """The Python of a virtual environment at ``where`` holding ``requirements``, built on first
+    use: this environment's torch build first (so pip does not resolve another, e.g. a CUDA
+    one), then ``requirements`` from the package index. ``where/built-for`` (written last)
+    holds ``stamp``: an environment built for it is reused; an interrupted build, or one built
+    for another stamp, is removed and built again. One build at a time (a lock beside it)."""
+    python, marker = where / "bin" / "python", where / "built-for"
+    where.parent.mkdir(parents=True, exist_ok=True)
+    with open(where.with_name(where.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait, then reuse it
+        if marker.is_file() and marker.read_text().strip() == stamp.strip():
+            return str(python)
+        shutil.rmtree(where, ignore_errors=True)
+        print(f"building the environment {where} (once; a few minutes)", flush=True)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "venv", str(where)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        torch = importlib.metadata.version("torch")
+        if subprocess.run([*pip, f"torch=={torch}"]).returncode:
+            subprocess.run([*pip, f"torch=={torch.split('+')[0]}"], check=True)
+        subprocess.run([*pip, *requirements], check=True)
+        marker.write_text(stamp.strip() + "\n")
+        print(f"built in {time.perf_counter() - start:.0f} s", flush=True)
+    return str(python)
+
+
+def project_requirements() -> list[str]:
+    """salsa-lightning's own dependencies (no extras), as this environment's install of it
+    lists them."""
+    requires = importlib.metadata.requires("salsa-lightning") or []
+    return [r for r in requires if "extra ==" not in r]
+
+
+def ours_python(where: Path) -> str:
+    """A Python with salsa-lightning's dependencies and nothing else (``built_venv``), for our
+    side of a comparison whose other side runs from an environment of its own: each side then
+    imports what it needs and no more. The children import this checkout's code
+    (``run_child`` puts it on ``PYTHONPATH``)."""
+    requirements = project_requirements()
+    return built_venv(where, requirements, "\n".join(requirements))
 
 
 def add_arguments(parser: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
@@ -443,6 +487,8 @@ def run_child(
     """One run of ``system`` in a fresh ``python`` process; its result (the last JSON line)."""
     cmd = [python, str(script), "--child", system, str(settings_file)]
     env = {**os.environ, **CHILD_ENV}
+    # This checkout's salsa_lightning, also from an environment that does not install it.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     if s["threads"]:
         env["OMP_NUM_THREADS"] = str(s["threads"])
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

@@ -5,7 +5,8 @@ Our side alone (``--systems ours``) and the pieces run with the dev extra only. 
 need TRL and are skipped without it: ``ppo_vs_trl.py`` TRL 1.12 (the ``bench`` extra) in this
 environment; ``grpo_vs_trl.py`` runs TRL's newest release from its own environment, which it
 builds once per machine (under ``~/.cache/salsa_lightning``), or from ``SALSA_TRL_PYTHON`` when
-that names a Python with it. CI runs them in a step of their own with the bench extra installed
+that names a Python with it; our side then runs from an environment of its own too, built there
+from the project's dependencies alone. CI runs them in a step of their own with the bench extra installed
 (``.ci/run``).
 """
 
@@ -106,7 +107,10 @@ def test_grpo_rloo_compare_with_trl(estimator: str, tmp_path: Path) -> None:
     assert_full_length(out)
     assert all("decoded_tokens" in r for r in out["runs"])  # both counted what they decoded
     assert out["software"]["trl"]["trl"] == grpo_vs_trl.TRL_VERSION
-    assert out["software"]["ours"]["salsa-lightning"]
+    # Each side from an environment of its own, neither this one (which holds the dev extra).
+    environments = {out["software"][name]["environment"] for name in ("ours", "trl")}
+    assert len(environments) == 2 and sys.prefix not in environments
+    assert out["software"]["ours"]["lightning"]
     for phase in ("generation", "scoring", "update"):
         assert out["trl"][f"{phase}_s"] > 0 and out["ours"][f"{phase}_s"] > 0
         assert out["roofline"]["systems"]["trl"]["fraction"][phase] > 0
@@ -130,8 +134,10 @@ def test_grpo_ours_alone(tmp_path: Path) -> None:
     """Our side of grpo_vs_trl.py needs no TRL: every response is full length, the settings it
     changed are recorded, no ratio."""
     args = [*SMALL, "--new-tokens", "8", "--estimator", "rloo", "--systems", "ours"]
+    args += ["--ours-python", sys.executable]  # this environment: nothing to build
     out = run_benchmark(*args, tmp_path=tmp_path, script=GRPO_SCRIPT)
     assert [r["system"] for r in out["runs"]] == ["ours"]
+    assert out["software"]["ours"]["environment"] == sys.prefix
     assert out["runs"][0]["decoded_tokens"] == 16 * 8
     assert_full_length(out)
     assert out["ratio_tokens_per_s"] is None
@@ -180,13 +186,27 @@ def test_trl_prompts_tokenize_as_ours(tmp_path: Path) -> None:
         grpo_vs_trl.trl_prompts(inputs, tokenizer, chat=False)
 
 
-def test_trl_environment_is_reused(tmp_path: Path) -> None:
-    """A complete environment (its marker names the version) is reused as it is."""
+def test_a_built_environment_is_reused(tmp_path: Path) -> None:
+    """A complete environment (its marker names what it was built for) is reused as it is."""
     where = tmp_path / "trl-9.9.9"
     (where / "bin").mkdir(parents=True)
-    (where / "trl-version").write_text("9.9.9\n")
+    (where / "built-for").write_text("trl==9.9.9\n")
     assert grpo_vs_trl.trl_python("9.9.9", where) == str(where / "bin" / "python")
-    assert (where / "trl-version").read_text() == "9.9.9\n"
+    assert (where / "built-for").read_text() == "trl==9.9.9\n"
+    ours = tmp_path / "ours"
+    (ours / "bin").mkdir(parents=True)
+    (ours / "built-for").write_text("\n".join(harness.project_requirements()) + "\n")
+    assert harness.ours_python(ours) == str(ours / "bin" / "python")
+
+
+def test_our_environment_holds_the_project_dependencies_alone() -> None:
+    """Our side's environment is built from pyproject's dependencies, without any extra."""
+    import tomllib
+
+    pyproject = tomllib.loads((BENCHMARKS.parent / "pyproject.toml").read_text())
+    wanted = {r.split(";")[0].replace(" ", "") for r in pyproject["project"]["dependencies"]}
+    got = {r.split(";")[0].replace(" ", "") for r in harness.project_requirements()}
+    assert got == wanted
 
 
 def test_changed_fields_and_results_file(tmp_path: Path) -> None:
