@@ -71,6 +71,25 @@ def add_fit_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_with_fit_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, where ``--fit-args`` also takes one option of its own
+    (``--fit-args --trainer.devices=8``, which argparse alone reads as a missing value followed
+    by an unknown option): a value that starts with ``-`` and is none of the parser's own
+    options is glued on (``--fit-args=--trainer.devices=8``)."""
+    own = {s for action in parser._actions for s in action.option_strings}
+    glued, rest = [], iter(argv)
+    for arg in rest:
+        if arg == "--fit-args":
+            value = next(rest, None)
+            if value is not None and value.startswith("-") and value not in own:
+                arg = f"--fit-args={value}"
+            elif value is not None:
+                glued.append(arg)
+                arg = value
+        glued.append(arg)
+    return parser.parse_args(glued)
+
+
 def fit_args(args: argparse.Namespace) -> list[str]:
     """``--fit-args`` split as a shell splits it, saying which packaged YAML a ``--config`` in it
     stands for (:func:`resolve_config_args`)."""
@@ -82,7 +101,7 @@ def pipeline_main(argv: list[str]) -> int:
     [--fit-args 'ARGS']``."""
     from salsa_lightning.pipeline import run_pipeline
 
-    args = pipeline_parser().parse_args(argv)
+    args = parse_with_fit_args(pipeline_parser(), argv)
     run_pipeline(args.config, args.output, only=args.stages, fit_args=fit_args(args))
     return 0
 
@@ -104,7 +123,7 @@ def quickstart_main(argv: list[str]) -> int:
     pipeline, then its report."""
     from salsa_lightning.pipeline import run_with_report
 
-    args = quickstart_parser().parse_args(argv)
+    args = parse_with_fit_args(quickstart_parser(), argv)
     config = resolve_config(args.config, log_line)
     run_with_report(config, args.output, fit_args=fit_args(args))
     return 0

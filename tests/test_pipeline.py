@@ -15,7 +15,7 @@ from conftest import CONFIGS
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from salsa_lightning import pipeline
-from salsa_lightning.cli import main
+from salsa_lightning.cli import main, parse_with_fit_args, pipeline_parser, quickstart_parser
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.evaluate import evaluate, load_answers, load_prompts
 from salsa_lightning.generation import GenerationSettings
@@ -480,6 +480,22 @@ def test_fit_args_end_every_fit_stage_and_reach_no_other(
             CONFIGS / "quickstart.yaml", "run-2", [soup], fit_args=["--config", "missing.yaml"]
         )
     assert not (tmp_path / "run-2").exists()
+
+
+@pytest.mark.parametrize("parser", [pipeline_parser, quickstart_parser])
+def test_fit_args_takes_one_option_as_its_value(parser, capsys):
+    """``--fit-args --trainer.devices=8`` (one option, no quotes needed) is the value, as
+    ``--fit-args=...`` is; the command's own options after ``--fit-args`` stay its own."""
+    for argv, fit_args in [
+        (["--fit-args", "--trainer.devices=8"], "--trainer.devices=8"),
+        (["--fit-args", "--config fsdp.yaml --trainer.devices 2"], "--config fsdp.yaml --trainer.devices 2"),
+        (["--fit-args=--trainer.devices=8"], "--trainer.devices=8"),
+    ]:  # fmt: skip
+        args = parse_with_fit_args(parser(), ["--config", "x.yaml", *argv, "--output", "o"])
+        assert (args.fit_args, args.config, args.output) == (fit_args, "x.yaml", "o")
+    with pytest.raises(SystemExit):  # --output is the command's: --fit-args has no value
+        parse_with_fit_args(parser(), ["--config", "x.yaml", "--fit-args", "--output", "o"])
+    assert "argument --fit-args: expected one argument" in capsys.readouterr().err
 
 
 def test_stages_selects_by_name_pattern_in_pipeline_order_and_checks_the_rest(tmp_path):
