@@ -19,6 +19,7 @@ import contextlib
 import fnmatch
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -155,6 +156,13 @@ def stage_command_line(args: list[str]) -> Iterator[None]:
 # fails there: the processes waiting for that stage's outputs stop instead of waiting on.
 STOPPED_MARKER = ".salsa-pipeline-stopped"
 POLL_SECONDS = 2.0
+# Rewritten by rank 0 every HEARTBEAT_SECONDS while its pipeline runs. A waiting rank that finds it
+# unchanged for SILENT_SECONDS stops: rank 0's process is gone (the kernel's out-of-memory killer,
+# a lost node) and will write neither the outputs nor STOPPED_MARKER, and srun (without
+# --kill-on-bad-exit) or a per-node run would leave the others waiting until the job's time limit.
+HEARTBEAT = ".salsa-pipeline-heartbeat"
+HEARTBEAT_SECONDS = 10.0
+SILENT_SECONDS = 300.0
 
 
 def pipeline_rank() -> int | None:
@@ -179,12 +187,14 @@ def wait_for_rank_zero(paths: list[str], head: str, why: str, since: float) -> N
     directory) exists: what rank 0 writes (a stage it runs alone, or an export, which rank 0
     writes after the fit's last step). Outputs are written aside and renamed into place, so a
     path that exists is whole. Stops with an error when rank 0's pipeline stopped after
-    ``since`` (its :data:`STOPPED_MARKER`)."""
+    ``since`` (its :data:`STOPPED_MARKER`), or when rank 0's :data:`HEARTBEAT` has not changed
+    for :data:`SILENT_SECONDS` (its process is gone)."""
     missing = [p for p in paths if not Path(p).exists()]
     if not missing:
         return
     print(f"{head}: {why}; waiting for {', '.join(missing)}", flush=True)
     start = time.perf_counter()
+    beat, heard = None, time.monotonic()
     while missing:
         marker = Path(STOPPED_MARKER)
         if marker.is_file() and marker.stat().st_mtime >= since:
@@ -192,9 +202,55 @@ def wait_for_rank_zero(paths: list[str], head: str, why: str, since: float) -> N
                 f"{head}: rank 0 stopped ({marker.read_text().strip()}), so this rank stops too; "
                 "run the same command again once it is fixed."
             )
+        if (latest := heartbeat()) != beat:
+            beat, heard = latest, time.monotonic()
+        elif time.monotonic() - heard > SILENT_SECONDS:
+            raise SalsaError(
+                f"{head}: rank 0 has given no sign of life for {SILENT_SECONDS:.0f} s (its "
+                f"{HEARTBEAT} has not changed): its process is gone (killed, e.g. out of host "
+                "memory, or its node lost), so this rank stops too; run the same command again."
+            )
         time.sleep(POLL_SECONDS)
         missing = [p for p in missing if not Path(p).exists()]
     print(f"{head}: written by rank 0 after {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def heartbeat() -> str | None:
+    """What rank 0 last wrote to :data:`HEARTBEAT` (None: nothing yet)."""
+    try:
+        return Path(HEARTBEAT).read_text()
+    except OSError:
+        return None
+
+
+@contextmanager
+def beating(rank: int | None) -> Iterator[None]:
+    """On rank 0 of a pipeline several processes run: rewrite :data:`HEARTBEAT` (a count) every
+    :data:`HEARTBEAT_SECONDS`, from a thread, until the pipeline ends; then remove it."""
+    if rank != 0:
+        yield
+        return
+    path, done = Path(HEARTBEAT).resolve(), threading.Event()
+
+    def beat(count: int) -> None:
+        with contextlib.suppress(OSError):  # a full disk: the stages' own errors matter
+            path.write_text(f"{count}\n")
+
+    def beats() -> None:
+        count = 1
+        while not done.wait(HEARTBEAT_SECONDS):
+            count += 1
+            beat(count)
+
+    beat(1)  # before the first stage
+    thread = threading.Thread(target=beats, name="salsa-pipeline-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        path.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -289,22 +345,31 @@ def run_stages(
     since = time.time()
     if rank == 0:
         Path(STOPPED_MARKER).unlink(missing_ok=True)
-    for i, stage in enumerate(stages, 1):
-        head = f"{'' if rank is None else f'[rank: {rank}] '}[{i}/{len(stages)}] {stage.name}"
-        if stage.outputs and all(Path(p).exists() for p in stage.outputs):
-            print(f"{head}: done already ({', '.join(stage.outputs)}), skipped", flush=True)
-            continue
-        if rank and stage.command != "fit":
-            why = f"salsa {stage.command} runs on rank 0 alone"
-            wait_for_rank_zero(stage.outputs, head, why, since)
-            continue
-        if rank:  # rank 0 may still be writing an earlier fit's export
-            wait_for_rank_zero(stage.inputs, head, "rank 0 writes the inputs", since)
-        print(f"{head}: salsa {stage.command} ...", flush=True)
-        start = time.perf_counter()
-        with telling_waiting_ranks(stage, rank):
-            run_stage(stage, config_dir, fit_args)
-        print(f"{head}: finished in {time.perf_counter() - start:.0f} s", flush=True)
+    with beating(rank):
+        for i, stage in enumerate(stages, 1):
+            head = f"{'' if rank is None else f'[rank: {rank}] '}[{i}/{len(stages)}] {stage.name}"
+            run_or_wait(stage, head, config_dir, fit_args, rank, since)
+
+
+def run_or_wait(
+    stage: Stage, head: str, config_dir: Path, fit_args: list[str], rank: int | None, since: float
+) -> None:
+    """One stage, from the output directory: skipped when its outputs exist; on a rank other
+    than 0, waited for when it is not a fit (rank 0 runs it alone), else run."""
+    if stage.outputs and all(Path(p).exists() for p in stage.outputs):
+        print(f"{head}: done already ({', '.join(stage.outputs)}), skipped", flush=True)
+        return
+    if rank and stage.command != "fit":
+        why = f"salsa {stage.command} runs on rank 0 alone"
+        wait_for_rank_zero(stage.outputs, head, why, since)
+        return
+    if rank:  # rank 0 may still be writing an earlier fit's export
+        wait_for_rank_zero(stage.inputs, head, "rank 0 writes the inputs", since)
+    print(f"{head}: salsa {stage.command} ...", flush=True)
+    start = time.perf_counter()
+    with telling_waiting_ranks(stage, rank):
+        run_stage(stage, config_dir, fit_args)
+    print(f"{head}: finished in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def run_with_report(

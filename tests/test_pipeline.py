@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -425,6 +426,62 @@ def test_a_waiting_rank_stops_when_rank_0_stopped_and_rank_0_says_so(
     os.utime(root / pipeline.STOPPED_MARKER, (1, 1))
     later(0.3, lambda: (root / "artifacts" / "soup").mkdir()).join()
     run_pipeline(CONFIGS / "quickstart.yaml", root, stages=[soup_stage()])
+
+
+def test_a_waiting_rank_stops_when_rank_0_falls_silent(no_launcher, tmp_path, monkeypatch):
+    """Rank 0 killed (the out-of-memory killer, a lost node) writes neither the outputs nor the
+    stop marker; under srun without --kill-on-bad-exit, or one pipeline per node, the others
+    waited until the job's time limit. Now they wait while rank 0's heartbeat changes, and stop
+    once it has not changed for SILENT_SECONDS."""
+    monkeypatch.setattr(pipeline, "SILENT_SECONDS", 1.0)
+    monkeypatch.setenv("NODE_RANK", "1")
+    root = soup_inputs(tmp_path / "run")
+    alive = threading.Event()
+
+    def rank_0() -> None:  # beats for 2.4 s (longer than SILENT_SECONDS), then is "killed"
+        for count in range(48):
+            (root / pipeline.HEARTBEAT).write_text(f"{count}\n")
+            alive.set()
+            time.sleep(0.05)
+
+    beating = threading.Thread(target=rank_0)
+    beating.start()
+    alive.wait()
+    start = time.monotonic()
+    with pytest.raises(SalsaError, match=r"\[1/1\] soup: rank 0 has given no sign of life for 1 s"):
+        run_pipeline(CONFIGS / "quickstart.yaml", root, stages=[soup_stage()])
+    beating.join()
+    assert time.monotonic() - start >= 2.3 + 1.0  # it waited while rank 0 was alive
+    assert not (root / "artifacts" / "soup").exists()
+    # No heartbeat at all (rank 0 gone before it began): it stops after SILENT_SECONDS too.
+    (root / pipeline.HEARTBEAT).unlink()
+    with pytest.raises(SalsaError, match="no sign of life"):
+        run_pipeline(CONFIGS / "quickstart.yaml", root, stages=[soup_stage()])
+
+
+def test_rank_0_beats_while_its_pipeline_runs_and_removes_the_heartbeat_after(
+    no_launcher, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(pipeline, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.chdir(tmp_path)
+    heartbeat = tmp_path / pipeline.HEARTBEAT
+    with pipeline.beating(0):
+        seen = set()
+        for _ in range(20):
+            seen.add(heartbeat.read_text())
+            time.sleep(0.02)
+        assert len(seen) >= 3  # rewritten as it runs
+    assert not heartbeat.exists()
+    for rank in (None, 1):  # alone, or another rank: no heartbeat
+        with pipeline.beating(rank):
+            time.sleep(0.1)
+            assert not heartbeat.exists()
+    # Rank 0 of a real pipeline: its soup fails; the heartbeat is gone, the marker written.
+    monkeypatch.setenv("NODE_RANK", "0")
+    root = soup_inputs(tmp_path / "run")
+    with pytest.raises(SalsaError, match="stage 'soup' failed"):
+        run_pipeline(CONFIGS / "quickstart.yaml", root, stages=[soup_stage()])
+    assert not (root / pipeline.HEARTBEAT).exists() and (root / pipeline.STOPPED_MARKER).exists()
 
 
 @pytest.mark.parametrize("node", ["0", "1"])
