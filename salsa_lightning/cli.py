@@ -7,7 +7,8 @@
 - ``salsa configs list`` / ``salsa configs copy NAME [DEST]``: the packaged YAMLs.
 
 A ``--config NAME.yaml`` that is not a file here names a packaged YAML (``config_files.py``);
-the command says which file it used.
+the command says which file it used. Each command loads what it needs when it runs: ``salsa
+--help`` and ``salsa configs`` answer without Lightning, torch or transformers.
 """
 
 from __future__ import annotations
@@ -20,16 +21,13 @@ from collections.abc import Callable
 from salsa_lightning.commands import (
     LIGHTNING_COMMANDS,
     STAGE_COMMANDS,
-    SalsaCLI,
     drop_switch_values,
     exit_status,
     run_command,
-    soup_main,
 )
 from salsa_lightning.config_files import resolve_config, resolve_config_args
-from salsa_lightning.sharding import end_process_group
 
-__all__ = ["SalsaCLI", "main", "run_command", "soup_main"]  # the stage commands' home: commands.py
+__all__ = ["main", "run_command"]  # the stage commands' home: commands.py
 
 QUICKSTART = "configs/quickstart.yaml"  # a local copy when there is one, else the packaged one
 
@@ -215,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(resolved)
 
     status = exit_status(run)
-    end_process_group()  # every rank, the stop included
+    if "torch.distributed" in sys.modules:  # a command that never loaded it started no group
+        from salsa_lightning.sharding import end_process_group
+
+        end_process_group()  # every rank, the stop included
     return status
 
 

@@ -1,7 +1,8 @@
 """The commands a pipeline stage is, each run from its argument list by :func:`run_command`.
 
 - ``fit|validate|test|predict --config <stage>.yaml``: LightningCLI in subclass mode
-  (:class:`SalsaCLI`), the YAML names the LightningModule and LightningDataModule classes.
+  (``lightning_cli.SalsaCLI``), the YAML names the LightningModule and LightningDataModule
+  classes.
 - ``soup ...``: weight-average checkpoints into a model soup.
 - ``evaluate ...``: answers, scores, KL and win rates of several models.
 - ``landscape ...``: reward along the alpha line / barycentric grid of SFT models.
@@ -10,7 +11,8 @@
 
 The ``salsa`` console script (``cli.py``) and ``salsa pipeline`` (``pipeline.py``) both run these
 through :func:`run_command`; the commands above them (``pipeline``, ``quickstart``, ``configs``)
-live in ``cli.py``.
+live in ``cli.py``. Each command imports what it runs when it runs, so that ``salsa --help`` and
+``salsa configs`` answer without loading Lightning, torch or transformers.
 """
 
 from __future__ import annotations
@@ -26,83 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import yaml
-from lightning.pytorch.cli import LightningCLI
 
 from salsa_lightning.config_files import check_not_a_pipeline, read_mapping
-from salsa_lightning.errors import SalsaError, require
-
-
-class SalsaCLI(LightningCLI):
-    """LightningCLI with the project's defaults: errors in inputs end the run with a message,
-    output directories are checked before anything is built, and ``--ckpt_path`` resumes as
-    documented (``salsa_lightning.resume``)."""
-
-    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
-        super().__init__(
-            L.LightningModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-            run=run,
-        )
-
-    def before_instantiate_classes(self) -> None:
-        # `--trainer.enable_checkpointing false` turns the YAML's checkpoint callback off too
-        # (Lightning would refuse the pair).
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        trainer = config.get("trainer")
-        if (
-            trainer is not None
-            and trainer.get("enable_checkpointing") is False
-            and trainer.get("callbacks")
-        ):
-            trainer.callbacks = [
-                c for c in trainer.callbacks
-                if not str(getattr(c, "class_path", "")).endswith("ModelCheckpoint")
-            ]  # fmt: skip
-
-    def _parse_ckpt_path(self) -> None:
-        """Keep this run's settings: LightningCLI would replace them with the checkpoint's
-        without a word; ``before_fit`` refuses the ones that differ instead."""
-
-    def before_fit(self) -> None:
-        from lightning.pytorch.utilities import rank_zero_info
-
-        from salsa_lightning.outputs import check_writable_dir
-        from salsa_lightning.resume import (
-            LAST,
-            check_resume,
-            checkpoint_dirs,
-            keep_metrics,
-            resolve_last,
-        )
-
-        trainer, config = self.trainer, self.config_init[self.subcommand]
-        if config.get("ckpt_path") == LAST:
-            found = resolve_last(trainer)
-            if found is None:
-                where = ", ".join(str(d) for d, _ in checkpoint_dirs(trainer)) or "nowhere yet"
-                rank_zero_info(f"--ckpt_path last: no last.ckpt in {where}; starting a new run.")
-            config["ckpt_path"] = None if found is None else str(found)
-        if config.get("ckpt_path"):
-            rank_zero_info(f"resuming from {config['ckpt_path']}")
-            check_resume(Path(config["ckpt_path"]), self.model, self.datamodule)
-            if trainer.logger is not None:
-                keep_metrics(trainer.logger)
-        logger, callback = trainer.logger, trainer.checkpoint_callback
-        if logger is not None and getattr(logger, "save_dir", None):
-            check_writable_dir(logger.save_dir, "trainer.logger save_dir")
-        if callback is not None and callback.dirpath:
-            check_writable_dir(callback.dirpath, "the checkpoint callback's dirpath")
-        check_writable_dir(trainer.default_root_dir, "trainer.default_root_dir")
-        # Lightning takes 0 and fails dividing by it when the schedule counts the steps.
-        steps = trainer.accumulate_grad_batches
-        require(steps >= 1, "trainer.accumulate_grad_batches", "at least 1", steps)
-
+from salsa_lightning.errors import SalsaError
 
 # ----------------------------------------------------------------------------- functions as commands
 
@@ -327,6 +256,8 @@ def run_command(argv: list[str]) -> int:
         check_not_a_pipeline(argv[0] if argv else "fit", argv)
         if argv and argv[0] in STAGE_COMMANDS:
             return STAGE_COMMANDS[argv[0]](argv[1:]) or 0
+        from salsa_lightning.lightning_cli import SalsaCLI
+
         try:  # None when argv is the process's own command line: LightningCLI warns when given it
             SalsaCLI(args=None if argv == sys.argv[1:] else argv)
         except SystemExit:
@@ -342,12 +273,10 @@ def exit_status(run: Callable[[], int]) -> int:
     """``run()``'s exit status: 2 after printing a SalsaError behind any error as one ``error:``
     line (after its details, for example the traceback of the user's own code that failed);
     143 when SIGTERM stopped the run (one ``stopped by SIGTERM: ...`` line says what was kept)."""
-    from lightning.pytorch.utilities import rank_zero_only
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from salsa_lightning.preemption import (
+    from salsa_lightning.sigterm import (
         SIGTERM_STATUS,
-        Terminated,
+        is_stop,
+        reports_for_all_ranks,
         sigterm_raises,
         sigterm_received,
         stop_message,
@@ -356,13 +285,15 @@ def exit_status(run: Callable[[], int]) -> int:
     try:
         with sigterm_raises():  # a fit's own stop takes over while it trains
             return run()
-    except (SIGTERMException, Terminated) as stop:
-        if rank_zero_only.rank == 0:  # every rank stopped; one says so
+    except SystemExit as stop:
+        if not is_stop(stop):
+            raise
+        if reports_for_all_ranks():  # every rank stopped; one says so
             print(stop_message(stop), file=sys.stderr, flush=True)
         return SIGTERM_STATUS
     except Exception as err:
         if sigterm_received():  # C code replaced the Terminated raised inside it: still the stop
-            if rank_zero_only.rank == 0:
+            if reports_for_all_ranks():
                 print(stop_message(err), file=sys.stderr, flush=True)
             return SIGTERM_STATUS
         cause = salsa_cause(err) if isinstance(err, ValueError) else None

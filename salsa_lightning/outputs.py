@@ -204,7 +204,7 @@ def explain_failed_write(err: BaseException, target: Path, tmp: Path) -> None:
     any other error as it is (the caller re-raises it)."""
     if isinstance(err, Exception) and is_disk_full(err):
         raise disk_full_error(target, err) from err
-    from salsa_lightning.preemption import sigterm_received
+    from salsa_lightning.sigterm import sigterm_received
 
     if not isinstance(err, Exception) or sigterm_received():
         err.add_note(f"removed the unfinished {tmp}; {target} is as it was")

@@ -36,7 +36,6 @@ from salsa_lightning.config_files import (
 )
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.outputs import check_writable_dir
-from salsa_lightning.sharding import end_process_group
 
 
 @dataclass
@@ -97,7 +96,7 @@ def run_stage(stage: Stage, config_dir: Path, fit_args: list[str] | None = None)
     earlier run of it was stopped (``--ckpt_path last``; a new run when there is none). A stage
     that fails stops the pipeline, named: SIGTERM with :class:`Terminated` (status 143), any
     other failure with a :class:`SalsaError` or its own exception."""
-    from salsa_lightning.preemption import SIGTERM_STATUS, Terminated
+    from salsa_lightning.sigterm import SIGTERM_STATUS, Terminated
 
     args = [stage.command]
     for cfg in stage.configs:
@@ -144,6 +143,8 @@ def stage_command_line(args: list[str]) -> Iterator[None]:
         sys.argv[:] = argv
         launched = env["LOCAL_RANK"] is None and "LOCAL_RANK" in os.environ
         if launched:
+            from salsa_lightning.sharding import end_process_group
+
             end_process_group()
         for key, value in env.items():  # unchanged under torchrun or srun
             if value is None:

@@ -5,8 +5,8 @@ During a fit, :class:`StopOnSigterm` (every stage module adds it) stops every ra
 optimizer step, writes ``last.ckpt`` where the run checkpoints, and raises Lightning's own
 ``SIGTERMException`` with status 143, so Lightning's ``on_exception`` hooks, logger finalisation
 and teardown run as for any interrupt and no export is written. Outside a fit (building models, a
-soup, an evaluation, between pipeline stages), :func:`sigterm_raises` turns SIGTERM into
-:class:`Terminated`, so ``finally`` blocks remove what was half written.
+soup, an evaluation, between pipeline stages), ``sigterm.sigterm_raises`` turns SIGTERM into
+``sigterm.Terminated``, so ``finally`` blocks remove what was half written.
 
 Lightning 2.6.6 alone, measured: its handler sets ``trainer.received_sigterm`` on the rank that
 got the signal, and the loop raises ``SIGTERMException`` (a ``SystemExit`` with status 0) at the
@@ -25,8 +25,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,57 +33,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 
 from salsa_lightning.resume import LAST
-
-SIGTERM_STATUS = 128 + signal.SIGTERM  # 143: how a shell reports a process SIGTERM ended
+from salsa_lightning.sigterm import SIGTERM_STATUS
 
 log = logging.getLogger(__name__)
-
-
-class Terminated(SystemExit):
-    """SIGTERM outside a fit: raised in the main thread so that ``finally`` blocks clean up;
-    uncaught, the process exits with status 143. Notes (``add_note``) say what was removed."""
-
-    def __init__(self) -> None:
-        super().__init__(SIGTERM_STATUS)
-
-
-_received: list[int] = []  # the SIGTERMs raised as Terminated in this process
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    # While a Trainer runs, Lightning installs a handler that calls the one it found (this one)
-    # as well; the fit's own stop (StopOnSigterm) then decides, so raise only as the process's
-    # own handler.
-    if signal.getsignal(signal.SIGTERM) is _raise_terminated:
-        _received.append(signum)
-        raise Terminated
-
-
-def sigterm_received() -> bool:
-    """Whether SIGTERM was raised as :class:`Terminated` in this process. C code that calls
-    back into Python (safetensors reading a tensor, torch) may replace the exception raised
-    inside it with one of its own: an error after this is the stop, not a failure."""
-    return bool(_received)
-
-
-@contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` (outside a fit; see the module's
-    docstring). A no-op off the main thread, where Python cannot install signal handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def stop_message(stop: BaseException) -> str:
-    """The one line printed for a run SIGTERM stopped, from the notes its stages added."""
-    notes = getattr(stop, "__notes__", None) or ["nothing was written"]
-    return "stopped by SIGTERM: " + "; ".join(notes)
 
 
 def last_checkpoint(trainer: L.Trainer) -> Path | None:
@@ -112,7 +62,7 @@ class StopOnSigterm(L.Callback):
     point of the loop (the end of a training batch, or of a validation during fit), so
     ``--ckpt_path last`` continues exactly as from those. The loop then stops at its next hook
     (after this step's metrics are logged, before any further validation or batch): Lightning's
-    ``SIGTERMException``, with status 143 and a note for :func:`stop_message`. A run without a
+    ``SIGTERMException``, with status 143 and a note for ``sigterm.stop_message``. A run without a
     checkpoint callback (``--trainer.enable_checkpointing false``) stops the same way and says
     that nothing was kept. A run that checkpoints also writes ``last.ckpt`` when training ends,
     before the export, so a failed export (a full disk) leaves the trained weights on disk.

@@ -20,13 +20,13 @@ from packaging.requirements import Requirement
 from salsa_lightning.cli import configs_parser, pipeline_parser, quickstart_parser
 from salsa_lightning.commands import (
     LIGHTNING_COMMANDS,
-    SalsaCLI,
     convert_parser,
     function_parser,
     join_list_flags,
     soup_parser,
 )
 from salsa_lightning.config_files import packaged_path, resolve_config, resolve_config_args
+from salsa_lightning.lightning_cli import SalsaCLI
 
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))

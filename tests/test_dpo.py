@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from salsa_lightning import DPOModule, PreferenceDataModule, SalsaError
-from salsa_lightning.cli import SalsaCLI, main
+from salsa_lightning.cli import main
 from salsa_lightning.dpo import answer_logprobs
 from salsa_lightning.evaluate import load_prompts, sample_answers
 from salsa_lightning.functional import (
@@ -30,6 +30,7 @@ from salsa_lightning.functional import (
     sigmoid_loss,
 )
 from salsa_lightning.generation import GenerationSettings
+from salsa_lightning.lightning_cli import SalsaCLI
 from salsa_lightning.lora import LoraSettings
 from salsa_lightning.soup import SoupReference, load_soup
 from salsa_lightning.task import GoldReward

@@ -27,7 +27,7 @@ from conftest import BASE, CONFIGS
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from salsa_lightning import PreferenceDataModule, PromptDataModule, SFTDataModule
-from salsa_lightning.cli import SalsaCLI
+from salsa_lightning.lightning_cli import SalsaCLI
 from salsa_lightning.ppo import SALSAModule
 from salsa_lightning.pretrained import load_tokenizer
 from salsa_lightning.reward import RewardModule

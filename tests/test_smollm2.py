@@ -34,11 +34,12 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from salsa_lightning import functional as fn
-from salsa_lightning.cli import SalsaCLI, main
+from salsa_lightning.cli import main
 from salsa_lightning.convert import PROVENANCE_FILE
 from salsa_lightning.data import IGNORE_INDEX, PreferenceDataModule, SFTDataModule, encode_chat
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.generation import GenerationSettings, response_logits, sample
+from salsa_lightning.lightning_cli import SalsaCLI
 from salsa_lightning.ppo.rollout import Rollout
 from salsa_lightning.pretrained import load_tokenizer
 from salsa_lightning.reward import RewardModule

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 import salsa_lightning
-from salsa_lightning.cli import soup_main
+from salsa_lightning.commands import soup_main
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.landscape import alpha_line, barycentric_grid
 from salsa_lightning.soup import (

@@ -286,7 +286,7 @@ def test_the_report_gives_the_hacking_gap_along_the_kl_frontier(
 def test_a_reward_soup_from_the_command_line(members, tmp_path, monkeypatch):
     """configs/warm.yaml's ``reward_model:`` mapping reaches SALSAModule as a soup recipe; a
     string stays a directory."""
-    from salsa_lightning.cli import SalsaCLI
+    from salsa_lightning.lightning_cli import SalsaCLI
 
     monkeypatch.chdir(tmp_path)
     soup = f"{{checkpoints: [{members[0]}, {members[1]}], weights: [0.3, 0.7]}}"

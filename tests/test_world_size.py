@@ -30,9 +30,9 @@ from conftest import CONFIGS
 from test_fsdp import launch, run
 from torch.utils.data import DataLoader
 
-from salsa_lightning.cli import SalsaCLI
 from salsa_lightning.data import ResumableSampler
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.lightning_cli import SalsaCLI
 from salsa_lightning.ppo import PPOSettings, SALSAModule
 from salsa_lightning.ppo.checks import check_batch_sizes
 from salsa_lightning.world_size import per_rank
