@@ -187,7 +187,25 @@ USAGE = f"""usage: salsa COMMAND [--config NAME.yaml] [options]   (salsa COMMAND
   pipeline                       the stages of a pipeline YAML in order
   quickstart                     the whole SALSA-vs-PPO experiment on the embedded task
   configs                        list the packaged YAMLs, or copy one to edit
+  --version                      this package's version and those of the libraries it runs on
 """
+# The libraries whose versions `salsa --version` prints (read from their metadata, not imported).
+RUNS_ON = ("torch", "lightning", "transformers", "peft", "torchmetrics", "datasets")
+
+
+def versions() -> str:
+    """``salsa-lightning X (torch Y, lightning Z, ...)``, for bug reports."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from salsa_lightning import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"salsa-lightning {__version__} ({', '.join(f'{n} {installed(n)}' for n in RUNS_ON)})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(USAGE, end="")
+        return 0
+    if args == ["--version"]:
+        print(versions())
         return 0
     command = args[0]
     known = (*COMMANDS, *STAGE_COMMANDS, *LIGHTNING_COMMANDS)

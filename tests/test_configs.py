@@ -396,6 +396,7 @@ def test_help_and_configs_answer_without_lightning_or_torch(tmp_path):
     check = (
         "import sys; from salsa_lightning.cli import main; "
         "assert main(['--help']) == 0 and main(['configs', 'list']) == 0; "
+        "assert main(['--version']) == 0; "
         "assert main(['configs', 'copy', 'sft.yaml', sys.argv[1]]) == 0; "
         "assert main(['no-such-command']) == 2; "
         "heavy = sorted({'torch', 'lightning', 'transformers', 'datasets'} & set(sys.modules)); "
@@ -408,3 +409,15 @@ def test_help_and_configs_answer_without_lightning_or_torch(tmp_path):
     assert "copied sft.yaml" in res.stdout + res.stderr and (tmp_path / "mine.yaml").is_file()
     with pytest.raises(AttributeError, match="has no attribute 'NoSuchModule'"):
         salsa_lightning.NoSuchModule  # noqa: B018
+
+
+def test_version_names_the_package_and_what_it_runs_on(capsys):
+    """``salsa --version`` prints the one version there is (pyproject reads it from the
+    package) and the libraries' versions, for a bug report."""
+    import importlib.metadata
+
+    assert main(["--version"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert importlib.metadata.version("salsa-lightning") == salsa_lightning.__version__
+    assert line.startswith(f"salsa-lightning {salsa_lightning.__version__} (torch ")
+    assert f"lightning {importlib.metadata.version('lightning')}" in line
