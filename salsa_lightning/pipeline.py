@@ -164,6 +164,7 @@ POLL_SECONDS = 2.0
 HEARTBEAT = ".salsa-pipeline-heartbeat"
 HEARTBEAT_SECONDS = 10.0
 SILENT_SECONDS = 300.0
+STILL_WAITING_SECONDS = 600.0  # a waiting rank's line while rank 0 works (a 7B evaluation: hours)
 
 
 def pipeline_rank() -> int | None:
@@ -195,7 +196,7 @@ def wait_for_rank_zero(paths: list[str], head: str, why: str, since: float) -> N
         return
     print(f"{head}: {why}; waiting for {', '.join(missing)}", flush=True)
     start = time.perf_counter()
-    beat, heard = None, time.monotonic()
+    beat, heard, said = None, time.monotonic(), time.monotonic()
     while missing:
         marker = Path(STOPPED_MARKER)
         if marker.is_file() and marker.stat().st_mtime >= since:
@@ -210,6 +211,14 @@ def wait_for_rank_zero(paths: list[str], head: str, why: str, since: float) -> N
                 f"{head}: rank 0 has given no sign of life for {SILENT_SECONDS:.0f} s (its "
                 f"{HEARTBEAT} has not changed): its process is gone (killed, e.g. out of host "
                 "memory, or its node lost), so this rank stops too; run the same command again."
+            )
+        if time.monotonic() - said >= STILL_WAITING_SECONDS:
+            said = time.monotonic()
+            print(
+                f"{head}: still waiting for {', '.join(missing)} after "
+                f"{time.perf_counter() - start:.0f} s; rank 0's last heartbeat "
+                f"{time.monotonic() - heard:.0f} s ago",
+                flush=True,
             )
         time.sleep(POLL_SECONDS)
         missing = [p for p in missing if not Path(p).exists()]

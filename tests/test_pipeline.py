@@ -428,7 +428,7 @@ def test_a_waiting_rank_stops_when_rank_0_stopped_and_rank_0_says_so(
     run_pipeline(CONFIGS / "quickstart.yaml", root, stages=[soup_stage()])
 
 
-def test_a_waiting_rank_stops_when_rank_0_falls_silent(no_launcher, tmp_path, monkeypatch):
+def test_a_waiting_rank_stops_when_rank_0_falls_silent(no_launcher, tmp_path, monkeypatch, capsys):
     """Rank 0 killed (the out-of-memory killer, a lost node) writes neither the outputs nor the
     stop marker; under srun without --kill-on-bad-exit, or one pipeline per node, the others
     waited until the job's time limit. Now they wait while rank 0's heartbeat changes, and stop
@@ -448,10 +448,17 @@ def test_a_waiting_rank_stops_when_rank_0_falls_silent(no_launcher, tmp_path, mo
     beating.start()
     alive.wait()
     start = time.monotonic()
+    monkeypatch.setattr(pipeline, "STILL_WAITING_SECONDS", 1.0)
     with pytest.raises(SalsaError, match=r"\[1/1\] soup: rank 0 has given no sign of life for 1 s"):
         run_pipeline(CONFIGS / "quickstart.yaml", root, stages=[soup_stage()])
     beating.join()
     assert time.monotonic() - start >= 2.3 + 1.0  # it waited while rank 0 was alive
+    # ... saying so every STILL_WAITING_SECONDS (a 7B evaluation on rank 0 takes hours)
+    said = [line for line in capsys.readouterr().out.splitlines() if "still waiting" in line]
+    assert said and all(
+        re.fullmatch(r"\[rank: 1\] \[1/1\] soup: still waiting for artifacts/soup after \d+ s; "
+                     r"rank 0's last heartbeat \d+ s ago", line) for line in said
+    )  # fmt: skip
     assert not (root / "artifacts" / "soup").exists()
     # No heartbeat at all (rank 0 gone before it began): it stops after SILENT_SECONDS too.
     (root / pipeline.HEARTBEAT).unlink()
