@@ -72,19 +72,16 @@ def add_fit_args(parser: argparse.ArgumentParser) -> None:
 def parse_with_fit_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """``parser.parse_args(argv)``, where ``--fit-args`` also takes one option of its own
     (``--fit-args --trainer.devices=8``, which argparse alone reads as a missing value followed
-    by an unknown option): a value that starts with ``-`` and is none of the parser's own
-    options is glued on (``--fit-args=--trainer.devices=8``)."""
+    by an unknown option): a value that is none of the parser's own options is glued on
+    (``--fit-args=--trainer.devices=8``)."""
     own = {s for action in parser._actions for s in action.option_strings}
     glued, rest = [], iter(argv)
     for arg in rest:
-        if arg == "--fit-args":
-            value = next(rest, None)
-            if value is not None and value.startswith("-") and value not in own:
-                arg = f"--fit-args={value}"
-            elif value is not None:
-                glued.append(arg)
-                arg = value
-        glued.append(arg)
+        value = next(rest, None) if arg == "--fit-args" else None
+        if value is None:
+            glued.append(arg)
+        else:
+            glued += [arg, value] if value in own else [f"{arg}={value}"]
     return parser.parse_args(glued)
 
 

@@ -195,8 +195,8 @@ def wait_for_rank_zero(paths: list[str], head: str, why: str, since: float) -> N
     if not missing:
         return
     print(f"{head}: {why}; waiting for {', '.join(missing)}", flush=True)
-    start = time.perf_counter()
-    beat, heard, said = None, time.monotonic(), time.monotonic()
+    start = heard = said = time.monotonic()
+    beat = None
     while missing:
         marker = Path(STOPPED_MARKER)
         if marker.is_file() and marker.stat().st_mtime >= since:
@@ -216,13 +216,13 @@ def wait_for_rank_zero(paths: list[str], head: str, why: str, since: float) -> N
             said = time.monotonic()
             print(
                 f"{head}: still waiting for {', '.join(missing)} after "
-                f"{time.perf_counter() - start:.0f} s; rank 0's last heartbeat "
+                f"{time.monotonic() - start:.0f} s; rank 0's last heartbeat "
                 f"{time.monotonic() - heard:.0f} s ago",
                 flush=True,
             )
         time.sleep(POLL_SECONDS)
         missing = [p for p in missing if not Path(p).exists()]
-    print(f"{head}: written by rank 0 after {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"{head}: written by rank 0 after {time.monotonic() - start:.0f} s", flush=True)
 
 
 def heartbeat() -> str | None:
