@@ -70,6 +70,19 @@ def load_prompts(
     return [{**row, "prompt": row[found]} for row in rows]
 
 
+def check_group_column(rows: list[dict[str, Any]], column: str, path: str) -> None:
+    """Refuse a ``group_column`` that prompt rows have no value in (a misspelt column was
+    ignored, leaving the report without its breakdown)."""
+    missing = [i for i, r in enumerate(rows, 1) if r.get(column) is None]
+    if missing:
+        columns = sorted(k for k, v in rows[missing[0] - 1].items() if v is not None)
+        raise SalsaError(
+            f"prompt file {path!r}: no value in group_column {column!r} in {len(missing)} of "
+            f"{len(rows)} row(s) (first: row {missing[0]}, whose columns are {columns}); name a "
+            "column every row has, or set --group_column null for no breakdown."
+        )
+
+
 @torch.no_grad()
 def sample_answers(
     model: Any,
@@ -166,7 +179,7 @@ def evaluate(
     seed: int = 0,
     overwrite: bool = False,
     best_of: dict[str, int] | None = None,
-    group_column: str | None = "family",
+    group_column: str | None = None,
     preference_pairs: str | None = None,
     reward_soup: SoupReference | None = None,
 ) -> dict[str, Any]:
@@ -191,7 +204,7 @@ def evaluate(
             report the best of them by the judge against their mean (the room RL has above a
             model); with a reward model, also its agreement with the judge on pairs of them.
         group_column: A prompt column to break the judge's mean down by (the embedded task's
-            ``family``); ignored when the prompts have none.
+            ``family``); every row of every prompt set must have a value in it.
         preference_pairs: A preference file (``prompt``, ``chosen``, ``rejected``, clean labels)
             on which to measure how often the reward model prefers the chosen answer.
         reward_soup: Reward models ``{checkpoints, weights}`` (WARM): the agreement with the
@@ -208,6 +221,9 @@ def evaluate(
     require(bool(models), "models", "at least one {name: model directory}", models)
     require(bool(prompts), "prompts", "at least one {set name: prompt file}", prompts)
     sets = {name: load_prompts(path, prompt_column, max_prompts) for name, path in prompts.items()}
+    if group_column is not None:
+        for name, rows in sets.items():
+            check_group_column(rows, group_column, prompts[name])
     for name, path in {**models, **(references or {})}.items():
         check_model_source(path, f"model {name!r}")
         check_causal_lm_dir(path, f"model {name!r} path")
@@ -277,8 +293,8 @@ def measure(plan: Plan, judges: Judges, out_dir: Path, device: torch.device) -> 
                           texts, answers, item)  # fmt: skip
             entry = results["sets"][set_name]
             entry["models"][model_name] = {k: summarize(v, plan.seed) for k, v in item.items()}
-            groups = [r.get(plan.group_column) for r in rows] if plan.group_column else []
-            if groups and None not in groups:
+            groups = [r[plan.group_column] for r in rows] if plan.group_column else []
+            if groups:
                 entry["groups"][model_name] = group_means(item, groups)
             if model_name in plan.best_of:
                 n = plan.best_of[model_name]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,10 @@ TMP_MARK = ".tmp-"  # temporary siblings are named ``.<name>.tmp-<pid>``
 
 def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
     """Refuse a directory that cannot be created or written: one under a file, or under a
-    folder this process may not write. Nothing is created."""
+    folder this process may not write. Nothing is left behind: where the permission bits allow
+    it, an empty folder is made in the nearest existing folder and removed, since only that
+    finds the folders that refuse what their bits allow (a pseudo-filesystem such as ``/proc``,
+    where ``os.access`` answers yes to root)."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise SalsaError(f"{what} {str(path)!r} is a file, not a directory; choose another path.")
@@ -40,6 +44,13 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
             f"{what} {str(path)!r} cannot be written: {str(probe)!r} is not writable by this "
             "user; choose another path or fix its permissions."
         )
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".salsa-probe-", dir=probe))
+    except OSError as e:
+        raise SalsaError(
+            f"{what} {str(path)!r} cannot be written: {str(probe)!r} refused a new folder "
+            f"({e.strerror}); choose another path."
+        ) from None
     return path
 
 

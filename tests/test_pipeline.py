@@ -108,6 +108,26 @@ def test_evaluate_refuses_no_models_or_no_prompt_sets(stage_outputs, task_files,
     assert not list(tmp_path.iterdir())
 
 
+def test_evaluate_refuses_a_group_column_rows_lack_before_generating(
+    stage_outputs, task_files, tmp_path
+):
+    """A misspelt ``group_column`` was ignored: the report came without its breakdown and
+    nothing said why."""
+    val, sft = str(task_files["prompts_val"]), str(stage_outputs["sft-1"])
+    n = len(load_prompts(val))
+    match = rf"prompts_val\.jsonl': no value in group_column 'famly' in {n} of {n} row\(s\) \(first: row 1, whose columns are \[.*'family'.*\]\); .*--group_column null"
+    with pytest.raises(SalsaError, match=match):
+        evaluate({"a": sft}, {"val": val}, str(tmp_path / "e"), group_column="famly")
+    rows = [json.loads(line) for line in Path(val).read_text().splitlines()[:3]]
+    del rows[2]["family"]
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    match = r"partial\.jsonl': no value in group_column 'family' in 1 of 3 row\(s\) \(first: row 3"
+    with pytest.raises(SalsaError, match=match):
+        evaluate({"a": sft}, {"val": str(partial)}, str(tmp_path / "e"), group_column="family")
+    assert not (tmp_path / "e").exists()
+
+
 def test_evaluate_refuses_unknown_pair_before_generating(stage_outputs, task_files, tmp_path):
     with pytest.raises(SalsaError, match=r"pairs entry \['a', 'nope'\]"):
         evaluate(

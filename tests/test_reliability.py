@@ -226,6 +226,20 @@ def test_a_logger_directory_under_a_file_is_refused_before_anything_is_built(
     assert not (tmp_path / "run" / "policy").exists()
 
 
+def test_a_logger_directory_its_folder_refuses_is_refused_before_anything_is_built(
+    stage_outputs, task_dir, tmp_path, capsys
+):
+    """``/proc`` passes ``os.access`` for root but refuses a new folder: the run ended in a
+    traceback from the CSV logger's makedirs, after the models were built."""
+    args = salsa_args(stage_outputs, task_dir, tmp_path / "run", batch=8)
+    args[args.index("--trainer.logger.init_args.save_dir") + 1] = "/proc/salsa-logs"
+    code, err = cli(args, tmp_path, capsys)
+    assert code == 2
+    assert "trainer.logger save_dir '/proc/salsa-logs' cannot be written: '/proc'" in err
+    assert not (tmp_path / "run" / "policy").exists()
+    assert not list(Path("/proc").glob(".salsa-probe-*"))
+
+
 class FailsOnSecondModel:
     """A judge that scores the first model's answers, then fails (as a crash mid-run would)."""
 

@@ -63,6 +63,7 @@ def test_the_report_carries_the_landscape_points_and_plot(stage_outputs, task_fi
         generation=GEN,
         batch_size=8,
         best_of={"a": 4},
+        group_column="family",
         preference_pairs=str(task_files["pairs_val"]),
     )
     land = landscape(
