@@ -12,6 +12,7 @@ ends in a :class:`SalsaError` that names the directory, with the temporary remov
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -23,14 +24,15 @@ from pathlib import Path
 from salsa_lightning.errors import SalsaError
 
 TMP_MARK = ".tmp-"  # temporary siblings are named ``.<name>.tmp-<pid>``
+PROBE_PREFIX = ".salsa-probe-"  # check_writable_dir's folder, made and removed at once
 
 
 def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
     """Refuse a directory that cannot be created or written: one under a file, or under a
-    folder this process may not write. Nothing is left behind: where the permission bits allow
-    it, an empty folder is made in the nearest existing folder and removed, since only that
-    finds the folders that refuse what their bits allow (a pseudo-filesystem such as ``/proc``,
-    where ``os.access`` answers yes to root)."""
+    folder this process may not write. Nothing is left behind: a directory still to be made is
+    tried by making and removing an empty one where it will be, since some folders refuse what
+    their permission bits allow (a pseudo-filesystem such as ``/proc``, where ``os.access``
+    answers yes to root)."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise SalsaError(f"{what} {str(path)!r} is a file, not a directory; choose another path.")
@@ -44,13 +46,16 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
             f"{what} {str(path)!r} cannot be written: {str(probe)!r} is not writable by this "
             "user; choose another path or fix its permissions."
         )
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".salsa-probe-", dir=probe))
-    except OSError as e:
-        raise SalsaError(
-            f"{what} {str(path)!r} cannot be written: {str(probe)!r} refused a new folder "
-            f"({e.strerror}); choose another path."
-        ) from None
+    if probe != path:
+        try:
+            made = tempfile.mkdtemp(prefix=PROBE_PREFIX, dir=probe)
+        except OSError as e:
+            raise SalsaError(
+                f"{what} {str(path)!r} cannot be created: {str(probe)!r} refused a new folder "
+                f"({e.strerror}); choose another path."
+            ) from None
+        with contextlib.suppress(OSError):  # another rank may have moved it on
+            os.rmdir(made)
     return path
 
 
@@ -125,7 +130,8 @@ def check_output_dir(
     if path is None:
         return
     path = check_writable_dir(path, what)
-    if path.exists() and any(path.iterdir()) and not overwrite:
+    held = path.exists() and any(not p.name.startswith(PROBE_PREFIX) for p in path.iterdir())
+    if held and not overwrite:
         other = f"another {path_flag}" if path_flag else "another path"
         raise SalsaError(
             f"{what} {str(path)!r} already holds files. Choose {other}, delete it, or pass "

@@ -37,7 +37,7 @@ from salsa_lightning.evaluate import evaluate, load_answers
 from salsa_lightning.generation import GenerationSettings
 from salsa_lightning.landscape import landscape
 from salsa_lightning.lora import LoraSettings
-from salsa_lightning.outputs import TMP_MARK
+from salsa_lightning.outputs import PROBE_PREFIX, TMP_MARK, check_output_dir
 from salsa_lightning.ppo import PPOSettings
 from salsa_lightning.report import Method, ReportSpec, write_report
 from salsa_lightning.reward import sampled_pairs
@@ -235,9 +235,21 @@ def test_a_logger_directory_its_folder_refuses_is_refused_before_anything_is_bui
     args[args.index("--trainer.logger.init_args.save_dir") + 1] = "/proc/salsa-logs"
     code, err = cli(args, tmp_path, capsys)
     assert code == 2
-    assert "trainer.logger save_dir '/proc/salsa-logs' cannot be written: '/proc'" in err
+    assert "trainer.logger save_dir '/proc/salsa-logs' cannot be created: '/proc' refused" in err
     assert not (tmp_path / "run" / "policy").exists()
     assert not list(Path("/proc").glob(".salsa-probe-*"))
+
+
+def test_the_output_check_leaves_nothing_and_is_not_fooled_by_another_ranks_probe(tmp_path):
+    """The check makes and removes a folder where a new output will go; an existing output
+    that holds only another rank's probe of that moment still counts as empty."""
+    check_output_dir(tmp_path / "new" / "deeper", overwrite=False, what="export_dir")
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "out" / f"{PROBE_PREFIX}abc").mkdir(parents=True)
+    check_output_dir(tmp_path / "out", overwrite=False, what="export_dir")
+    (tmp_path / "out" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(SalsaError, match=r"export_dir '.*out' already holds files"):
+        check_output_dir(tmp_path / "out", overwrite=False, what="export_dir")
 
 
 class FailsOnSecondModel:
