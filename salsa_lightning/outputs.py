@@ -12,13 +12,12 @@ ends in a :class:`SalsaError` that names the directory, with the temporary remov
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from salsa_lightning.errors import SalsaError
@@ -54,7 +53,7 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
                 f"{what} {str(path)!r} cannot be created: {str(probe)!r} refused a new folder "
                 f"({e.strerror}); choose another path."
             ) from None
-        with contextlib.suppress(OSError):  # another rank may have moved it on
+        with suppress(OSError):  # another rank may have moved it on
             os.rmdir(made)
     return path
 

@@ -237,7 +237,7 @@ def test_a_logger_directory_its_folder_refuses_is_refused_before_anything_is_bui
     assert code == 2
     assert "trainer.logger save_dir '/proc/salsa-logs' cannot be created: '/proc' refused" in err
     assert not (tmp_path / "run" / "policy").exists()
-    assert not list(Path("/proc").glob(".salsa-probe-*"))
+    assert not list(Path("/proc").glob(f"{PROBE_PREFIX}*"))
 
 
 def test_the_output_check_leaves_nothing_and_is_not_fooled_by_another_ranks_probe(tmp_path):
