@@ -545,7 +545,7 @@ def compare(
         )
         settings_file = root / "settings.json"
         settings_file.write_text(json.dumps({"settings": s, "inputs": inputs, "work": str(root)}))
-        limits = roofline.device_limits(args.device, s["dtype"])
+        limits = roofline.device_limits(args.device, s["dtype"], s["threads"])
         sizes = {k: roofline.model_size(inputs[k]) for k in ("policy", "reward")}
         work = roofline.Work(
             s["batch_size"], s["prompt_length"], s["new_tokens"], s["ppo_epochs"],

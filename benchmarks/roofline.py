@@ -138,9 +138,10 @@ def fractions(bound: dict[str, float], measured: dict[str, float]) -> dict[str, 
     return {k: bound[k] / measured[k] for k in bound if measured.get(k)}
 
 
-def device_limits(device: str, dtype: str) -> Limits:
+def device_limits(device: str, dtype: str, threads: int = 0) -> Limits:
     """The limits of this process's device: a GPU's spec sheet, or, on CPU (no spec to look up),
-    a matrix product's and a copy's measured rates, best of a few tries."""
+    a matrix product's and a copy's measured rates, best of a few tries, on ``threads`` torch
+    threads (0: torch's default), the threads the timed runs use (``--threads``)."""
     import torch
 
     if device == "cuda":
@@ -154,15 +155,17 @@ def device_limits(device: str, dtype: str) -> Limits:
     a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
     big = torch.empty(64 * 2**20 // BYTES[dtype], dtype=dt)
     flops, copy = [], []
-    for _ in range(5):
-        start = time.perf_counter()
-        a @ b
-        flops.append(2 * n**3 / (time.perf_counter() - start))
-        start = time.perf_counter()
-        big.clone()
-        copy.append(2 * big.numel() * BYTES[dtype] / (time.perf_counter() - start))  # read+write
-    return Limits(
-        max(flops),
-        max(copy),
-        f"measured: {n}x{n} matmul, 64 MiB copy, {torch.get_num_threads()} threads",
-    )
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads or default)
+    try:
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ b
+            flops.append(2 * n**3 / (time.perf_counter() - start))
+            start = time.perf_counter()
+            big.clone()
+            copy.append(2 * big.numel() * BYTES[dtype] / (time.perf_counter() - start))  # r+w
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(default)
+    return Limits(max(flops), max(copy), f"measured: {n}x{n} matmul, 64 MiB copy, {used} threads")

@@ -221,6 +221,20 @@ def test_changed_fields_and_results_file(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*tmp*")), "the temporary file was left behind"
 
 
+def test_cpu_limits_are_measured_on_the_runs_threads() -> None:
+    """The children run on --threads torch threads: the CPU's limits are measured on as many (a
+    limit of two threads against a run of one halved every fraction), and the benchmark's own
+    process keeps its threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    limits = roofline.device_limits("cpu", "float32", threads=1)
+    assert limits.source.endswith(", 1 threads"), limits.source
+    assert limits.flops > 0 and limits.bandwidth > 0
+    assert torch.get_num_threads() == before
+    assert roofline.device_limits("cpu", "float32").source.endswith(f", {before} threads")
+
+
 def test_roofline_bounds_by_hand(tmp_path: Path) -> None:
     """The issue's 1b arithmetic and a tiny checkpoint's parameter counts, worked by hand."""
     # 1e9 multiply parameters, batch 16 x (64 + 128) tokens, 4 epochs, policy + critic:
