@@ -1,8 +1,10 @@
 """Running a side-by-side benchmark and measuring it: shared by ``ppo_vs_trl.py`` and
 ``grpo_vs_trl.py``.
 
-Each run is a fresh subprocess (a *child*), so its peak memory is its own: peak RSS
-(``getrusage(RUSAGE_SELF).ru_maxrss``) on CPU, ``torch.cuda.max_memory_allocated`` on GPU. The
+Each run is a fresh subprocess (a *child*), so its peak memory is its own: peak RSS (``VmHWM``,
+the high-water mark of the address space exec gave it) on CPU, ``torch.cuda.max_memory_allocated``
+on GPU. Not ``getrusage``'s ``ru_maxrss``: on Linux a child's starts at the parent's peak (it
+survives fork and exec), which is above a tiny preset's own. The
 systems alternate (ours, trl, ours, trl, ...) so that drift on a shared machine hits both, and
 each repeat's ours/TRL pair gives one ratio. The first ``--warmup`` iteration(s) of each run are
 not timed. An iteration's wall time is the time between the ends of two consecutive iterations
@@ -26,7 +28,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -61,12 +62,12 @@ def rss_mib(field: str = "VmRSS") -> float:
 
 
 def peak_memory_mib(device: str) -> float:
-    """Peak memory of this process: CUDA allocations on GPU, peak RSS on CPU."""
+    """Peak memory of this process: CUDA allocations on GPU, peak RSS (VmHWM) on CPU."""
     if device == "cuda":
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return rss_mib("VmHWM")
 
 
 def memory_report(device: str, import_rss: float, models_rss: tuple[float, float]) -> dict:
@@ -571,7 +572,7 @@ def compare(
             **provenance(args.device),
             "memory_metric": "torch.cuda.max_memory_allocated"
             if args.device == "cuda"
-            else "peak RSS (ru_maxrss)",
+            else "peak RSS (VmHWM)",
             **per_system,
             "runs": runs,
             "ratio_tokens_per_s": None,

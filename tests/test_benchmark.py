@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -219,6 +220,19 @@ def test_changed_fields_and_results_file(tmp_path: Path) -> None:
     harness.finish({"new": 2}, str(results))
     assert [json.loads(x) for x in results.read_text().splitlines()] == [{"old": 1}, {"new": 2}]
     assert not list(tmp_path.glob(".*tmp*")), "the temporary file was left behind"
+
+
+def test_a_childs_peak_memory_is_its_own_not_its_parents() -> None:
+    """A child's peak RSS leaves out the benchmark process that started it: ru_maxrss would
+    start at this process's peak (torch and transformers imported, hundreds of MiB) and hide a
+    tiny preset's own."""
+    parent_peak = harness.rss_mib("VmHWM")
+    assert parent_peak > 200, parent_peak  # this process has imported torch
+    code = f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import harness; "
+    code += "print(harness.peak_memory_mib('cpu'))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert float(res.stdout) < 100, (float(res.stdout), parent_peak)  # the standard library alone
 
 
 def test_cpu_limits_are_measured_on_the_runs_threads() -> None:
