@@ -4,7 +4,7 @@
 Each run is a fresh subprocess (a *child*), so its peak memory is its own: peak RSS (``VmHWM``,
 the high-water mark of the address space exec gave it) on CPU, ``torch.cuda.max_memory_allocated``
 on GPU. Not ``getrusage``'s ``ru_maxrss``: on Linux a child's starts at the parent's peak (it
-survives fork and exec), which is above a tiny preset's own. The
+survives fork and exec), which can be above a tiny preset's own. The
 systems alternate (ours, trl, ours, trl, ...) so that drift on a shared machine hits both, and
 each repeat's ours/TRL pair gives one ratio. The first ``--warmup`` iteration(s) of each run are
 not timed. An iteration's wall time is the time between the ends of two consecutive iterations
