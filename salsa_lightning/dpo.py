@@ -45,7 +45,7 @@ from salsa_lightning.functional import (
     preference_metrics,
     sequence_logprobs,
 )
-from salsa_lightning.generation import last_hidden_states, output_layer
+from salsa_lightning.generation import last_hidden_states, output_layer, tied_gradient
 from salsa_lightning.lora import LoraSettings, add_lora
 from salsa_lightning.ppo.checks import check_policy_matches_reference, check_tokenizer
 from salsa_lightning.pretrained import (
@@ -91,10 +91,13 @@ def answer_logprobs(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     if layer is None:
         return sequence_logprobs(model(**inputs, use_cache=False).logits, batch["labels"])
     decoder, head = layer
-    states = last_hidden_states(model, decoder, **inputs)
+    with tied_gradient(model, head) as tied:
+        states = last_hidden_states(model, decoder, **inputs)
     targets = batch["labels"][:, 1:]  # position t predicts token t + 1
     rows, cols = (targets != -100).nonzero(as_tuple=True)
-    logprobs = logprobs_from_hidden(states[rows, cols], head.weight, head.bias, targets[rows, cols])
+    logprobs = logprobs_from_hidden(
+        states[rows, cols], head.weight, head.bias, targets[rows, cols], tied=tied
+    )
     return logprobs.new_zeros(len(targets)).index_add(0, rows, logprobs)
 
 

@@ -159,6 +159,55 @@ def test_logprobs_from_hidden_match_the_logits_path(dtype, temperature, tile, bi
         torch.testing.assert_close(grad, x.grad, **tol)
 
 
+def tied_layer_grads(tied, dtype, padding_idx, independent=False):
+    """Gradients of a tied embedding/head pair: tokens looked up (through ``tied`` when given),
+    a small nonlinear map to hidden states, log-probs in tiles of 3. ``independent``: the
+    head reads other hidden states, made before the lookup, so autograd runs the lookup's
+    backward first (newest node first)."""
+    torch.manual_seed(0)
+    B, T, H, V = 3, 4, 6, 11
+    weight = torch.randn(V, H).to(dtype).requires_grad_()
+    mix = torch.randn(H, H).to(dtype).requires_grad_()
+    ids = torch.randint(0, V, (B, T))
+    ids[0, :2] = 2  # repeated tokens, and the padding id where padding_idx is 2
+    tokens, scale = torch.randint(0, V, (B, T)), torch.randn(B, T)
+
+    def lookup():
+        if tied is None:
+            return torch.nn.functional.embedding(ids, weight, padding_idx)
+        return tied.lookup(ids, weight, padding_idx)
+
+    def head(hidden):
+        out = Fn.logprobs_from_hidden(hidden, weight, None, tokens, 0.7, tile=3, tied=tied)
+        return (out * scale).sum()
+
+    if independent:
+        loss = head(torch.tanh(torch.randn(B, T, H).to(dtype) @ mix))
+        loss = loss + (torch.tanh(lookup() @ mix).float() ** 2).sum()
+    else:
+        loss = head(torch.tanh(lookup() @ mix))
+    loss.backward()
+    return weight.grad, mix.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padding_idx", [None, 2])
+@pytest.mark.parametrize("independent", [False, True])
+def test_a_tied_gradient_sums_the_head_and_the_lookup_as_autograd_does(
+    dtype, padding_idx, independent
+):
+    """The weight's one gradient (the head's, kept aside, plus the lookup's rows added in place)
+    equals autograd's sum of the two: repeated tokens add up, the padding id's row gets the
+    head's part alone, and the sum is right when the lookup's backward runs first."""
+    tied = Fn.TiedGradient()
+    weight_grad, mix_grad = tied_layer_grads(tied, dtype, padding_idx, independent)
+    ref_weight_grad, ref_mix_grad = tied_layer_grads(None, dtype, padding_idx, independent)
+    tol = {"atol": 0.05, "rtol": 0.02} if dtype == torch.bfloat16 else {}
+    assert weight_grad.dtype == dtype and tied.grad is None  # handed over, not held
+    torch.testing.assert_close(weight_grad, ref_weight_grad, **tol)
+    torch.testing.assert_close(mix_grad, ref_mix_grad, **tol)
+
+
 def test_logprobs_from_hidden_rejects_bad_arguments():
     hidden, weight = torch.randn(1, 2, 3), torch.randn(4, 3)
     tokens = torch.zeros(1, 2, dtype=torch.long)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
 import sys
 import warnings
+import weakref
 from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import BASE, KILLED, free_port, run_rerun_if_killed
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from salsa_lightning.data import left_padded_prompts
@@ -30,6 +33,7 @@ from salsa_lightning.generation import (
     score_response,
     static_decoder,
     static_failed,
+    tied_embedding,
     use_static_cache,
     warpers,
 )
@@ -327,19 +331,22 @@ def test_a_model_the_static_decoder_cannot_run_falls_back_to_generate():
     assert torch.equal(first[0], dynamic[0]) and torch.equal(second[0], dynamic[0])
 
 
-def tiny_causal_lm(arch: str) -> torch.nn.Module:
-    """A random tiny model of one of the families users align (a LoRA-wrapped Llama too)."""
+def tiny_causal_lm(arch: str, vocab_size: int = 100, **extra) -> torch.nn.Module:
+    """A random tiny model of one of the families users align (a LoRA-wrapped Llama too);
+    ``extra``: more config fields."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig
 
-    size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, vocab_size=100)
+    size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, vocab_size=vocab_size)
     heads = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     family = arch.removesuffix("-lora")
     if family == "gpt2":
-        config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=100)
+        config = AutoConfig.for_model(
+            "gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=vocab_size, **extra
+        )
     else:
         window = {"sliding_window": 4} if family in ("mistral", "gemma2") else {}
-        config = AutoConfig.for_model(family, **size, **heads, **window)
+        config = AutoConfig.for_model(family, **size, **heads, **window, **extra)
     if family == "gemma2":
         config._attn_implementation = "eager"  # the only attention Gemma2 supports
     torch.manual_seed(0)
@@ -405,6 +412,63 @@ def test_score_response_takes_log_probs_in_tiles_without_building_the_logits(arc
     else:
         assert output_layer(model) is not None and tiles.logits is None
         assert widths["tiles"] == []
+
+
+class LiveStorages(TorchDispatchMode):
+    """The most storages of at least ``nbytes`` (but ``skip``'s) alive at once among those the
+    operations inside the block create."""
+
+    def __init__(self, nbytes: int, skip: torch.Tensor) -> None:
+        super().__init__()
+        self.nbytes, self.skip = nbytes, skip.untyped_storage().data_ptr()
+        self.made: list[weakref.ref] = []
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= self.nbytes:
+                self.made.append(weakref.ref(t))
+        alive = {r().untyped_storage().data_ptr() for r in self.made if r() is not None}
+        self.peak = max(self.peak, len(alive - {self.skip}))
+        return out
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama-pad", "qwen2", "gemma", "llama-lora"])
+def test_a_tied_heads_backward_holds_one_vocabulary_sized_gradient(arch):
+    """A policy whose head is its input embedding (GPT-2, Qwen2, a Llama whose embedding has a
+    padding id) gets that weight's gradient as one [V, H] tensor: the head's part is kept
+    aside and the lookup adds its rows into it (autograd alone holds 3 such tensors at once:
+    the two parts and their sum); every gradient equals the logits path's, the padding id's
+    row included, and no hook is left on the embedding. Gemma's scaled embedding and a
+    LoRA policy's frozen one are left to autograd."""
+    extra = {"pad_token_id": 0} if arch == "llama-pad" else {}
+    family = arch.removesuffix("-pad")
+    # V x H well above the other tensors
+    tied = tiny_causal_lm(family, vocab_size=2000, tie_word_embeddings=True, **extra)
+    embedding, head = tied.get_input_embeddings(), tied.get_output_embeddings()
+    assert embedding.weight is head.weight
+    if arch in ("gemma", "llama-lora"):
+        assert tied_embedding(tied, head) is None
+        return
+    assert tied_embedding(tied, head) is embedding
+    assert embedding.padding_idx == (0 if arch == "llama-pad" else None)
+    seq = torch.randint(1, 2000, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(seq)
+    seq[0, :3], mask[0, :3] = 0, 0  # left padding: the padding id is looked up
+    grads, peaks = {}, {}
+    for path in ("tiles", "logits"):
+        model = copy.deepcopy(tied)
+        weight = model.get_output_embeddings().weight
+        out = score_response(model, seq, mask, seq[:, -5:], 0.8, logits=path == "logits")
+        with LiveStorages(weight.numel() * weight.element_size(), weight) as live:
+            (out.logprobs * torch.arange(1.0, 6.0)).sum().backward()
+        assert not model.get_input_embeddings()._forward_hooks
+        grads[path] = {n: p.grad for n, p in model.named_parameters()}
+        peaks[path] = live.peak
+    assert peaks["tiles"] == 1 and peaks["logits"] >= 3, peaks
+    for name, grad in grads["tiles"].items():
+        torch.testing.assert_close(grad, grads["logits"][name], msg=name)
 
 
 # The forward's own name for its KV cache in the installed transformers: ``cache`` in recent 5.x

@@ -47,6 +47,7 @@ from salsa_lightning.functional.kl import (
     weighted_kl_estimate,
 )
 from salsa_lightning.functional.logits import (
+    TiedGradient,
     entropy_from_logits,
     inverse_cdf_sample,
     logprobs_from_hidden,
@@ -110,6 +111,7 @@ __all__ = [
     "kl_estimate",
     "leave_one_out_advantages",
     "logprobs_from_hidden",
+    "TiedGradient",
     "logprobs_from_logits",
     "masked_mean",
     "masked_sum",

@@ -155,14 +155,14 @@ class _HeadLogprobs(torch.autograd.Function):
     logits of one tile exist at a time, in forward and (recomputed) in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, temperature, tile):
+    def forward(ctx, hidden, weight, bias, tokens, temperature, tile, tied):
         out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         lse = torch.empty_like(out)
         for rows in _row_chunks(hidden.shape[0], tile):
             z = _tile_logits(hidden[rows], weight, bias, temperature)
             out[rows], lse[rows] = _chunk_logprobs(z, tokens[rows, None], overwrite=True)
         ctx.save_for_backward(hidden, weight, bias, tokens, lse)
-        ctx.temperature, ctx.tile = temperature, tile
+        ctx.temperature, ctx.tile, ctx.tied = temperature, tile, tied
         return out
 
     @staticmethod
@@ -187,9 +187,72 @@ class _HeadLogprobs(torch.autograd.Function):
                 grad_weight.addmm_(g.T, hidden[rows].float())
             if grad_bias is not None:
                 grad_bias += g.sum(0)
+        if grad_weight is not None and ctx.tied is not None:
+            grad_weight = ctx.tied.keep(grad_weight)  # None: the lookup's backward returns it
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+class TiedGradient:
+    """The one ``[V, H]`` gradient of an output layer whose weight is also the input embedding:
+    :func:`logprobs_from_hidden` (``tied=``) and :meth:`lookup` (the embedding's lookup) build it.
+
+    Autograd would hold the head's weight gradient and the lookup's dense ``[V, H]`` one at
+    once, then add them (147 MiB each for gpt2-small in float32). Here the head's backward,
+    which runs first (the lookup's output gradient depends on it), leaves its float32 gradient
+    to this object; the lookup's backward adds the batch's rows into it in place and returns it
+    as the weight's only gradient. Whichever backward finds the other's turn passed keeps its
+    own gradient, so the sum is right in any order."""
+
+    def __init__(self) -> None:
+        self.grad: Tensor | None = None
+        self.looked_up = False  # the lookup's backward has run
+
+    def keep(self, head_grad: Tensor) -> Tensor | None:
+        """The head's float32 weight gradient, kept for the lookup (None goes to autograd);
+        the gradient itself once the lookup's backward has run."""
+        if self.looked_up:
+            return head_grad
+        self.grad = head_grad
+        return None
+
+    def take(self) -> Tensor | None:
+        """The head's gradient, if any, handed over once: this object holds it no more."""
+        grad, self.grad, self.looked_up = self.grad, None, True
+        return grad
+
+    def lookup(self, ids: Tensor, weight: Tensor, padding_idx: int | None = None) -> Tensor:
+        """``F.embedding(ids, weight, padding_idx)``, whose weight gradient is the head's
+        plus the rows of ``ids`` (none for ``padding_idx``, as ``nn.Embedding``)."""
+        return _TiedLookup.apply(ids, weight, padding_idx, self)
+
+
+class _TiedLookup(torch.autograd.Function):
+    """An embedding lookup whose backward adds its rows into :class:`TiedGradient`'s."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx, tied):
+        ctx.save_for_backward(ids)
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        ctx.padding_idx, ctx.tied = padding_idx, tied
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (ids,) = ctx.saved_tensors
+        grad = ctx.tied.take()
+        if grad is None:
+            grad = grad_out.new_zeros(ctx.weight_shape, dtype=torch.float32)
+        pad = ctx.padding_idx
+        kept = None if pad is None else grad[pad].clone()
+        # accumulate=True: serial on the CPU, sorted on CUDA; deterministic on both
+        rows = grad_out.reshape(-1, grad.shape[1]).to(grad.dtype)
+        grad.index_put_((ids.reshape(-1),), rows, accumulate=True)
+        if kept is not None:
+            grad[pad] = kept
+        return None, grad.to(ctx.weight_dtype), None, None
 
 
 def logprobs_from_hidden(
@@ -199,6 +262,7 @@ def logprobs_from_hidden(
     tokens: Tensor,
     temperature: float = 1.0,
     tile: int = 256,
+    tied: TiedGradient | None = None,
 ) -> Tensor:
     """Log-probabilities of ``tokens`` under the output layer ``hidden @ weight.T + bias``,
     without ever building the ``[B, T, V]`` logits: ``tile`` positions' logits at a time, in
@@ -213,6 +277,9 @@ def logprobs_from_hidden(
         tile: Positions (over ``B x T``) whose logits exist at once: the extra memory is
             one float32 ``[tile, V]`` (the tile's logits, made its exponentials and its
             gradient in place) and, in backward, the weight's float32 gradient.
+        tied: When ``weight`` is also the input embedding and the forward that made
+            ``hidden`` looked its tokens up through ``tied.lookup``: the weight's two
+            gradients are summed in one tensor (:class:`TiedGradient`).
 
     Returns:
         ``[B, T]`` float32 log-probabilities (differentiable w.r.t. ``hidden``, ``weight``
@@ -223,7 +290,7 @@ def logprobs_from_hidden(
     _row_chunks(0, tile, "tile")
     flat = hidden.reshape(-1, hidden.shape[-1])
     out = _HeadLogprobs.apply(
-        flat, weight, bias, tokens.reshape(-1).long(), float(temperature), int(tile)
+        flat, weight, bias, tokens.reshape(-1).long(), float(temperature), int(tile), tied
     )
     return out.view(tokens.shape)
 
