@@ -447,7 +447,8 @@ def settings_from(args: argparse.Namespace, **defaults: Any) -> dict[str, Any]:
 
 
 def provenance(device: str) -> dict[str, Any]:
-    """The commit (with ``dirty`` when the tree has uncommitted changes) and the machine."""
+    """The commit (with ``dirty`` when the tree has uncommitted changes, other than the results
+    under ``benchmarks/results/`` that runs before this one appended) and the machine."""
 
     def git(*args: str) -> str:
         res = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
@@ -476,7 +477,9 @@ def provenance(device: str) -> dict[str, Any]:
         machine["gpu"] = torch.cuda.get_device_name()
     return {
         "commit": git("rev-parse", "--short", "HEAD") or None,
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "dirty": bool(
+            git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+        ),
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine,
     }

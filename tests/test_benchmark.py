@@ -222,6 +222,31 @@ def test_changed_fields_and_results_file(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*tmp*")), "the temporary file was left behind"
 
 
+def test_a_run_after_another_is_not_dirty_for_the_results_it_appended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``dirty`` marks uncommitted code, not the tracked results file that the previous run of
+    a series appended to (every run but the first of a series was "dirty" before)."""
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    results = tmp_path / "benchmarks" / "results" / "cpu.jsonl"
+    results.parent.mkdir(parents=True)
+    results.write_text('{"run": 1}\n')
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "results and code")
+    monkeypatch.setattr(harness, "REPO", tmp_path)
+    assert harness.provenance("cpu")["dirty"] is False
+    with results.open("a") as f:
+        f.write('{"run": 2}\n')
+    assert harness.provenance("cpu")["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert harness.provenance("cpu")["dirty"] is True
+
+
 def test_a_childs_peak_memory_is_its_own_not_its_parents() -> None:
     """A child's peak RSS leaves out the benchmark process that started it: ru_maxrss would
     start at this process's peak (torch and transformers imported, hundreds of MiB) and hide a
