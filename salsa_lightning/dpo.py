@@ -45,7 +45,7 @@ from salsa_lightning.functional import (
     preference_metrics,
     sequence_logprobs,
 )
-from salsa_lightning.generation import last_hidden_states, output_layer, tied_gradient
+from salsa_lightning.generation import labelled_states, output_layer
 from salsa_lightning.lora import LoraSettings, add_lora
 from salsa_lightning.ppo.checks import check_policy_matches_reference, check_tokenizer
 from salsa_lightning.pretrained import (
@@ -90,15 +90,9 @@ def answer_logprobs(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     layer = output_layer(model)
     if layer is None:
         return sequence_logprobs(model(**inputs, use_cache=False).logits, batch["labels"])
-    decoder, head = layer
-    with tied_gradient(model, head) as tied:
-        states = last_hidden_states(model, decoder, **inputs)
-    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
-    rows, cols = (targets != -100).nonzero(as_tuple=True)
-    logprobs = logprobs_from_hidden(
-        states[rows, cols], head.weight, head.bias, targets[rows, cols], tied=tied
-    )
-    return logprobs.new_zeros(len(targets)).index_add(0, rows, logprobs)
+    at, head = labelled_states(model, layer, **inputs, labels=batch["labels"]), layer[1]
+    logprobs = logprobs_from_hidden(at.states, head.weight, head.bias, at.targets, tied=at.tied)
+    return logprobs.new_zeros(len(batch["labels"])).index_add(0, at.rows, logprobs)
 
 
 # ----------------------------------------------------------------------------- checks

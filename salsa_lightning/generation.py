@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
+from salsa_lightning.data.chat import IGNORE_INDEX
 from salsa_lightning.errors import SalsaError, check_choices
 from salsa_lightning.functional import (
     TiedGradient,
@@ -526,6 +527,38 @@ def last_hidden_states(model: nn.Module, decoder: nn.Module, **inputs: Any) -> T
     finally:
         hook.remove()
     return states[-1]
+
+
+@dataclass
+class LabelledStates:
+    """A forward's last hidden states ``states`` [N, H] at the N positions whose next token is
+    labelled, those ``targets`` [N], the batch ``rows`` [N] they sit in, and the ``tied``
+    gradient of a tied head (:func:`tied_gradient`) for the tiles to finish."""
+
+    states: Tensor
+    targets: Tensor
+    rows: Tensor
+    tied: TiedGradient | None
+
+
+def labelled_states(
+    model: nn.Module,
+    layer: tuple[nn.Module, nn.Linear],
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+) -> LabelledStates:
+    """The positions of a batch that predict a labelled token (``labels`` other than
+    ``IGNORE_INDEX``; position t predicts token t + 1), from a forward of ``model`` whose
+    output layer is ``layer`` (:func:`output_layer`): for log-probs in tiles of those alone."""
+    decoder, head = layer
+    with tied_gradient(model, head) as tied:
+        states = last_hidden_states(
+            model, decoder, input_ids=input_ids, attention_mask=attention_mask
+        )
+    targets = labels[:, 1:]
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    return LabelledStates(states[rows, cols], targets[rows, cols], rows, tied)
 
 
 @dataclass

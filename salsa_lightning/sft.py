@@ -10,6 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from salsa_lightning.data import IGNORE_INDEX
 from salsa_lightning.finetune import FineTuneModule
+from salsa_lightning.functional import logprobs_and_hits_from_hidden
+from salsa_lightning.generation import labelled_states, output_layer
 from salsa_lightning.pretrained import check_causal_lm_dir
 
 
@@ -35,6 +37,25 @@ def token_stats(
     return loss, accuracy, n
 
 
+def model_token_stats(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`token_stats` of ``model`` on a batch: from the labelled positions' last hidden
+    states, in tiles, when the model's output layer allows it
+    (:func:`~salsa_lightning.generation.output_layer`), so that neither the ``[B, T, V]``
+    logits nor their float32 copy and gradient are built; else from the model's logits."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    layer = output_layer(model)
+    if layer is None:
+        return token_stats(model(**inputs).logits, labels)
+    at, head = labelled_states(model, layer, **inputs, labels=labels), layer[1]
+    logprobs, hits = logprobs_and_hits_from_hidden(
+        at.states, head.weight, head.bias, at.targets, tied=at.tied
+    )
+    n = labels.new_tensor(len(at.targets))
+    return -logprobs.sum() / n, hits.sum() / n.clamp(min=1), n
+
+
 class SFTModule(FineTuneModule):
     """Supervised fine-tuning: next-token cross-entropy on the response tokens.
 
@@ -56,8 +77,7 @@ class SFTModule(FineTuneModule):
             check_causal_lm_dir(self.model_name, "model.model")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        loss, accuracy, n = token_stats(out.logits, batch["labels"])
+        loss, accuracy, n = model_token_stats(self.model, batch, batch["labels"])
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/token_accuracy", accuracy)
         return loss
@@ -69,11 +89,10 @@ class SFTModule(FineTuneModule):
         self.val_accuracy.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         # The sampler's copies (several ranks) take no part: their labels are ignored.
         keep = self.held_out(batch_idx, len(batch["labels"]))
         labels = batch["labels"].masked_fill(~keep[:, None], IGNORE_INDEX)
-        loss, accuracy, n = token_stats(out.logits, labels)
+        loss, accuracy, n = model_token_stats(self.model, batch, labels)
         if n > 0:
             self.val_loss.update(loss, weight=n)
             self.val_accuracy.update(accuracy, weight=n)

@@ -222,6 +222,21 @@ def test_changed_fields_and_results_file(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*tmp*")), "the temporary file was left behind"
 
 
+def test_sft_step_runs_both_modes_on_the_same_loss() -> None:
+    """benchmarks/sft_step.py: each mode in its own process, the same loss from the tiles and
+    from the logits, and the ratios as the last line."""
+    cmd = [sys.executable, str(BENCHMARKS / "sft_step.py"), "--preset", "base"]
+    cmd += ["--batch", "2", "--length", "16", "--steps", "1", "--repeats", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [json.loads(x) for x in res.stdout.splitlines()]
+    runs, last = lines[:-1], lines[-1]
+    assert [r["mode"] for r in runs] == ["tiles", "logits"]
+    assert runs[0]["loss"] == pytest.approx(runs[1]["loss"], rel=1e-5)
+    assert last["ratio_step_s"] > 0 and last["ratio_peak_memory"] >= 0
+    assert last["tiles"]["step_s"] == runs[0]["step_s"]
+
+
 def test_a_run_after_another_is_not_dirty_for_the_results_it_appended(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

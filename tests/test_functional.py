@@ -208,6 +208,23 @@ def test_a_tied_gradient_sums_the_head_and_the_lookup_as_autograd_does(
     torch.testing.assert_close(mix_grad, ref_mix_grad, **tol)
 
 
+def test_hits_from_hidden_are_the_logits_argmax_ties_to_the_first():
+    """The tiles' hits are ``argmax(logits) == token``: a row of equal logits (the weight's
+    rows 0 and 1 alike, the hidden state 0) hits token 0 and misses token 1, as ``argmax``."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 7, 5), torch.randn(11, 5)
+    hidden[0, :2] = 0.0  # all logits 0: a tie over the whole vocabulary
+    tokens = torch.randint(0, 11, (2, 7))
+    tokens[0, 0], tokens[0, 1] = 0, 1
+    logits = hidden @ weight.T
+    tokens[1, :3] = logits[1, :3].argmax(-1)  # some hits off the tie
+    logprobs, hits = Fn.logprobs_and_hits_from_hidden(hidden, weight, None, tokens, tile=3)
+    torch.testing.assert_close(logprobs, Fn.logprobs_from_logits(logits, tokens))
+    assert hits.dtype == torch.bool and hits.shape == tokens.shape
+    assert torch.equal(hits, logits.argmax(-1) == tokens)
+    assert hits[0, 0] and not hits[0, 1] and hits[1, :3].all()
+
+
 def test_logprobs_from_hidden_rejects_bad_arguments():
     hidden, weight = torch.randn(1, 2, 3), torch.randn(4, 3)
     tokens = torch.zeros(1, 2, dtype=torch.long)

@@ -67,6 +67,62 @@ def test_token_stats_all_ignored_counts_zero():
     assert n.item() == 0 and accuracy.item() == 0.0
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_model_token_stats_take_the_logits_numbers_in_tiles(tied):
+    """SFT's loss, accuracy and count from the labelled positions' hidden states in tiles equal
+    those of the full logits (left padding, ignored labels, a row with none), as do every
+    weight's gradients (the shipped base; a GPT-2 whose head is its embedding), and nothing of
+    vocabulary width is kept for backward."""
+    from transformers import AutoConfig
+
+    from salsa_lightning.sft import model_token_stats
+
+    torch.manual_seed(0)
+    if tied:
+        config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=300)
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(BASE)
+    model.eval()  # no dropout: both paths see the same function
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(3, vocab, (3, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    labels = ids.masked_fill(torch.arange(10) < 6, IGNORE_INDEX)  # the last 4 tokens of each
+    labels[2] = IGNORE_INDEX  # a row without labels
+    batch = {"input_ids": ids, "attention_mask": mask}
+    results = {}
+    for path in ("tiles", "logits"):
+        model.zero_grad(set_to_none=True)
+        saved, head = [], model.get_output_embeddings().weight.untyped_storage().data_ptr()
+
+        def keep(t, saved=saved, head=head):  # views of the head's weight are no memory
+            if t.untyped_storage().data_ptr() != head:
+                saved.append(t.shape)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            if path == "tiles":
+                stats = model_token_stats(model, batch, labels)
+            else:
+                stats = token_stats(model(**batch).logits, labels)
+        stats[0].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        wide = [s for s in saved if len(s) > 1 and s[-1] == vocab]
+        results[path] = ([x.detach() for x in stats], grads, wide)
+    (tiles, tile_grads, tile_wide), (full, full_grads, full_wide) = (
+        results["tiles"],
+        results["logits"],
+    )
+    assert int(tiles[2]) == int(full[2]) == 8
+    torch.testing.assert_close(tiles[0], full[0])
+    assert tiles[1].item() == full[1].item()
+    assert tile_grads.keys() == full_grads.keys() and tile_grads
+    for name, grad in tile_grads.items():
+        torch.testing.assert_close(grad, full_grads[name], msg=name)
+    assert full_wide and not tile_wide  # the logits path keeps [N, V] log-softmax for backward
+
+
 # ----------------------------------------------------------------------------- a real run
 
 

@@ -50,6 +50,7 @@ from salsa_lightning.functional.logits import (
     TiedGradient,
     entropy_from_logits,
     inverse_cdf_sample,
+    logprobs_and_hits_from_hidden,
     logprobs_from_hidden,
     logprobs_from_logits,
 )
@@ -111,6 +112,7 @@ __all__ = [
     "kl_estimate",
     "leave_one_out_advantages",
     "logprobs_from_hidden",
+    "logprobs_and_hits_from_hidden",
     "TiedGradient",
     "logprobs_from_logits",
     "masked_mean",

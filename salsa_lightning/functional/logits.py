@@ -152,22 +152,27 @@ def logprobs_from_logits(
 
 class _HeadLogprobs(torch.autograd.Function):
     """``log softmax((hidden @ weight.T + bias) / temperature)[token]`` in tiles of rows: the
-    logits of one tile exist at a time, in forward and (recomputed) in backward."""
+    logits of one tile exist at a time, in forward and (recomputed) in backward. ``hits``:
+    also whether each token is its logits' argmax (else an empty tensor)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, temperature, tile, tied):
+    def forward(ctx, hidden, weight, bias, tokens, temperature, tile, tied, hits):
         out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         lse = torch.empty_like(out)
+        hit = torch.empty(hidden.shape[0] if hits else 0, dtype=torch.bool, device=out.device)
         for rows in _row_chunks(hidden.shape[0], tile):
             z = _tile_logits(hidden[rows], weight, bias, temperature)
+            if hits:  # before the logsumexp overwrites z
+                hit[rows] = z.argmax(-1) == tokens[rows]
             out[rows], lse[rows] = _chunk_logprobs(z, tokens[rows, None], overwrite=True)
         ctx.save_for_backward(hidden, weight, bias, tokens, lse)
         ctx.temperature, ctx.tile, ctx.tied = temperature, tile, tied
-        return out
+        ctx.mark_non_differentiable(hit)
+        return out, hit
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_hit):
         hidden, weight, bias, tokens, lse = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = (
@@ -191,7 +196,7 @@ class _HeadLogprobs(torch.autograd.Function):
             grad_weight = ctx.tied.keep(grad_weight)  # None: the lookup's backward returns it
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 class TiedGradient:
@@ -285,14 +290,36 @@ def logprobs_from_hidden(
         ``[B, T]`` float32 log-probabilities (differentiable w.r.t. ``hidden``, ``weight``
         and ``bias``).
     """
+    return _head(hidden, weight, bias, tokens, temperature, tile, tied, hits=False)[0]
+
+
+def logprobs_and_hits_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    tokens: Tensor,
+    tile: int = 256,
+    tied: TiedGradient | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`logprobs_from_hidden` at temperature 1 (the negative of each token's
+    cross-entropy), and whether each token is the argmax of its logits (token accuracy, ties
+    going to the first index, as ``argmax``), from the same tiles.
+
+    Returns:
+        ``[B, T]`` float32 log-probabilities (differentiable) and ``[B, T]`` bool hits.
+    """
+    return _head(hidden, weight, bias, tokens, 1.0, tile, tied, hits=True)
+
+
+def _head(hidden, weight, bias, tokens, temperature, tile, tied, hits) -> tuple[Tensor, Tensor]:
     if temperature <= 0:
         raise SalsaError(f"temperature must be positive, got {temperature}.")
     _row_chunks(0, tile, "tile")
     flat = hidden.reshape(-1, hidden.shape[-1])
-    out = _HeadLogprobs.apply(
-        flat, weight, bias, tokens.reshape(-1).long(), float(temperature), int(tile), tied
+    out, hit = _HeadLogprobs.apply(
+        flat, weight, bias, tokens.reshape(-1).long(), float(temperature), int(tile), tied, hits
     )
-    return out.view(tokens.shape)
+    return out.view(tokens.shape), (hit.view(tokens.shape) if hits else hit)
 
 
 def entropy_from_logits(logits: Tensor, chunk_size: int = 8) -> Tensor:
