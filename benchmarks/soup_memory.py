@@ -30,15 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import rss_mib  # benchmarks/, this script's directory
+
 SYSTEMS = ("stream", "baseline", "load", "load_baseline")
-
-
-def rss_mb(field: str = "VmHWM") -> float:
-    """This process's peak (VmHWM) or current (VmRSS) resident set size in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def make_checkpoints(root: Path, layers: int) -> list[Path]:
@@ -75,7 +69,7 @@ def child(system: str, inputs: list[str], output: str) -> None:
 
     from salsa_lightning.soup import load_soup, write_soup
 
-    import_seconds, import_rss = time.perf_counter() - start, rss_mb("VmRSS")
+    import_seconds, import_rss = time.perf_counter() - start, rss_mib("VmRSS")
     start = time.perf_counter()
     if system == "stream":
         write_soup(inputs, [0.5, 0.5], output)
@@ -88,7 +82,7 @@ def child(system: str, inputs: list[str], output: str) -> None:
         models[0].load_state_dict(avg)
         if system == "baseline":
             models[0].save_pretrained(output)
-    seconds, peak = time.perf_counter() - start, rss_mb("VmHWM")
+    seconds, peak = time.perf_counter() - start, rss_mib("VmHWM")
     result = {
         "system": system,
         "seconds": seconds,
