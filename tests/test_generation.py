@@ -434,18 +434,26 @@ class LiveStorages(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama-pad", "qwen2", "gemma", "llama-lora"])
+@pytest.mark.parametrize(
+    "arch", ["gpt2", "gpt2-checkpointed", "llama-pad", "qwen2", "gemma", "llama-lora"]
+)
 def test_a_tied_heads_backward_holds_one_vocabulary_sized_gradient(arch):
-    """A policy whose head is its input embedding (GPT-2, Qwen2, a Llama whose embedding has a
-    padding id) gets that weight's gradient as one [V, H] tensor: the head's part is kept
-    aside and the lookup adds its rows into it (autograd alone holds 3 such tensors at once:
-    the two parts and their sum); every gradient equals the logits path's, the padding id's
-    row included, and no hook is left on the embedding. Gemma's scaled embedding and a
-    LoRA policy's frozen one are left to autograd."""
+    """A policy whose head is its input embedding (GPT-2, with activation checkpointing too,
+    Qwen2, a Llama whose embedding has a padding id) gets that weight's gradient as one [V, H]
+    tensor: the head's part is kept aside and the lookup adds its rows into it (autograd alone
+    holds 3 such tensors at once: the two parts and their sum); every gradient equals the
+    logits path's, the padding id's row included, and no hook is left on the embedding.
+    Gemma's scaled embedding and a LoRA policy's frozen one are left to autograd."""
     extra = {"pad_token_id": 0} if arch == "llama-pad" else {}
-    family = arch.removesuffix("-pad")
+    if arch == "gpt2-checkpointed":  # checkpointing recomputes in training mode: no dropout
+        extra = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    family = arch.removesuffix("-pad").removesuffix("-checkpointed")
     # V x H well above the other tensors
     tied = tiny_causal_lm(family, vocab_size=2000, tie_word_embeddings=True, **extra)
+    if arch == "gpt2-checkpointed":
+        tied.activation_checkpointing_enable()
+        tied.train()
+        assert tied.is_gradient_checkpointing
     embedding, head = tied.get_input_embeddings(), tied.get_output_embeddings()
     assert embedding.weight is head.weight
     if arch in ("gemma", "llama-lora"):
@@ -460,10 +468,11 @@ def test_a_tied_heads_backward_holds_one_vocabulary_sized_gradient(arch):
     for path in ("tiles", "logits"):
         model = copy.deepcopy(tied)
         weight = model.get_output_embeddings().weight
+        hooks = dict(model.get_input_embeddings()._forward_hooks)  # checkpointing has one
         out = score_response(model, seq, mask, seq[:, -5:], 0.8, logits=path == "logits")
         with LiveStorages(weight.numel() * weight.element_size(), weight) as live:
             (out.logprobs * torch.arange(1.0, 6.0)).sum().backward()
-        assert not model.get_input_embeddings()._forward_hooks
+        assert model.get_input_embeddings()._forward_hooks == hooks
         grads[path] = {n: p.grad for n, p in model.named_parameters()}
         peaks[path] = live.peak
     assert peaks["tiles"] == 1 and peaks["logits"] >= 3, peaks
