@@ -208,6 +208,20 @@ def test_a_tied_gradient_sums_the_head_and_the_lookup_as_autograd_does(
     torch.testing.assert_close(mix_grad, ref_mix_grad, **tol)
 
 
+def test_a_tied_gradient_without_a_lookup_leaves_the_head_its_own():
+    """A head given a TiedGradient that no lookup went through (a forward from embeddings, say)
+    returns its weight gradient to autograd rather than keep it for nobody."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 3, 4), torch.randn(9, 4).requires_grad_()
+    tokens = torch.randint(0, 9, (2, 3))
+    tied = Fn.TiedGradient()
+    Fn.logprobs_from_hidden(hidden, weight, None, tokens, tied=tied).sum().backward()
+    plain = weight.detach().clone().requires_grad_()
+    Fn.logprobs_from_logits(hidden @ plain.T, tokens).sum().backward()
+    torch.testing.assert_close(weight.grad, plain.grad)
+    assert tied.grad is None
+
+
 def test_hits_from_hidden_are_the_logits_argmax_ties_to_the_first():
     """The tiles' hits are ``argmax(logits) == token``: a row of equal logits (the weight's
     rows 0 and 1 alike, the hidden state 0) hits token 0 and misses token 1, as ``argmax``."""
