@@ -233,7 +233,10 @@ def test_sft_step_runs_both_modes_on_the_same_loss() -> None:
     runs, last = lines[:-1], lines[-1]
     assert [r["mode"] for r in runs] == ["tiles", "logits"]
     assert runs[0]["loss"] == pytest.approx(runs[1]["loss"], rel=1e-5)
-    assert last["ratio_step_s"] > 0 and last["ratio_peak_memory"] >= 0
+    assert last["ratio_step_s"] > 0
+    # at 2 x 16 tokens the logits' peak above the settled RSS can round to 0 MiB: no ratio then
+    peak = last["logits"]["peak_mib"]
+    assert (last["ratio_peak_memory"] is None) == (peak == 0), last
     assert last["tiles"]["step_s"] == runs[0]["step_s"]
 
 
