@@ -207,31 +207,32 @@ class TiedGradient:
     once, then add them (147 MiB each for gpt2-small in float32). Here the head's backward,
     which runs first (the lookup's output gradient depends on it), leaves its float32 gradient
     to this object; the lookup's backward adds the batch's rows into it in place and returns it
-    as the weight's only gradient. Whichever backward finds the other's turn passed (or no
-    lookup made) keeps its own gradient, so the sum is right in any order."""
+    as the weight's only gradient. A head whose backward finds no lookup's backward still to
+    come (none made, or all run) keeps its own gradient, so the sum is right in any order."""
 
     def __init__(self) -> None:
         self.grad: Tensor | None = None
-        self.lookups = 0  # lookups made in forward
-        self.looked_up = False  # a lookup's backward has run
+        self.pending = 0  # lookups made in forward whose backward has not run
 
     def keep(self, head_grad: Tensor) -> Tensor | None:
-        """The head's float32 weight gradient, kept for the lookup (None goes to autograd);
-        the gradient itself when no lookup was made or a lookup's backward has run."""
-        if self.looked_up or not self.lookups:
+        """The head's float32 weight gradient, kept for a lookup still to run its backward
+        (None goes to autograd); else the gradient itself."""
+        if not self.pending:
             return head_grad
         self.grad = head_grad
         return None
 
     def take(self) -> Tensor | None:
-        """The head's gradient, if any, handed over once: this object holds it no more."""
-        grad, self.grad, self.looked_up = self.grad, None, True
+        """For a lookup's backward: the head's gradient, if kept, which this object then holds
+        no more."""
+        grad, self.grad = self.grad, None
+        self.pending -= 1
         return grad
 
     def lookup(self, ids: Tensor, weight: Tensor, padding_idx: int | None = None) -> Tensor:
         """``F.embedding(ids, weight, padding_idx)``, whose weight gradient is the head's
         plus the rows of ``ids`` (none for ``padding_idx``, as ``nn.Embedding``)."""
-        self.lookups += 1
+        self.pending += 1
         return _TiedLookup.apply(ids, weight, padding_idx, self)
 
 
