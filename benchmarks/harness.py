@@ -165,6 +165,7 @@ def ours_module(s: dict[str, Any], inputs: dict[str, str], **settings: Any):
             compile=s["compile_decoding"],
         ),
         dtype=s["dtype"],
+        compile=s.get("compile_forwards", False),
         optimizer=lambda params: torch.optim.AdamW(
             params, lr=workload.LEARNING_RATE, weight_decay=0.0, fused=fused
         ),
@@ -384,6 +385,12 @@ def add_arguments(parser: argparse.ArgumentParser, default_preset: str = "tiny")
         choices=["on", "off"],
         help="ours: generation.compile (default: the preset's, on for tiny)",
     )
+    parser.add_argument(
+        "--compile-forwards",
+        choices=["on", "off"],
+        help="ours: model.compile, the scoring and update forwards (default: the preset's, on "
+        "for tiny)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--checkpoint",
@@ -423,6 +430,11 @@ def settings_from(args: argparse.Namespace, **defaults: Any) -> dict[str, Any]:
             p.get("compile_decoding", False)
             if args.compile_decoding is None
             else args.compile_decoding == "on"
+        ),
+        "compile_forwards": (
+            p.get("compile_forwards", False)
+            if args.compile_forwards is None
+            else args.compile_forwards == "on"
         ),
         "ppo_minibatches": 1,
         "learning_rate": workload.LEARNING_RATE,

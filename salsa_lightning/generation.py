@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
+from salsa_lightning.compiling import eager_unless_compiled
 from salsa_lightning.data.chat import IGNORE_INDEX
 from salsa_lightning.errors import SalsaError, check_choices
 from salsa_lightning.functional import (
@@ -179,10 +180,12 @@ def decode(
     raise :class:`NonFiniteLogits` on either path."""
     static = use_static_cache(s.cache, query.device, lockstep, s.compile)
     if static and not static_failed(model):
+        compiled = s.compile or query.device.type == "cuda"  # its step traces the model
         try:
-            return static_decoder(model, query.shape[0], s.max_new_tokens, s.compile)(
-                query, query_mask, s, eos, tokenizer.pad_token_id
-            )
+            with eager_unless_compiled(model, compiled):
+                return static_decoder(model, query.shape[0], s.max_new_tokens, s.compile)(
+                    query, query_mask, s, eos, tokenizer.pad_token_id
+                )
         except NonFiniteLogits:
             raise
         except Exception as err:  # compiling depends on the model and the torch build
@@ -197,17 +200,18 @@ def decode(
         kwargs["cache_implementation"] = "static"
     synced = lockstep and dist.is_initialized() and dist.get_world_size() > 1
     try:
-        out = model.generate(
-            input_ids=query,
-            attention_mask=query_mask,
-            do_sample=s.do_sample,
-            max_new_tokens=s.max_new_tokens,
-            eos_token_id=eos,  # None: EOS is an ordinary token, every response is full length
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
-            synced_gpus=synced,  # False stated: transformers turns it on for any FSDP module
-            **kwargs,
-        )
+        with eager_unless_compiled(model, False):  # a model.compile stack, per cache state
+            out = model.generate(
+                input_ids=query,
+                attention_mask=query_mask,
+                do_sample=s.do_sample,
+                max_new_tokens=s.max_new_tokens,
+                eos_token_id=eos,  # None: EOS is an ordinary token, every response is full length
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
+                synced_gpus=synced,  # False stated: transformers turns it on for any FSDP module
+                **kwargs,
+            )
     except RuntimeError as err:  # torch.multinomial on non-finite probabilities
         if "probability tensor contains" not in str(err):
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from transformers import AutoConfig, PretrainedConfig
 
 from salsa_lightning.errors import SalsaError
@@ -165,6 +166,17 @@ def check_batch_sizes(prompts: int, k: int, ppo: PPOSettings, world_size: int) -
             "rank) or at most it."
         )
     return minibatch
+
+
+def check_compile(strategy: Any) -> None:
+    """``model.compile`` runs on one device: the sharded strategies wrap each block in hooks
+    that gather its weights, which this compile does not trace."""
+    if not isinstance(strategy, SingleDeviceStrategy):
+        raise SalsaError(
+            f"model.compile: compiles the models on one device; this run's strategy is "
+            f"{type(strategy).__name__}. Remove model.compile, or run on one device "
+            "(trainer.devices: 1)."
+        )
 
 
 def check_trainer(trainer: Any, ppo: PPOSettings) -> None:

@@ -1,0 +1,61 @@
+"""``model.compile``: the forwards over whole sequences (scoring and the update) compiled.
+
+Each model's transformer stack (embeddings, blocks, final norm: the decoder the heads read)
+is compiled in place (``nn.Module.compile``: the state dict's names stay the same) with
+dynamic shapes, so one graph serves every batch and response length (a rollout that stops
+at EOS changes the length from one iteration to the next; marked static, each new length
+would compile again). Its heads stay eager: the tiled log-probs read the hidden states.
+
+A trained model whose head is tied to its input embedding compiles its blocks one by one
+instead: the embedding's lookup goes through :func:`~salsa_lightning.generation.tied_gradient`,
+whose forward hook is made for each pass.
+
+Decoding has its own compiled form (``generation.compile``, :class:`StaticDecoder`); the
+other decoding paths call a compiled model eagerly (:func:`eager_unless_compiled`), since a
+forward with a KV cache is another graph for each of its states.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import nn
+
+
+def transformer_stack(model: nn.Module) -> nn.Module | None:
+    """The decoder a transformers model (peft-wrapped too) keeps under its
+    ``base_model_prefix`` (``model.model``, ``transformer``), or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    return inner if isinstance(inner, nn.Module) and inner is not base else None
+
+
+def compile_forwards(model: nn.Module) -> list[nn.Module]:
+    """Compile ``model``'s transformer stack in place (its blocks one by one where a trained
+    head is tied to the input embedding); returns the modules compiled."""
+    from salsa_lightning.generation import output_layer, tied_embedding  # imports this module
+    from salsa_lightning.sharding import decoder_layers
+
+    stack = transformer_stack(model)
+    if stack is None:
+        raise ValueError(f"{type(model).__name__} has no transformer stack to compile")
+    layer = output_layer(model)
+    tied = layer is not None and tied_embedding(model, layer[1]) is not None
+    modules = decoder_layers(model) if tied else [stack]
+    for module in modules:
+        module.compile(dynamic=True)
+    return modules
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether any module of ``model`` was compiled in place."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
+def eager_unless_compiled(model: nn.Module, compiled_here: bool) -> AbstractContextManager:
+    """A context in which ``model``'s compiled modules run eagerly, unless the caller's own
+    code is compiled (``compiled_here``: Dynamo then traces them into its graph)."""
+    if compiled_here or not is_compiled(model):
+        return nullcontext()
+    return torch.compiler.set_stance("force_eager")

@@ -1,0 +1,120 @@
+"""``model.compile``: compiled transformer stacks score, train and decode as eager ones, and a
+new response length compiles nothing more."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from test_generation import tiny_causal_lm
+from torch._dynamo.utils import counters
+
+from salsa_lightning.compiling import compile_forwards, is_compiled, transformer_stack
+from salsa_lightning.errors import SalsaError
+from salsa_lightning.generation import GenerationSettings, sample, score_response
+from salsa_lightning.ppo.checks import check_compile
+from salsa_lightning.sharding import decoder_layers
+
+
+def graphs() -> int:
+    """Graphs Dynamo has compiled in this process so far."""
+    return counters["stats"]["unique_graphs"]
+
+
+def rollout(length: int, response: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    sequence = torch.randint(3, 100, (4, length), generator=g)
+    mask = torch.ones(4, length)
+    mask[0, :3] = 0  # a left-padded row
+    return sequence, mask, sequence[:, -response:]
+
+
+def scores_and_grads(model, sequence, mask, response) -> tuple[torch.Tensor, dict]:
+    model.zero_grad()
+    logprobs = score_response(model, sequence, mask, response).logprobs
+    logprobs.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logprobs.detach(), grads
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-lora"])
+def test_compiled_forwards_score_and_train_as_eager_ones(arch):
+    """Log-probs and every weight's gradient as the eager model's (to float32 rounding), for
+    three response lengths, of which the second and third compile no new graph. GPT-2's head
+    is tied to its input embedding, so its blocks are compiled one by one."""
+    torch.manual_seed(0)
+    eager = tiny_causal_lm(arch)  # eval: no dropout, as SALSA trains its policy
+    model = copy.deepcopy(eager)
+    compiled = compile_forwards(model)
+    expected = decoder_layers(model) if arch == "gpt2" else [transformer_stack(model)]
+    assert compiled == expected and is_compiled(model) and not is_compiled(eager)
+    for i, (length, response) in enumerate([(14, 8), (11, 5), (17, 9)]):
+        before = graphs()
+        got = scores_and_grads(model, *rollout(length, response, seed=i))
+        want = scores_and_grads(eager, *rollout(length, response, seed=i))
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        assert got[1].keys() == want[1].keys() and got[1]
+        for name in want[1]:
+            torch.testing.assert_close(got[1][name], want[1][name], atol=1e-5, rtol=1e-4)
+        with torch.no_grad():  # the frozen models' scoring
+            frozen = score_response(model, *rollout(length, response, seed=i)).logprobs
+        torch.testing.assert_close(frozen, want[0], atol=1e-5, rtol=1e-5)
+        if i:
+            assert graphs() == before, f"length {length} compiled again"
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_a_compiled_model_decodes_eagerly_as_before(cache):
+    """``generate`` and the uncompiled StaticDecoder call a compiled stack eagerly: the same
+    tokens as the eager model's, and no graph compiled for each state of the KV cache."""
+    eager = tiny_causal_lm("llama")
+    model = copy.deepcopy(eager)
+    compile_forwards(model)
+    tok = type("Tok", (), {"eos_token_id": 2, "pad_token_id": 0})
+    query, mask, _ = rollout(7, 1, seed=0)
+    settings = GenerationSettings(max_new_tokens=6, do_sample=False, cache=cache)
+    before = graphs()
+    got = sample(model, tok, query, mask.long(), settings)
+    assert graphs() == before
+    want = sample(eager, tok, query, mask.long(), settings)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_compile_runs_on_one_device_and_says_so_otherwise():
+    check_compile(SingleDeviceStrategy(torch.device("cpu")))
+    with pytest.raises(SalsaError, match=r"model.compile: .*DDPStrategy.*trainer.devices: 1"):
+        check_compile(DDPStrategy())
+
+
+def test_a_model_without_a_transformer_stack_is_named():
+    with pytest.raises(ValueError, match="Linear has no transformer stack"):
+        compile_forwards(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.slow  # about a minute: the three models compile in the first rollout
+def test_salsa_fit_with_model_compile_trains_as_the_eager_run(stage_outputs, task_dir, tmp_path):
+    """``salsa fit --config configs/salsa.yaml --model.init_args.compile true``: the exported
+    policy is the eager run's to float32 rounding (3 rollouts: the critic, the reference and
+    the reward model compiled too), and it moved away from where it started."""
+    from safetensors.torch import load_file
+    from test_salsa import cli_salsa
+
+    from salsa_lightning.cli import main
+
+    policies, compiled = {}, {}
+    for name, extra in (("eager", []), ("compiled", ["--model.init_args.compile", "true"])):
+        root, before = tmp_path / name, graphs()
+        assert main(cli_salsa(stage_outputs, task_dir, root, *extra)) == 0
+        policies[name] = load_file(root / "policy" / "model.safetensors")
+        compiled[name] = graphs() - before
+    # Scoring without grad and the update pass with grad, for each compiled stack.
+    assert compiled == {"eager": 0, "compiled": compiled["compiled"]} and compiled["compiled"] >= 4
+    sft = [load_file(stage_outputs[k] / "model.safetensors") for k in ("sft-1", "sft-2")]
+    soup = {n: (sft[0][n] + sft[1][n]) / 2 for n in sft[0]}  # where the policy starts
+    assert policies["compiled"].keys() == policies["eager"].keys()
+    for name, weight in policies["eager"].items():
+        torch.testing.assert_close(policies["compiled"][name], weight, atol=1e-5, rtol=1e-4)
+    moved = [n for n, w in policies["eager"].items() if (w - soup[n]).abs().max() > 1e-4]
+    assert len(moved) > len(soup) // 2
