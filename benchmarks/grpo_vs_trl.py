@@ -182,6 +182,7 @@ def child_ours(
     module = harness.ours_module(s, inputs, estimator=est, kl=kl, ppo=ppo, reward=reward)
     result = harness.fit_ours(s, inputs, work, module, "ours", import_rss)
     result["changed_from_defaults"] = {
+        "model": {"compile": True} if module.hparams.compile else {},
         "generation": harness.changed_fields(module.generation, GenerationSettings()),
         "estimator": harness.changed_fields(est, EstimatorSettings()),
         "kl": harness.changed_fields(kl, KLSettings()),

@@ -143,6 +143,9 @@ def test_grpo_ours_alone(tmp_path: Path) -> None:
     assert_full_length(out)
     assert out["ratio_tokens_per_s"] is None
     assert out["changed_from_defaults"]["ours"]["reward"]["clip"] is None
+    # The tiny preset compiles ours' forwards (model.compile) and decoding (generation.compile).
+    assert out["settings"]["compile_forwards"] and out["settings"]["compile_decoding"]
+    assert out["changed_from_defaults"]["ours"]["model"] == {"compile": True}
     assert out["settings"]["ppo_epochs"] == 1 and out["settings"]["estimator"] == "rloo"
     assert not list(tmp_path.glob("grpo-bench-*")), "the temporary directory was not removed"
 
