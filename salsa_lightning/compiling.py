@@ -17,6 +17,7 @@ forward with a KV cache is another graph for each of its states.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -31,15 +32,29 @@ def transformer_stack(model: nn.Module) -> nn.Module | None:
     return inner if isinstance(inner, nn.Module) and inner is not base else None
 
 
+def models_within(module: nn.Module) -> Iterator[nn.Module]:
+    """The outermost transformers models inside ``module`` (a critic's classifier, a reward
+    ensemble's members)."""
+    for child in module.children():
+        if transformer_stack(child) is not None:
+            yield child
+        else:
+            yield from models_within(child)
+
+
 def compile_forwards(model: nn.Module) -> list[nn.Module]:
     """Compile ``model``'s transformer stack in place (its blocks one by one where a trained
-    head is tied to the input embedding); returns the modules compiled."""
+    head is tied to the input embedding), or those of the models it holds (a critic, a reward
+    ensemble); returns the modules compiled."""
     from salsa_lightning.generation import output_layer, tied_embedding  # imports this module
     from salsa_lightning.sharding import decoder_layers
 
     stack = transformer_stack(model)
     if stack is None:
-        raise ValueError(f"{type(model).__name__} has no transformer stack to compile")
+        inner = list(models_within(model))
+        if not inner:
+            raise ValueError(f"{type(model).__name__} has no transformer stack to compile")
+        return [compiled for part in inner for compiled in compile_forwards(part)]
     layer = output_layer(model)
     tied = layer is not None and tied_embedding(model, layer[1]) is not None
     modules = decoder_layers(model) if tied else [stack]

@@ -15,6 +15,7 @@ from salsa_lightning.compiling import compile_forwards, is_compiled, transformer
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.generation import GenerationSettings, sample, score_response
 from salsa_lightning.ppo.checks import check_compile
+from salsa_lightning.scoring import RewardEnsemble, ValueModel
 from salsa_lightning.sharding import decoder_layers
 
 
@@ -86,6 +87,22 @@ def test_compile_runs_on_one_device_and_says_so_otherwise():
     check_compile(SingleDeviceStrategy(torch.device("cpu")))
     with pytest.raises(SalsaError, match=r"model.compile: .*DDPStrategy.*trainer.devices: 1"):
         check_compile(DDPStrategy())
+
+
+def test_the_models_a_module_holds_are_compiled_each():
+    """A critic (``ValueModel``) and a reward ensemble hold transformers models: each one's
+    stack is compiled, and the ensemble scores as the eager one."""
+    members = [tiny_causal_lm("llama"), tiny_causal_lm("qwen2")]
+    ensemble = RewardEnsemble(copy.deepcopy(members), [0.25, 0.75])
+    compiled = compile_forwards(ensemble)
+    assert compiled == [transformer_stack(m) for m in ensemble.members]
+    sequence, mask, _ = rollout(9, 1, seed=0)
+    with torch.no_grad():
+        got = ensemble(input_ids=sequence, attention_mask=mask).logits
+        want = RewardEnsemble(members, [0.25, 0.75])(input_ids=sequence, attention_mask=mask)
+    torch.testing.assert_close(got, want.logits, atol=1e-5, rtol=1e-5)
+    critic = ValueModel(tiny_causal_lm("llama"))
+    assert compile_forwards(critic) == [transformer_stack(critic.classifier)]
 
 
 def test_a_model_without_a_transformer_stack_is_named():

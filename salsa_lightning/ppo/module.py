@@ -149,7 +149,7 @@ class SALSAModule(StageModule):
             (``salsa_lightning.compiling``). The first iteration pays the compiles (about
             20 s for the tiny models on the 2-core CPU); it speeds models whose time goes to
             many small operations. Decoding is compiled by ``generation.compile``. One device
-            only.
+            only; on the CPU Inductor needs a C++ compiler.
         optimizer: Optimizer factory for the policy and critic.
         export_dir: When set, fit ends by writing the policy as a Hugging Face directory.
         overwrite: Replace an existing ``export_dir``.
@@ -325,7 +325,7 @@ class SALSAModule(StageModule):
             models.shard_all([*every, self.value_head_layer], self.device_mesh, hp.fsdp_layer_class)
         if hp.compile:
             for model in filter(None, every):
-                compile_forwards(model.classifier if model is self.critic else model)
+                compile_forwards(model)
 
     def build_critic(self, dtype: torch.dtype | None) -> None:
         """A critic from ``critic`` (default: the reward model), or a value head on the policy.
