@@ -4,6 +4,7 @@ new response length compiles nothing more."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -87,6 +88,25 @@ def test_compile_runs_on_one_device_and_says_so_otherwise():
     check_compile(SingleDeviceStrategy(torch.device("cpu")))
     with pytest.raises(SalsaError, match=r"model.compile: .*DDPStrategy.*trainer.devices: 1"):
         check_compile(DDPStrategy())
+
+
+def test_compile_on_the_cpu_without_a_cpp_compiler_is_refused_first(
+    stage_outputs, task_dir, tmp_path, capsys
+):
+    """``salsa fit ... --model.init_args.compile true`` where Inductor's own compiler search
+    finds none (pointed at one that does not exist): one line saying what to install, before
+    any model is built or anything written."""
+    import torch._inductor.config as inductor
+    from test_salsa import cli_salsa
+
+    from salsa_lightning.cli import main
+
+    args = cli_salsa(stage_outputs, task_dir, tmp_path, "--model.init_args.compile", "true")
+    with inductor.patch({"cpp.cxx": ("no-such-c++",)}):
+        assert main(args) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.match(r"error: model.compile on the CPU: .*no C\+\+ compiler .*Install one", line)
+    assert not (tmp_path / "policy").exists() and not (tmp_path / "ckpt").exists()
 
 
 def test_the_models_a_module_holds_are_compiled_each():
