@@ -19,9 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
+
+from salsa_lightning.errors import SalsaError
 
 
 def transformer_stack(model: nn.Module) -> nn.Module | None:
@@ -74,3 +78,37 @@ def eager_unless_compiled(model: nn.Module, compiled_here: bool) -> AbstractCont
     if compiled_here or not is_compiled(model):
         return nullcontext()
     return torch.compiler.set_stance("force_eager")
+
+
+def check_compile(strategy: Any) -> None:
+    """``model.compile`` runs on one device (the sharded strategies wrap each block in hooks
+    that gather its weights, which this compile does not trace), and on the CPU needs the C++
+    compiler Inductor builds its kernels with (else the first forward would fail, models
+    built and a rollout sampled)."""
+    if not isinstance(strategy, SingleDeviceStrategy):
+        raise SalsaError(
+            f"model.compile: compiles the models on one device; this run's strategy is "
+            f"{type(strategy).__name__}. Remove model.compile, or run on one device "
+            "(trainer.devices: 1)."
+        )
+    if strategy.root_device.type == "cpu" and not has_cpp_compiler():
+        raise SalsaError(
+            "model.compile on the CPU: torch.compile's Inductor builds C++ kernels and finds "
+            "no C++ compiler (it looks for $CXX, else g++). Install one (e.g. apt install g++) "
+            "or remove model.compile."
+        )
+
+
+def has_cpp_compiler() -> bool:
+    """Whether Inductor finds a C++ compiler (its own search; True where this torch build
+    searches otherwise)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+    except ImportError:
+        return True
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        return False
+    return True

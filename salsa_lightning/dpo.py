@@ -220,6 +220,10 @@ class DPOModule(StageModule):
             training keep float32 here and set ``trainer.precision: bf16-mixed``.
         frozen_dtype: Weights dtype of the reference (default: ``dtype``).
         gradient_checkpointing: Recompute activations of the policy in backward.
+        compile: Compile the policy's and the reference's transformer stacks
+            (``torch.compile``, dynamic shapes: one graph for every sequence length) for their
+            forwards (``salsa_lightning.compiling``); the first steps pay the compiles. One
+            device only; on the CPU Inductor needs a C++ compiler.
         optimizer: Optimizer factory (``class_path`` + ``init_args`` in YAML).
         warmup: Linear warmup of the cosine schedule, as a fraction of all steps (< 1) or a
             step count (>= 1).
@@ -247,6 +251,7 @@ class DPOModule(StageModule):
         dtype: str | None = None,
         frozen_dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        compile: bool = False,
         optimizer: OptimizerCallable = default_dpo_optimizer,
         warmup: float = 0.1,
         export_dir: str | None = None,
@@ -322,6 +327,7 @@ class DPOModule(StageModule):
             for model in (self.policy, self.reference_model):
                 if model is not None:
                     shard(model, self.device_mesh, hp.fsdp_layer_class)
+        self.compile_models(self.policy, self.reference_model)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return self.warmup_cosine_optimizers()

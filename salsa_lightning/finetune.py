@@ -42,6 +42,10 @@ class FineTuneModule(StageModule):
             ids are taken from the data module's tokenizer.
         lora: LoRA settings; None trains every weight.
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        compile: Compile the model's transformer stack (``torch.compile``, dynamic shapes: one
+            graph for every sequence length) for its forwards (``salsa_lightning.compiling``);
+            the first steps pay the compiles. One device only; on the CPU Inductor needs a C++
+            compiler.
         dtype: Weights dtype (``float32``, ``bfloat16``, ``float16``); None keeps the checkpoint's.
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``; None is the default.
         optimizer: Optimizer factory (``class_path`` + ``init_args`` in YAML).
@@ -63,6 +67,7 @@ class FineTuneModule(StageModule):
         model_config: dict[str, Any] | None = None,
         lora: LoraSettings | None = None,
         gradient_checkpointing: bool = False,
+        compile: bool = False,
         dtype: str | None = None,
         attn_implementation: str | None = None,
         optimizer: OptimizerCallable = default_optimizer,
@@ -123,6 +128,7 @@ class FineTuneModule(StageModule):
         if self.device_mesh is not None:  # FSDP2 (ModelParallelStrategy)
             shard(model, self.device_mesh, self.hparams.fsdp_layer_class)
         self.model = model
+        self.compile_models(model)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         rank_zero_info(f"{type(self).__name__}: {n_train:,} trainable of {n_all:,} parameters")

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FlatParameter
 from torch.distributed.tensor import DTensor
 
+from salsa_lightning.compiling import check_compile, compile_forwards
 from salsa_lightning.data.base import held_out_rows
 from salsa_lightning.errors import SalsaError, require
 from salsa_lightning.false_alarms import SilenceFalseAlarms
@@ -179,8 +180,8 @@ def check_val_check_interval(trainer: Any) -> None:
 
 class StageModule(L.LightningModule):
     """Base of the stage modules. Subclasses call ``save_hyperparameters`` (with ``export_dir``,
-    ``overwrite`` and ``gradient_checkpointing`` among them) and implement
-    :meth:`export_model`."""
+    ``overwrite``, ``gradient_checkpointing`` and ``compile`` among them), implement
+    :meth:`export_model`, and end ``configure_model`` with :meth:`compile_models`."""
 
     def __init__(self, lora: LoraSettings | None = None) -> None:
         super().__init__()
@@ -196,11 +197,21 @@ class StageModule(L.LightningModule):
             enable_gradient_checkpointing(model)
         return model.train()
 
+    def compile_models(self, *models: nn.Module | None) -> None:
+        """``model.compile``: each model's transformer stack compiled for its forwards over
+        whole sequences (:func:`~salsa_lightning.compiling.compile_forwards`); nothing when
+        off."""
+        if self.hparams.get("compile"):
+            for model in filter(None, models):
+                compile_forwards(model)
+
     def configure_callbacks(self) -> list[L.Callback]:
         return [StopOnSigterm(), ReloadTrainDataOnResume(), SilenceFalseAlarms()]
 
     def setup(self, stage: str) -> None:
         self.tokenizer = self.trainer.datamodule.tokenizer
+        if self.hparams.get("compile"):  # before any model is built
+            check_compile(self.trainer.strategy)
         if stage == "fit":  # before any model is built or any training
             check_export_dir(self.hparams.export_dir, self.hparams.overwrite)
             check_val_check_interval(self.trainer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,10 +13,14 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from test_generation import tiny_causal_lm
 from torch._dynamo.utils import counters
 
-from salsa_lightning.compiling import compile_forwards, is_compiled, transformer_stack
+from salsa_lightning.compiling import (
+    check_compile,
+    compile_forwards,
+    is_compiled,
+    transformer_stack,
+)
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.generation import GenerationSettings, sample, score_response
-from salsa_lightning.ppo.checks import check_compile
 from salsa_lightning.scoring import RewardEnsemble, ValueModel
 from salsa_lightning.sharding import decoder_layers
 
@@ -155,3 +160,59 @@ def test_salsa_fit_with_model_compile_trains_as_the_eager_run(stage_outputs, tas
         torch.testing.assert_close(policies["compiled"][name], weight, atol=1e-5, rtol=1e-4)
     moved = [n for n, w in policies["eager"].items() if (w - soup[n]).abs().max() > 1e-4]
     assert len(moved) > len(soup) // 2
+
+
+@pytest.mark.slow  # about a minute: each stage's models compile in its first step
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
+def test_every_stage_with_compile_trains_as_the_eager_one(stage, stage_outputs, task_dir, tmp_path):
+    """SFT, the reward model and DPO with ``compile=True``: 4 steps and a validation give the
+    eager run's weights and validation numbers to float32 rounding, the models having compiled
+    (Dynamo's graph counter) and trained (the weights moved)."""
+    import lightning as L
+    from conftest import BASE, _fit
+    from safetensors.torch import load_file
+
+    from salsa_lightning import (
+        DPOModule,
+        PreferenceDataModule,
+        RewardModule,
+        SFTDataModule,
+        SFTModule,
+    )
+    from salsa_lightning.soup import SoupReference
+
+    sft = str(stage_outputs["sft-1"])
+
+    def build(compile: bool) -> tuple[L.LightningModule, L.LightningDataModule]:
+        adam = lambda p: torch.optim.AdamW(p, lr=1e-3)  # noqa: E731
+        if stage == "sft":
+            data = SFTDataModule(tokenizer=str(BASE), task_dir=str(task_dir), batch_size=8)
+            return SFTModule(model=str(BASE), optimizer=adam, compile=compile), data
+        data = PreferenceDataModule(tokenizer=sft, task_dir=str(task_dir), batch_size=8)
+        if stage == "reward":
+            return RewardModule(model=sft, optimizer=adam, compile=compile), data
+        reference = SoupReference([sft])
+        return DPOModule(reference=reference, optimizer=adam, compile=compile), data
+
+    runs = {}
+    for compile in (False, True):
+        L.seed_everything(0)
+        module, data = build(compile)
+        before = graphs()
+        _fit(module, data, tmp_path / str(compile), steps=4)
+        model = module.policy if stage == "dpo" else module.model
+        runs[compile] = (
+            {n: p.detach().clone() for n, p in model.named_parameters()},
+            {k: float(v) for k, v in module.trainer.callback_metrics.items()},
+            graphs() - before,
+        )
+    (eager, eager_metrics, none), (compiled, compiled_metrics, some) = runs[False], runs[True]
+    assert none == 0 and some >= 1
+    assert eager_metrics.keys() == compiled_metrics.keys() and eager_metrics
+    for name, value in eager_metrics.items():
+        assert compiled_metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    for name, weight in eager.items():
+        torch.testing.assert_close(compiled[name], weight, atol=1e-5, rtol=1e-4)
+    start = load_file(Path(str(BASE) if stage == "sft" else sft) / "model.safetensors")
+    moved = [n for n in start if n in eager and (eager[n] - start[n]).abs().max() > 1e-4]
+    assert len(moved) > len(start) // 2, moved

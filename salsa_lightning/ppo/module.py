@@ -39,7 +39,6 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from salsa_lightning import functional as fn
-from salsa_lightning.compiling import compile_forwards
 from salsa_lightning.errors import SalsaError, check_choices
 from salsa_lightning.frozen import mark_moving, without_dropout
 from salsa_lightning.generation import (
@@ -294,8 +293,6 @@ class SALSAModule(StageModule):
         checks.check_tokenizer(self.tokenizer, self.reference, hp.policy)
         data = self.trainer.datamodule.hparams
         checks.check_context(config, data.max_length, self.generation.max_new_tokens)
-        if hp.compile:
-            checks.check_compile(self.trainer.strategy)
         if stage == "fit":
             k, world = self.estimator_settings.samples_per_prompt, self.trainer.world_size
             checks.check_batch_sizes(data.batch_size, k, self.ppo_settings, world)
@@ -323,9 +320,7 @@ class SALSAModule(StageModule):
         every = [self.policy, self.critic, self.reward, *(self.ref_models or [])]
         if self.device_mesh is not None:
             models.shard_all([*every, self.value_head_layer], self.device_mesh, hp.fsdp_layer_class)
-        if hp.compile:
-            for model in filter(None, every):
-                compile_forwards(model)
+        self.compile_models(*every)
 
     def build_critic(self, dtype: torch.dtype | None) -> None:
         """A critic from ``critic`` (default: the reward model), or a value head on the policy.
