@@ -112,3 +112,17 @@ class NanGradientOnFirstStep(L.Callback):
         if trainer.global_step == 0:
             grad = next(p.grad for p in pl_module.parameters() if p.grad is not None)
             grad.fill_(float("nan"))
+
+
+class RecordCompiled(L.Callback):
+    """Records, when training starts, which of a SALSA run's models were compiled in place
+    (``model.compile``), in ``RecordCompiled.seen`` (the run is in this process)."""
+
+    seen: list[dict[str, bool]] = []
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        from salsa_lightning.compiling import is_compiled
+
+        models = {"policy": module.policy, "critic": module.critic, "reward": module.reward}
+        models.update({f"reference {i}": m for i, m in enumerate(module.ref_models or [])})
+        RecordCompiled.seen.append({k: is_compiled(m) for k, m in models.items() if m})

@@ -140,19 +140,20 @@ def test_salsa_fit_with_model_compile_trains_as_the_eager_run(stage_outputs, tas
     """``salsa fit --config configs/salsa.yaml --model.init_args.compile true``: the exported
     policy is the eager run's to float32 rounding (3 rollouts: the critic, the reference and
     the reward model compiled too), and it moved away from where it started."""
+    from cli_plugins import RecordCompiled
     from safetensors.torch import load_file
     from test_salsa import cli_salsa
 
     from salsa_lightning.cli import main
 
-    policies, compiled = {}, {}
+    policies, record = {}, ["--trainer.callbacks+=cli_plugins.RecordCompiled"]
+    RecordCompiled.seen.clear()
     for name, extra in (("eager", []), ("compiled", ["--model.init_args.compile", "true"])):
-        root, before = tmp_path / name, graphs()
-        assert main(cli_salsa(stage_outputs, task_dir, root, *extra)) == 0
+        root = tmp_path / name
+        assert main(cli_salsa(stage_outputs, task_dir, root, *record, *extra)) == 0
         policies[name] = load_file(root / "policy" / "model.safetensors")
-        compiled[name] = graphs() - before
-    # Scoring without grad and the update pass with grad, for each compiled stack.
-    assert compiled == {"eager": 0, "compiled": compiled["compiled"]} and compiled["compiled"] >= 4
+    models = ["policy", "critic", "reward", "reference 0"]  # the soup: one reference model
+    assert RecordCompiled.seen == [dict.fromkeys(models, False), dict.fromkeys(models, True)]
     sft = [load_file(stage_outputs[k] / "model.safetensors") for k in ("sft-1", "sft-2")]
     soup = {n: (sft[0][n] + sft[1][n]) / 2 for n in sft[0]}  # where the policy starts
     assert policies["compiled"].keys() == policies["eager"].keys()
@@ -166,8 +167,8 @@ def test_salsa_fit_with_model_compile_trains_as_the_eager_run(stage_outputs, tas
 @pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
 def test_every_stage_with_compile_trains_as_the_eager_one(stage, stage_outputs, task_dir, tmp_path):
     """SFT, the reward model and DPO with ``compile=True``: 4 steps and a validation give the
-    eager run's weights and validation numbers to float32 rounding, the models having compiled
-    (Dynamo's graph counter) and trained (the weights moved)."""
+    eager run's weights and validation numbers to float32 rounding, the models compiled in
+    place (DPO's reference too) and trained (the weights moved)."""
     import lightning as L
     from conftest import BASE, _fit
     from safetensors.torch import load_file
@@ -198,16 +199,15 @@ def test_every_stage_with_compile_trains_as_the_eager_one(stage, stage_outputs, 
     for compile in (False, True):
         L.seed_everything(0)
         module, data = build(compile)
-        before = graphs()
         _fit(module, data, tmp_path / str(compile), steps=4)
-        model = module.policy if stage == "dpo" else module.model
+        models = [module.policy, module.reference_model] if stage == "dpo" else [module.model]
         runs[compile] = (
-            {n: p.detach().clone() for n, p in model.named_parameters()},
+            {n: p.detach().clone() for n, p in models[0].named_parameters()},
             {k: float(v) for k, v in module.trainer.callback_metrics.items()},
-            graphs() - before,
+            [is_compiled(m) for m in models],
         )
-    (eager, eager_metrics, none), (compiled, compiled_metrics, some) = runs[False], runs[True]
-    assert none == 0 and some >= 1
+    (eager, eager_metrics, off), (compiled, compiled_metrics, on) = runs[False], runs[True]
+    assert not any(off) and all(on) and len(on) == (2 if stage == "dpo" else 1)
     assert eager_metrics.keys() == compiled_metrics.keys() and eager_metrics
     for name, value in eager_metrics.items():
         assert compiled_metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
