@@ -27,6 +27,9 @@ from torch import nn
 
 from salsa_lightning.errors import SalsaError
 
+# Graphs Dynamo keeps for one function before it runs the rest eagerly (torch's default: 8).
+RECOMPILES = 64
+
 
 def transformer_stack(model: nn.Module) -> nn.Module | None:
     """The decoder a transformers model (peft-wrapped too) keeps under its
@@ -59,6 +62,10 @@ def compile_forwards(model: nn.Module) -> list[nn.Module]:
         if not inner:
             raise ValueError(f"{type(model).__name__} has no transformer stack to compile")
         return [compiled for part in inner for compiled in compile_forwards(part)]
+    # Every stack of a model family runs one function (its forward's decorator), whose graphs
+    # Dynamo counts together: frozen and trained, each model size, SFT then reward then RL in
+    # one notebook. Past torch's default of 8 the rest would run eagerly, with a warning.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILES)
     layer = output_layer(model)
     tied = layer is not None and tied_embedding(model, layer[1]) is not None
     modules = decoder_layers(model) if tied else [stack]

@@ -57,6 +57,7 @@ def test_compiled_forwards_score_and_train_as_eager_ones(arch):
     compiled = compile_forwards(model)
     expected = decoder_layers(model) if arch == "gpt2" else [transformer_stack(model)]
     assert compiled == expected and is_compiled(model) and not is_compiled(eager)
+    assert torch._dynamo.config.recompile_limit >= 64  # every stack shares one function
     for i, (length, response) in enumerate([(14, 8), (11, 5), (17, 9)]):
         before = graphs()
         got = scores_and_grads(model, *rollout(length, response, seed=i))
