@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from salsa_lightning.compiling import eager_unless_compiled
+from salsa_lightning.compiling import eager_unless_compiled, transformer_stack
 from salsa_lightning.data.chat import IGNORE_INDEX
 from salsa_lightning.errors import SalsaError, check_choices
 from salsa_lightning.functional import (
@@ -473,8 +473,8 @@ def output_layer(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     model that transforms its logits, or a head that is sharded again after the model's
     forward (FSDP1's units; :func:`~salsa_lightning.sharding.whole_after_forward`)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head, decoder = base.get_output_embeddings(), getattr(base, base.base_model_prefix, None)
-    if type(head) is not nn.Linear or not isinstance(decoder, nn.Module) or decoder is base:
+    head, decoder = base.get_output_embeddings(), transformer_stack(model)
+    if type(head) is not nn.Linear or decoder is None:
         return None
     if any(getattr(base.config, k, None) not in (None, 1, 1.0) for k in LOGIT_TRANSFORMS):
         return None
