@@ -105,6 +105,12 @@ ALGORITHM: dict[str, list[tuple[str, str, str]]] = {
         ),
         ("dropout off (always)", "disable_dropout=True", "TRL's default keeps dropout"),
         (
+            f"trainer.log_every_n_steps={workload.LOG_EVERY} (no logger)",
+            f"logging_steps={workload.LOG_EVERY} (default), report_to='none'",
+            "Lightning's default is 50: both report their metrics (means over the iterations "
+            "since the last report) every 10 iterations",
+        ),
+        (
             "reward: {normalize: false, clip: null}",
             "no reward normalisation or clipping (default)",
             "ours clips normalised scores to [-5, 5] by default; the raw score on both sides",
@@ -183,6 +189,7 @@ def child_ours(
     result = harness.fit_ours(s, inputs, work, module, "ours", import_rss)
     result["changed_from_defaults"] = {
         "model": {"compile": True} if module.hparams.compile else {},
+        "trainer": {"log_every_n_steps": workload.LOG_EVERY},
         "generation": harness.changed_fields(module.generation, GenerationSettings()),
         "estimator": harness.changed_fields(est, EstimatorSettings()),
         "kl": harness.changed_fields(kl, KLSettings()),

@@ -199,7 +199,7 @@ def fit_ours(
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             sync(device)
             now = time.perf_counter()
-            m = trainer.callback_metrics
+            m = pl_module.rollout_metrics.last  # this rollout's (the loggers write means)
             generation = float(m["time/generation"])
             self.records.append(
                 {
@@ -233,6 +233,7 @@ def fit_ours(
         limit_val_batches=0,
         num_sanity_val_steps=0,
         logger=False,
+        log_every_n_steps=workload.LOG_EVERY,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

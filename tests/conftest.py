@@ -84,11 +84,12 @@ def adamw(lr: float):
 
 
 def make_trainer(root: Path, **kwargs) -> L.Trainer:
-    """A quiet single-process CPU Trainer."""
+    """A quiet single-process CPU Trainer that reports every step's metrics."""
     defaults = dict(
         accelerator="cpu",
         devices=1,
         logger=False,
+        log_every_n_steps=1,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -1105,3 +1105,20 @@ def test_grouped_rate_ci_is_wider_than_the_pair_bootstrap_when_groups_agree_with
     assert 2.0 < (high_g - low_g) / (high_p - low_p) < 3.0
     with pytest.raises(Exception, match="needs"):
         Fn.grouped_rate_ci(torch.zeros(3), torch.zeros(3))
+
+
+def test_metric_window_means_each_metric_over_the_rollouts_that_reported_it():
+    from salsa_lightning.ppo.rollout import MetricWindow
+
+    window = MetricWindow()
+    window.add({"a": torch.tensor(1.0), "b": 2.0})
+    window.add({"a": 4.0})  # b not reported this rollout (a skipped group count, say)
+    window.add({"a": 7.0, "b": 5.0})
+    assert window.last == {"a": 7.0, "b": 5.0}
+    saved = window.state_dict()
+    assert window.pop_means() == {"a": 4.0, "b": 3.5}  # (1 + 4 + 7) / 3, (2 + 5) / 2
+    assert window.pop_means() == {}  # the next window starts empty
+    window.add({"a": 1.0})
+    window.load_state_dict(saved)  # a resumed run continues the saved window
+    window.add({"a": 8.0})
+    assert window.pop_means() == {"a": 5.0, "b": 3.5}  # (1 + 4 + 7 + 8) / 4

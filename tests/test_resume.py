@@ -11,6 +11,7 @@ plain Trainer are also covered by ``tests/test_data.py::test_resume_continues_da
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import re
 import shutil
@@ -21,6 +22,7 @@ import pytest
 import torch
 from conftest import CONFIGS, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file, save_file
 
 from salsa_lightning import PromptDataModule, SalsaError, SALSAModule
@@ -153,6 +155,49 @@ def test_resumed_run_logs_the_same_metrics_and_weights(runs):
     assert a.keys() == b.keys() and any(k.startswith("critic.") for k in a)
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst <= 1e-6, worst
+
+
+def csv_rows(root: Path) -> list[dict[str, float]]:
+    """The rows a CSVLogger under ``root`` wrote, wall-clock metrics left out."""
+    (path,) = root.rglob("metrics.csv")
+    return [
+        {k: float(v) for k, v in row.items() if v != "" and not k.startswith(NOISY)}
+        for row in csv.DictReader(path.open())
+    ]
+
+
+def test_the_loggers_write_means_since_their_last_write_and_a_resumed_run_keeps_them(
+    runs, stage_outputs, task_dir
+):
+    """``log_every_n_steps=2``: the rows after rollouts 2 and 4 hold the means of rollouts 1-2
+    and 3-4 of the run that logs every rollout (the same run: logging changes no number). A
+    run interrupted after rollout 3, whose value waits for the next write, resumes to the
+    uninterrupted run's row."""
+    root = runs["root"] / "every-2"
+
+    def logged(name: str, max_steps: int, **kwargs) -> list[dict[str, float]]:
+        logger = CSVLogger(root / name, name="", version="")
+        module, data = build(stage_outputs), prompts(stage_outputs, task_dir)
+        fit(module, data, root / name, max_steps, logger=logger, log_every_n_steps=2, **kwargs)
+        return csv_rows(root / name)
+
+    L.seed_everything(1)
+    whole = logged("whole", 4)
+    L.seed_everything(1)
+    ckpt = ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=1)
+    first = logged("first", 3, callbacks=[ckpt], enable_checkpointing=True)
+    L.seed_everything(99)
+    resumed = logged("resumed", 4, ckpt_path=root / "ckpt" / "last.ckpt")
+
+    full = runs["full"]  # every rollout's own numbers
+    assert [r["train/rollouts"] for r in whole] == [2.0, 4.0]
+    for row, pair in zip(whole, (full[0:2], full[2:4]), strict=True):
+        means = {k: (pair[0][k] + pair[1][k]) / 2 for k in CHECKED}
+        assert {k: row[k] for k in CHECKED} == pytest.approx(means, abs=1e-6, rel=0)
+    assert full[2]["objective/scores"] != full[3]["objective/scores"]  # a mean of two values
+    assert [r["train/rollouts"] for r in first] == [2.0]  # rollout 3 waits in the checkpoint
+    assert [r["train/rollouts"] for r in resumed] == [4.0]
+    assert resumed[0] == pytest.approx(whole[1], abs=1e-6, rel=0)
 
 
 def test_checkpoint_holds_no_frozen_weights_and_the_reference_recipe(runs, stage_outputs):

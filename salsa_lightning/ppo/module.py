@@ -55,6 +55,7 @@ from salsa_lightning.ppo.recipe import check_same_reference, reference_recipe
 from salsa_lightning.ppo.rollout import (
     FirstPass,
     FrozenScores,
+    MetricWindow,
     PassOutputs,
     PolicyScores,
     Rollout,
@@ -238,6 +239,7 @@ class SALSAModule(StageModule):
         self.eval_samples: list[dict[str, Any]] = []
         self.skips = 0  # consecutive updates skipped for a non-finite reward or loss
         self.warned_ties = False
+        self.rollout_metrics = MetricWindow()  # the rollouts' metrics since the loggers last wrote
 
     # ------------------------------------------------------------------ building
 
@@ -686,29 +688,49 @@ class SALSAModule(StageModule):
         teach nothing (more samples per prompt or a higher temperature help)."""
         groups = scores.reshape(-1, self.estimator_settings.samples_per_prompt)
         tied = int((groups.amax(1) == groups.amin(1)).sum())
-        self.log("rollout/tied_groups", tied / groups.shape[0])
+        self.rollout_metrics.add({"rollout/tied_groups": tied / groups.shape[0]})
         if tied and not self.warned_ties:
             self.warned_ties = True
             rank_zero_warn(
                 f"{tied} of {groups.shape[0]} prompts got the same reward for all their "
                 f"{groups.shape[1]} samples: their advantages are 0 and they do not train "
-                "(warned once; `rollout/tied_groups` logs the fraction every iteration)."
+                "(warned once; `rollout/tied_groups` logs the fraction)."
             )
 
     def log_iteration(
         self, frozen: FrozenScores, t: Trajectory, stats: dict[str, float], times: tuple
     ) -> None:
-        """TRL-named metrics of one PPO iteration, synced across ranks (a sharded run logs the
-        same numbers as a single device)."""
+        """TRL-named metrics of one PPO iteration, into the window the loggers' next write
+        reports; the progress bar shows this rollout's reward and KL."""
         eos = self.tokenizer.eos_token_id
         metrics = trajectory_metrics(t, frozen.raw_scores, self.kl_ctl.value, eos)
-        metrics = {**metrics, **timing_metrics(t, times), **stats}
+        self.rollout_metrics.add({**metrics, **timing_metrics(t, times), **stats})
+        if self.trainer.progress_bar_callback is not None:
+            last = self.rollout_metrics.last
+            self.log("reward", last["objective/scores"], prog_bar=True, logger=False)
+            self.log("kl", last["objective/kl"], prog_bar=True, logger=False)
+        if self.loggers_write():
+            self.log_window()
+
+    def loggers_write(self) -> bool:
+        """Whether Lightning writes this rollout's logged values: after every
+        ``trainer.log_every_n_steps`` rollouts (it counts batches; one rollout is one batch).
+        The same answer on every rank (``log_window`` is a collective)."""
+        every = self.trainer.log_every_n_steps
+        return bool(self.trainer.fast_dev_run) or (every > 0 and self.rollout_index() % every == 0)
+
+    def log_window(self) -> None:
+        """Log each metric's mean over the rollouts since the last write, and over the ranks (one
+        reduction: a sharded run logs the same numbers as a single device). Lightning's
+        ``self.log`` costs a fraction of a millisecond a value, and between writes it would keep
+        only the last rollout's (``callback_metrics`` hold the window's means, after a write)."""
+        means = self.rollout_metrics.pop_means()
+        if self.trainer.world_size > 1:
+            values = torch.tensor(list(means.values()), device=self.device, dtype=torch.float64)
+            values = self.trainer.strategy.reduce(values, reduce_op="mean")
+            means = dict(zip(means, values.tolist(), strict=True))
         # Lightning's step counts optimizer steps; this counts rollouts (restored on resume).
-        metrics["train/rollouts"] = self.rollout_index()
-        sync = self.trainer.world_size > 1
-        self.log_dict({k: float(v) for k, v in metrics.items()}, prog_bar=False, sync_dist=sync)
-        self.log("reward", float(metrics["objective/scores"]), prog_bar=True, logger=False)
-        self.log("kl", float(metrics["objective/kl"]), prog_bar=True, logger=False)
+        self.log_dict({**means, "train/rollouts": float(self.rollout_index())}, prog_bar=False)
 
     # ------------------------------------------------------------------ validation
 
@@ -803,6 +825,7 @@ class SALSAModule(StageModule):
             "recipe": self.recipe(),
             "kl_controller": self.kl_ctl.state_dict(),
             "skips": self.skips,
+            "metric_window": self.rollout_metrics.state_dict(),
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
@@ -815,6 +838,8 @@ class SALSAModule(StageModule):
         check_same_reference(saved["recipe"], self.recipe())
         self.kl_ctl.load_state_dict(saved["kl_controller"])
         self.skips = saved["skips"]
+        if "metric_window" in saved:  # absent from checkpoints written before it
+            self.rollout_metrics.load_state_dict(saved["metric_window"])
         torch.set_rng_state(saved["rng"])
         if saved.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["cuda_rng"])

@@ -10,7 +10,9 @@ Shapes: B prompts; P prompt length (left-padded); R response length (pad after t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -152,3 +154,33 @@ def timing_metrics(t: Trajectory, times: tuple[float, float, float, float]) -> d
         "throughput/generated_tokens_per_s": t.response.numel() / max(t1 - t0, 1e-9),
         "throughput/tokens_per_s": float(t.mask.sum()) / max(t3 - t0, 1e-9),
     }
+
+
+class MetricWindow:
+    """The metrics of the rollouts since the loggers last wrote, summed by name: each one's mean
+    over the rollouts that reported it is what the loggers write (TRL's ``logging_steps``
+    reports the same means), and ``last`` holds the latest rollout's values."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.last: dict[str, float] = {}
+
+    def add(self, metrics: Mapping[str, Tensor | float]) -> None:
+        for name, value in metrics.items():
+            value = float(value)
+            self.sums[name] = self.sums.get(name, 0.0) + value
+            self.counts[name] = self.counts.get(name, 0) + 1
+            self.last[name] = value
+
+    def pop_means(self) -> dict[str, float]:
+        """Each metric's mean over the window; the window starts again empty."""
+        means = {name: total / self.counts[name] for name, total in self.sums.items()}
+        self.sums, self.counts = {}, {}
+        return means
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
