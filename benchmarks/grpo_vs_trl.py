@@ -51,6 +51,7 @@ import workload
 
 TRL_VERSION = "1.16.0"  # the newest TRL release on the package index (December 2026)
 SAMPLES_PER_PROMPT = 4
+LOGGING_STEPS = 10  # TRL's default: both sides report their metrics every 10 iterations
 Estimator = Literal["grpo", "rloo"]
 
 # Every algorithm setting, on both sides: (ours, TRL, why). Where a value is both trainers'
@@ -105,8 +106,8 @@ ALGORITHM: dict[str, list[tuple[str, str, str]]] = {
         ),
         ("dropout off (always)", "disable_dropout=True", "TRL's default keeps dropout"),
         (
-            f"trainer.log_every_n_steps={workload.LOG_EVERY} (no logger)",
-            f"logging_steps={workload.LOG_EVERY} (default), report_to='none'",
+            f"trainer.log_every_n_steps={LOGGING_STEPS} (no logger)",
+            f"logging_steps={LOGGING_STEPS} (default), report_to='none'",
             "Lightning's default is 50: both report their metrics (means over the iterations "
             "since the last report) every 10 iterations",
         ),
@@ -186,10 +187,10 @@ def child_ours(
     )
     reward = RewardSettings(normalize=False, clip=None, missing_eos_penalty=0.0)
     module = harness.ours_module(s, inputs, estimator=est, kl=kl, ppo=ppo, reward=reward)
-    result = harness.fit_ours(s, inputs, work, module, "ours", import_rss)
+    result = harness.fit_ours(s, inputs, work, module, "ours", import_rss, LOGGING_STEPS)
     result["changed_from_defaults"] = {
         "model": {"compile": True} if module.hparams.compile else {},
-        "trainer": {"log_every_n_steps": workload.LOG_EVERY},
+        "trainer": {"log_every_n_steps": LOGGING_STEPS},
         "generation": harness.changed_fields(module.generation, GenerationSettings()),
         "estimator": harness.changed_fields(est, EstimatorSettings()),
         "kl": harness.changed_fields(kl, KLSettings()),
@@ -265,6 +266,7 @@ def child_trl(
         **algorithm,
         max_steps=(s["warmup"] + s["iterations"]) * epochs,
         save_strategy="no",
+        logging_steps=LOGGING_STEPS,
         disable_tqdm=True,
         seed=s["seed"],
     )

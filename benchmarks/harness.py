@@ -175,10 +175,17 @@ def ours_module(s: dict[str, Any], inputs: dict[str, str], **settings: Any):
 
 
 def fit_ours(
-    s: dict[str, Any], inputs: dict[str, str], work: Path, module, system: str, import_rss: float
+    s: dict[str, Any],
+    inputs: dict[str, str],
+    work: Path,
+    module,
+    system: str,
+    import_rss: float,
+    log_every: int,
 ) -> dict[str, Any]:
     """Fit ``module`` on the prompts (batch / k prompts of k samples each per iteration) with a
-    Lightning Trainer for ``warmup + iterations`` iterations; return the run's numbers."""
+    Lightning Trainer for ``warmup + iterations`` iterations, reporting its metrics every
+    ``log_every`` (as TRL's side does); return the run's numbers."""
     import lightning as L
     import torch
 
@@ -233,7 +240,7 @@ def fit_ours(
         limit_val_batches=0,
         num_sanity_val_steps=0,
         logger=False,
-        log_every_n_steps=workload.LOG_EVERY,
+        log_every_n_steps=log_every,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

