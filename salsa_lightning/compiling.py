@@ -31,6 +31,12 @@ from salsa_lightning.errors import SalsaError
 RECOMPILES = 64
 
 
+def allow_recompiles() -> None:
+    """Let Dynamo keep ``RECOMPILES`` graphs of one function: past torch's default of 8 it runs
+    the function eagerly from then on, with a warning."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILES)
+
+
 def transformer_stack(model: nn.Module) -> nn.Module | None:
     """The decoder a transformers model (peft-wrapped too) keeps under its
     ``base_model_prefix`` (``model.model``, ``transformer``), or None."""
@@ -64,8 +70,8 @@ def compile_forwards(model: nn.Module) -> list[nn.Module]:
         return [compiled for part in inner for compiled in compile_forwards(part)]
     # Every stack of a model family runs one function (its forward's decorator), whose graphs
     # Dynamo counts together: frozen and trained, each model size, SFT then reward then RL in
-    # one notebook. Past torch's default of 8 the rest would run eagerly, with a warning.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILES)
+    # one notebook.
+    allow_recompiles()
     layer = output_layer(model)
     tied = layer is not None and tied_embedding(model, layer[1]) is not None
     modules = decoder_layers(model) if tied else [stack]

@@ -22,6 +22,7 @@ from salsa_lightning.data import left_padded_prompts
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.functional import response_mask
 from salsa_lightning.generation import (
+    STATIC_PROMPT_BUCKET,
     GenerationSettings,
     NonFiniteLogits,
     StaticDecoder,
@@ -200,7 +201,8 @@ def test_static_decoder_reuses_its_cache_for_shorter_prompts():
     sample(model, tok, long_q, long_m, settings)
     decoder = static_decoder(model, len(PROMPTS), 6)
     cache = decoder.cache
-    assert decoder.prompt_length >= long_q.shape[1] and decoder.prompt_length % 32 == 0
+    assert decoder.prompt_length >= long_q.shape[1]
+    assert decoder.prompt_length % STATIC_PROMPT_BUCKET == 0
     static = sample(model, tok, short_q, short_m, settings)
     assert static_decoder(model, len(PROMPTS), 6).cache is cache
     dynamic = sample(
