@@ -26,6 +26,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.lora import unwrap_peft
 
 # Graphs Dynamo keeps for one function before it runs the rest eagerly (torch's default: 8).
 RECOMPILES = 64
@@ -40,7 +41,7 @@ def allow_recompiles() -> None:
 def transformer_stack(model: nn.Module) -> nn.Module | None:
     """The decoder a transformers model (peft-wrapped too) keeps under its
     ``base_model_prefix`` (``model.model``, ``transformer``), or None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     inner = getattr(base, getattr(base, "base_model_prefix", ""), None)
     return inner if isinstance(inner, nn.Module) and inner is not base else None
 

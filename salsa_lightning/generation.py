@@ -25,6 +25,7 @@ from salsa_lightning.functional import (
     response_mask,
     truncate_after_eos,
 )
+from salsa_lightning.lora import unwrap_peft
 from salsa_lightning.sharding import fsdp_kind, gathered, whole_after_forward
 
 Cache = Literal["auto", "static", "dynamic"]
@@ -420,7 +421,7 @@ def cache_argument(model: nn.Module) -> str:
     """The name of the KV-cache argument of ``model``'s forward: ``cache`` in recent
     transformers 5 releases, ``past_key_values`` in earlier ones (whose forward silently drops an
     unknown ``cache=`` into its keyword arguments and decodes with no cache at all)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    base = unwrap_peft(model)
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
@@ -479,7 +480,7 @@ def output_layer(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     :func:`~salsa_lightning.functional.logprobs_from_hidden`); None for a head with adapters, a
     model that transforms its logits, or a head that is sharded again after the model's
     forward (FSDP1's units; :func:`~salsa_lightning.sharding.whole_after_forward`)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     head, decoder = base.get_output_embeddings(), transformer_stack(model)
     if type(head) is not nn.Linear or decoder is None:
         return None
@@ -493,7 +494,7 @@ def tied_embedding(model: nn.Module, head: nn.Linear) -> nn.Embedding | None:
     is a plain ``nn.Embedding`` lookup (no max-norm, frequency scaling or sparse gradient;
     Gemma's scaled embedding is left to autograd), so that :class:`TiedGradient` can sum the
     weight's two gradients in one tensor; else None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     embedding = base.get_input_embeddings()
     if type(embedding) is not nn.Embedding or embedding.weight is not head.weight:
         return None

@@ -54,6 +54,11 @@ def add_lora(model: PreTrainedModel, lora: LoraSettings, task_type: str = "CAUSA
     return get_peft_model(model, config)
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper; any other model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def as_lora(lora: LoraSettings | dict | None) -> LoraSettings | None:
     """LoRA settings as given in Python (a dataclass) or by a YAML parsed without types (a dict)."""
     return LoraSettings(**lora) if isinstance(lora, dict) else lora

@@ -24,6 +24,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.generation import position_ids
+from salsa_lightning.lora import unwrap_peft
 from salsa_lightning.pretrained import (
     check_model_source,
     is_sequence_classifier,
@@ -67,8 +68,7 @@ class ValueModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, n: int) -> Tensor:
         """[B, T] ids -> [B, n] values of the states before each of the last ``n`` tokens."""
-        c = self.classifier
-        inner = c.get_base_model() if hasattr(c, "get_base_model") else c
+        inner = unwrap_peft(self.classifier)
         states = getattr(inner, inner.base_model_prefix)(
             input_ids=input_ids,
             attention_mask=attention_mask,

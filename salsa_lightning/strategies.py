@@ -38,6 +38,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.lora import unwrap_peft
 from salsa_lightning.sharding import decoder_layers
 
 
@@ -102,7 +103,7 @@ def fsdp_units(
             continue
         # ``generate`` calls the model's own forward: wrap its children instead (the backbone
         # with the embeddings, the head), which that forward calls through their wrappers.
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner = unwrap_peft(model)
         children = [c for c in inner.children() if any(True for _ in c.parameters())]
         head = inner.get_output_embeddings()
         tied = head is not None and any(
