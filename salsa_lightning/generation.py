@@ -185,12 +185,10 @@ def decode(
     raise :class:`NonFiniteLogits` on either path."""
     static = use_static_cache(s.cache, query.device, lockstep, s.compile)
     if static and not static_failed(model):
-        compiled = s.compile or query.device.type == "cuda"  # its step traces the model
         try:
-            with eager_unless_compiled(model, compiled):
-                return static_decoder(model, query.shape[0], s.max_new_tokens, s.compile)(
-                    query, query_mask, s, eos, tokenizer.pad_token_id
-                )
+            decoder = static_decoder(model, query.shape[0], s.max_new_tokens, s.compile)
+            with eager_unless_compiled(model, decoder.compiles_on(query.device)):
+                return decoder(query, query_mask, s, eos, tokenizer.pad_token_id)
         except NonFiniteLogits:
             raise
         except Exception as err:  # compiling depends on the model and the torch build
@@ -307,6 +305,11 @@ class StaticDecoder:
         logits = self.logits(token[:, None], mask, position, cache_position)
         return next_tokens(logits, settings, uniform), torch.isfinite(logits).all()
 
+    def compiles_on(self, device: torch.device) -> bool:
+        """Whether decoding on ``device`` runs compiled code that traces the model: on a GPU the
+        forward's CUDA graph, on the CPU (``compile``) the whole step."""
+        return device.type == "cuda" or self.compile_on_cpu
+
     def _fit(self, prompt_length: int, device: torch.device) -> None:
         """Make the cache hold ``prompt_length`` prompt tokens (re-created, larger, if needed)."""
         if self.cache is not None and prompt_length <= self.prompt_length:
@@ -318,7 +321,7 @@ class StaticDecoder:
         self.cache = StaticCache(
             config=self.model.config, max_cache_len=self.prompt_length + self.new_tokens
         )
-        if device.type != "cuda" and not self.compile_on_cpu:
+        if not self.compiles_on(device):
             return
         allow_recompiles()  # each decoder (batch size) and prompt bucket: graphs of one function
         if device.type == "cuda":
