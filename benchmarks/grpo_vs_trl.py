@@ -51,7 +51,7 @@ import workload
 
 TRL_VERSION = "1.16.0"  # the newest TRL release on the package index (December 2026)
 SAMPLES_PER_PROMPT = 4
-LOGGING_STEPS = 10  # TRL's default: both sides report their metrics every 10 iterations
+LOGGING_STEPS = 10  # TRL's default: both sides report their metrics this often
 Estimator = Literal["grpo", "rloo"]
 
 # Every algorithm setting, on both sides: (ours, TRL, why). Where a value is both trainers'
@@ -109,7 +109,7 @@ ALGORITHM: dict[str, list[tuple[str, str, str]]] = {
             f"trainer.log_every_n_steps={LOGGING_STEPS} (no logger)",
             f"logging_steps={LOGGING_STEPS} (default), report_to='none'",
             "Lightning's default is 50: both report their metrics (means over the iterations "
-            "since the last report) every 10 iterations",
+            f"since the last report) every {LOGGING_STEPS} iterations",
         ),
         (
             "reward: {normalize: false, clip: null}",
