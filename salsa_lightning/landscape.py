@@ -179,9 +179,19 @@ def plot_landscape(result: dict[str, Any], path: Path) -> None:
             ys = [0.866 * p["weights"][2] for p in points]
             tri = ax.tricontourf(xs, ys, values, levels=12, cmap="viridis")
             ax.scatter(xs, ys, c="k", s=6)
+            for x, y, value in zip(xs, ys, values, strict=True):
+                ax.annotate(f"{value:.3f}", (x, y), xytext=(0, 3), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=7)  # fmt: skip
             fig.colorbar(tri, ax=ax, label=judge)
-            for (x, y), name in zip([(0, 0), (1, 0), (0.5, 0.866)], names, strict=True):
-                ax.annotate(name, (x, y), ha="center", va="bottom")
+            # The corners' names outside the triangle: below the base, above the apex.
+            for (x, y), name, va, dy in zip(
+                [(0, 0), (1, 0), (0.5, 0.866)], names, ["top", "top", "bottom"], [-6, -6, 14],
+                strict=True,
+            ):  # fmt: skip
+                ax.annotate(name, (x, y), xytext=(0, dy), textcoords="offset points",
+                            ha="center", va=va)  # fmt: skip
+            ax.set_xlim(-0.2, 1.2)
+            ax.set_ylim(-0.12, 1.02)
             ax.set_axis_off()
         ax.set_title(f"{judge} of the soup")
     fig.tight_layout()
