@@ -301,6 +301,11 @@ class DPOModule(StageModule):
                 f"DPOModule trains on preference pairs; data is {type(data).__name__}: set "
                 "data.class_path to salsa_lightning.PreferenceDataModule."
             )
+        if data.hparams.group_by_prompt:
+            raise SalsaError(
+                "data.group_by_prompt batches a prompt's answers for the reward model; DPO "
+                "trains pair by pair: set data.group_by_prompt false."
+            )
         check_tokenizer(data.tokenizer, self.reference, hp.policy)
         check_distinct_pairs(data)
         super().setup(stage)

@@ -63,8 +63,12 @@ class RewardModule(FineTuneModule):
         return model
 
     def pair_scores(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores of the chosen [B] and rejected [B] halves of a [2B, T] preference batch."""
+        """Scores of the chosen [B] and rejected [B] halves of a [2B, T] preference batch, or
+        of the B pairs a batch of answers grouped by prompt indexes (``chosen_index``,
+        ``rejected_index``: ``PreferenceDataModule(group_by_prompt=True)``)."""
         rewards = sequence_scores(self.model, batch["input_ids"], batch["attention_mask"])
+        if "chosen_index" in batch:
+            return rewards[batch["chosen_index"]], rewards[batch["rejected_index"]]
         return rewards.chunk(2)
 
     def loss(self, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:

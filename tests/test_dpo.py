@@ -359,6 +359,13 @@ def test_pairs_whose_chosen_equals_rejected_are_refused_by_file_and_row(
     assert module.policy is None  # refused before any model was built
 
 
+def test_pairs_grouped_by_prompt_are_refused(stage_outputs, task_dir, tmp_path):
+    module = build(stage_outputs)
+    with pytest.raises(SalsaError, match="DPO trains pair by pair: set data.group_by_prompt false"):
+        fit(module, pairs(stage_outputs, task_dir, group_by_prompt=True), tmp_path, steps=1)
+    assert module.policy is None
+
+
 # ----------------------------------------------------------------------------- the YAMLs
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import datasets
 import lightning as L
 import pytest
 import torch
@@ -15,6 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from salsa_lightning.cli import main
 from salsa_lightning.data import PreferenceDataModule
+from salsa_lightning.data.modules import group_pairs
 from salsa_lightning.lora import LoraSettings
 from salsa_lightning.reward import RewardModule
 from salsa_lightning.scoring import REWARD_STATS, sequence_scores
@@ -195,6 +197,102 @@ def test_lora_reward_model_exports_adapter_with_score_head(task_files, tmp_path)
         expected = sequence_scores(module.model.eval(), batch["input_ids"], batch["attention_mask"])
         got = sequence_scores(loaded, batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def encoded(prompt: list[int], chosen: list[int], rejected: list[int]) -> dict:
+    return {
+        "chosen_ids": prompt + chosen,
+        "rejected_ids": prompt + rejected,
+        "chosen_prompt_length": len(prompt),
+        "rejected_prompt_length": len(prompt),
+    }
+
+
+def test_group_pairs_scores_each_answer_once_and_keeps_every_pair():
+    a, b, c = [5], [6, 6], [7]
+    rows = [
+        encoded([1, 2], a, b),
+        encoded([3], a, c),  # another prompt: the same answer is another sequence
+        encoded([1, 2], c, b),
+        encoded([1, 2], a, c),
+        encoded([], [8], [9]),  # no prompt: a row of its own, twice
+        encoded([], [8], [9]),
+    ]
+    groups = group_pairs(datasets.Dataset.from_list(rows)).to_list()
+    assert groups == [
+        {
+            "sequences": [[1, 2, 5], [1, 2, 6, 6], [1, 2, 7]],
+            "prompt_lengths": [2, 2, 2],
+            "chosen": [0, 2, 0],
+            "rejected": [1, 1, 2],
+        },
+        {"sequences": [[3, 5], [3, 7]], "prompt_lengths": [1, 1], "chosen": [0], "rejected": [1]},
+        {"sequences": [[8], [9]], "prompt_lengths": [0, 0], "chosen": [0], "rejected": [1]},
+        {"sequences": [[8], [9]], "prompt_lengths": [0, 0], "chosen": [0], "rejected": [1]},
+    ]
+
+
+def ranked_pairs(task_files, path) -> list[dict]:
+    """Pairs of every two of four answers to each of 24 training prompts (the answers: the
+    task's chosen and rejected ones of 12 pairs, crossed), the six pairs of a prompt in a row."""
+    rows = [json.loads(line) for line in task_files["pairs_train"].read_text().splitlines()]
+    out = []
+    for first, second in zip(rows[0:48:2], rows[1:48:2], strict=True):
+        answers = [first["chosen"], first["rejected"], second["chosen"], second["rejected"]]
+        answers = list(dict.fromkeys(answers))
+        for i, chosen in enumerate(answers):
+            out += [
+                {"prompt": first["prompt"], "chosen": chosen, "rejected": r}
+                for r in answers[i + 1 :]
+            ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    return out
+
+
+def test_pairs_grouped_by_prompt_score_as_pair_by_pair_and_train(task_files, tmp_path):
+    path = tmp_path / "ranked.jsonl"
+    pairs = ranked_pairs(task_files, path)
+    kw = dict(train_files=str(path), val_files=str(task_files["pairs_val"]), max_samples=None)
+    by_pair = pair_data(task_files, **kw, batch_size=len(pairs))
+    grouped = pair_data(task_files, **kw, batch_size=24, group_by_prompt=True)
+    for dm in (by_pair, grouped):
+        dm.setup("fit")
+    assert len(grouped.train_data) == 24  # one row per prompt
+    batch = next(iter(grouped._loader(grouped.train_data, 24, shuffle=False)))
+    tokenizer = grouped.tokenizer
+    assert len(batch["chosen_index"]) == len(pairs)
+    assert batch["input_ids"].shape[0] < len(pairs)  # 4 answers for 6 pairs a prompt
+    # Each pair indexes its own two answers.
+    texts = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    for k in (0, 7, len(pairs) - 1):
+        assert texts[batch["chosen_index"][k]].endswith(pairs[k]["chosen"])
+        assert texts[batch["rejected_index"][k]].endswith(pairs[k]["rejected"])
+
+    L.seed_everything(0)
+    module = RewardModule(model=TOK, optimizer=adamw(1e-3))
+    module.configure_model()
+    module.model.eval()
+    with torch.no_grad():
+        got = module.pair_scores(batch)
+        expected = module.pair_scores(
+            next(iter(by_pair._loader(by_pair.train_data, len(pairs), False)))
+        )
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+    start = {k: v.clone() for k, v in module.model.state_dict().items()}
+    losses = []
+
+    class Losses(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    grouped = pair_data(task_files, **kw, batch_size=4, group_by_prompt=True)
+    trainer = make_trainer(tmp_path, max_epochs=4, limit_val_batches=0, callbacks=[Losses()])
+    trainer.fit(module, datamodule=grouped)
+    assert len(losses) == 24  # 6 batches of 4 prompts, 4 epochs
+    assert sum(losses[-6:]) < 0.5 * sum(losses[:6])
+    assert not torch.equal(start["score.weight"], module.model.state_dict()["score.weight"])
 
 
 def test_cli_reward_without_sft_export_names_stage(tmp_path, monkeypatch, capsys):

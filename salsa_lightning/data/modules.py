@@ -6,7 +6,7 @@ from typing import Any
 
 import datasets
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from salsa_lightning.data.base import ChatDataModule
 from salsa_lightning.data.chat import (
@@ -88,6 +88,16 @@ class PreferenceDataModule(ChatDataModule):
     B rejected ones after, so the reward model scores a batch in one forward pass; ``labels``
     [2B, T], the ids with -100 on the prompt and the padding (the answer tokens DPO sums
     log-probs over).
+
+    Args:
+        group_by_prompt: Train on whole prompts instead of single pairs (the reward model's
+            K-way comparisons, as InstructGPT trains it): a training row is one prompt with
+            every pair of the training data that shares it, ``batch_size`` counts prompts, and
+            a batch holds each distinct answer once (``input_ids`` [N, T]) with ``chosen_index``
+            and ``rejected_index`` [P], each pair's two rows. K answers ranked in all K(K-1)/2
+            pairs cost K sequences instead of K(K-1). Pairs without a prompt stay rows of their
+            own; validation stays pair by pair.
+        *args, **kwargs: ``ChatDataModule``'s.
     """
 
     required = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
@@ -99,6 +109,20 @@ class PreferenceDataModule(ChatDataModule):
         return super().row_problem(row)
 
     embedded_files = ("pairs_train.jsonl", "pairs_val.jsonl")
+
+    def __init__(self, *args: Any, group_by_prompt: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hparams.group_by_prompt = group_by_prompt  # in the checkpoint: a resume keeps it
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.hparams.group_by_prompt and "sequences" not in self.train_data.column_names:
+            n = len(self.train_data)
+            self.train_data = group_pairs(self.train_data)
+            rank_zero_info(
+                f"PreferenceDataModule train: {n} pairs grouped by prompt into "
+                f"{len(self.train_data)} rows (data.group_by_prompt)"
+            )
 
     def _side(self, row: dict[str, Any], side: str) -> tuple[list[int], list[int]]:
         value = row[side]
@@ -143,9 +167,32 @@ class PreferenceDataModule(ChatDataModule):
         self.stats[f"{split}/identical"] = n_identical
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if "sequences" in rows[0]:
+            return self.collate_groups(rows)
         seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
         prompts = [r["chosen_prompt_length"] for r in rows]
         prompts += [r["rejected_prompt_length"] for r in rows]
+        return self.padded(seqs, prompts)
+
+    def collate_groups(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Rows of ``group_pairs``: their answers stacked, their pairs' indices shifted to the
+        answers' places in the stack."""
+        seqs, prompts, chosen, rejected = [], [], [], []
+        for row in rows:
+            offset = len(seqs)
+            seqs += row["sequences"]
+            prompts += row["prompt_lengths"]
+            chosen += [offset + i for i in row["chosen"]]
+            rejected += [offset + i for i in row["rejected"]]
+        return {
+            **self.padded(seqs, prompts),
+            "chosen_index": torch.tensor(chosen),
+            "rejected_index": torch.tensor(rejected),
+        }
+
+    def padded(self, seqs: list[list[int]], prompts: list[int]) -> dict[str, torch.Tensor]:
+        """``input_ids``, ``attention_mask`` and ``labels`` (-100 on the prompt and the padding)
+        of token sequences with their prompts' lengths, right-padded."""
         ids = pad(seqs, self.tokenizer.pad_token_id)
         lengths = torch.tensor([len(s) for s in seqs])
         labels = [[IGNORE_INDEX] * n + s[n:] for s, n in zip(seqs, prompts, strict=True)]
@@ -154,6 +201,32 @@ class PreferenceDataModule(ChatDataModule):
             "attention_mask": padding_mask(lengths, ids.shape[1]),
             "labels": pad(labels, IGNORE_INDEX),
         }
+
+
+def group_pairs(pairs: datasets.Dataset) -> datasets.Dataset:
+    """Tokenized preference pairs regrouped into one row per prompt: ``sequences`` (each
+    distinct prompt + answer once, in order of appearance), their ``prompt_lengths``, and the
+    prompt's pairs as indices into them, ``chosen`` and ``rejected``. Pairs are matched by the
+    chosen side's prompt tokens; a pair with no prompt is a row of its own.
+
+    Args:
+        pairs: Rows of ``PreferenceDataModule.encode``: ``chosen_ids``, ``rejected_ids`` and
+            their ``chosen_prompt_length``, ``rejected_prompt_length``.
+    """
+    groups: dict[Any, dict[str, Any]] = {}
+    for n, row in enumerate(pairs):
+        prompt = tuple(row["chosen_ids"][: row["chosen_prompt_length"]]) or n
+        group = groups.setdefault(prompt, {"index": {}, "sequences": [], "prompt_lengths": []})
+        for side in ("chosen", "rejected"):
+            ids = row[f"{side}_ids"]
+            if tuple(ids) not in group["index"]:
+                group["index"][tuple(ids)] = len(group["sequences"])
+                group["sequences"].append(ids)
+                group["prompt_lengths"].append(row[f"{side}_prompt_length"])
+            group.setdefault(side, []).append(group["index"][tuple(ids)])
+    return datasets.Dataset.from_list(
+        [{k: v for k, v in g.items() if k != "index"} for g in groups.values()]
+    )
 
 
 # ----------------------------------------------------------------------------- prompts
