@@ -18,6 +18,7 @@ from salsa_lightning.cli import main
 from salsa_lightning.data import PreferenceDataModule
 from salsa_lightning.data.modules import group_pairs
 from salsa_lightning.lora import LoraSettings
+from salsa_lightning.resume import conflicts
 from salsa_lightning.reward import RewardModule
 from salsa_lightning.scoring import REWARD_STATS, sequence_scores
 
@@ -293,6 +294,17 @@ def test_pairs_grouped_by_prompt_score_as_pair_by_pair_and_train(task_files, tmp
     assert len(losses) == 24  # 6 batches of 4 prompts, 4 epochs
     assert sum(losses[-6:]) < 0.5 * sum(losses[:6])
     assert not torch.equal(start["score.weight"], module.model.state_dict()["score.weight"])
+
+
+def test_a_resume_refuses_a_changed_group_by_prompt():
+    """The setting is in the data module's hyperparameters, which a resumed run must keep
+    (it decides what a batch, and so the data position, is)."""
+    saved = dict(PreferenceDataModule().hparams)
+    assert saved["group_by_prompt"] is False
+    now = dict(PreferenceDataModule(group_by_prompt=True).hparams)
+    assert conflicts(saved, now, "data") == [
+        "data.group_by_prompt: False in the checkpoint, True here"
+    ]
 
 
 def test_cli_reward_without_sft_export_names_stage(tmp_path, monkeypatch, capsys):
