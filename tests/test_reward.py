@@ -234,8 +234,9 @@ def test_group_pairs_scores_each_answer_once_and_keeps_every_pair():
 
 
 def ranked_pairs(task_files, path) -> list[dict]:
-    """Pairs of every two of four answers to each of 24 training prompts (the answers: the
-    task's chosen and rejected ones of 12 pairs, crossed), the six pairs of a prompt in a row."""
+    """Pairs of every two distinct answers to each of 24 training prompts, a prompt's pairs in
+    a row: its answers are the chosen and rejected ones of two of the task's first 48 pairs (up
+    to four answers, six pairs)."""
     rows = [json.loads(line) for line in task_files["pairs_train"].read_text().splitlines()]
     out = []
     for first, second in zip(rows[0:48:2], rows[1:48:2], strict=True):

@@ -214,19 +214,22 @@ def group_pairs(pairs: datasets.Dataset) -> datasets.Dataset:
             their ``chosen_prompt_length``, ``rejected_prompt_length``.
     """
     groups: dict[Any, dict[str, Any]] = {}
+    index: dict[Any, dict[tuple[int, ...], int]] = {}  # per prompt: a sequence's place
     for n, row in enumerate(pairs):
         prompt = tuple(row["chosen_ids"][: row["chosen_prompt_length"]]) or n
-        group = groups.setdefault(prompt, {"index": {}, "sequences": [], "prompt_lengths": []})
+        if prompt not in groups:
+            groups[prompt] = {"sequences": [], "prompt_lengths": [], "chosen": [], "rejected": []}
+            index[prompt] = {}
+        group, places = groups[prompt], index[prompt]
         for side in ("chosen", "rejected"):
             ids = row[f"{side}_ids"]
-            if tuple(ids) not in group["index"]:
-                group["index"][tuple(ids)] = len(group["sequences"])
+            key = tuple(ids)
+            if key not in places:
+                places[key] = len(group["sequences"])
                 group["sequences"].append(ids)
                 group["prompt_lengths"].append(row[f"{side}_prompt_length"])
-            group.setdefault(side, []).append(group["index"][tuple(ids)])
-    return datasets.Dataset.from_list(
-        [{k: v for k, v in g.items() if k != "index"} for g in groups.values()]
-    )
+            group[side].append(places[key])
+    return datasets.Dataset.from_list(list(groups.values()))
 
 
 # ----------------------------------------------------------------------------- prompts
