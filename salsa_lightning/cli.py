@@ -180,6 +180,7 @@ USAGE = f"""usage: salsa COMMAND [--config NAME.yaml] [options]   (salsa COMMAND
   {", ".join(LIGHTNING_COMMANDS)}   one stage from a LightningCLI YAML (salsa fit --config sft.yaml)
   soup, evaluate, landscape      the model soup, the evaluation, the reward landscape
   pairs                          preference pairs of a model's own sampled answers
+  prompts                        more training prompts of the embedded task (for pairs)
   convert                        a GGUF checkpoint to a Hugging Face directory
   pipeline                       the stages of a pipeline YAML in order
   quickstart                     the whole SALSA-vs-PPO experiment on the embedded task

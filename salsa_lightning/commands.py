@@ -7,6 +7,7 @@
 - ``evaluate ...``: answers, scores, KL and win rates of several models.
 - ``landscape ...``: reward along the alpha line / barycentric grid of SFT models.
 - ``pairs ...``: preference pairs of a model's own sampled answers, ordered by a judge.
+- ``prompts ...``: more training prompts of the embedded task, none of the held-out ones.
 - ``convert --gguf FILE --output DIR``: a GGUF checkpoint to a Hugging Face directory.
 
 The ``salsa`` console script (``cli.py``) and ``salsa pipeline`` (``pipeline.py``) both run these
@@ -159,6 +160,13 @@ def pairs_main(argv: list[str] | None = None) -> int:
     return function_main(sampled_pairs, argv, "salsa pairs")
 
 
+def prompts_main(argv: list[str] | None = None) -> int:
+    """``salsa prompts`` (flags or ``--config``: the arguments of ``task.more_prompts``)."""
+    from salsa_lightning.task import more_prompts
+
+    return function_main(more_prompts, argv, "salsa prompts")
+
+
 # ----------------------------------------------------------------------------- soup
 
 
@@ -243,6 +251,7 @@ STAGE_COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "evaluate": evaluate_main,
     "landscape": landscape_main,
     "pairs": pairs_main,
+    "prompts": prompts_main,
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 

@@ -458,6 +458,86 @@ def write_task_files(out_dir: str | Path, config: TaskConfig | None = None) -> d
     return _paths(out_dir)
 
 
+def new_prompts(seed: int, draw: int, count: int, held_out: set[str]) -> list[dict]:
+    """``count`` training prompts none of ``held_out`` has: the task's prompt generator run with
+    ``seed`` for ``draw`` prompts (rows as ``prompts_train.jsonl``'s), each prompt kept once, in
+    the order drawn. Some families have few distinct prompts (``add``: 100), so their share falls
+    as the held-out set grows."""
+    seen, rows = set(held_out), []
+    for row in _rows("prompts_train", TaskConfig(seed=seed, n_prompts=draw)):
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            rows.append(row)
+    if len(rows) < count:
+        raise SalsaError(
+            f"only {len(rows)} of the {draw} prompts drawn with seed {seed} are new, fewer than "
+            f"count {count}: raise draw (or lower count)."
+        )
+    return rows[:count]
+
+
+def more_prompts(
+    exclude: list[str],
+    output: str = "artifacts/task-more",
+    count: int = 2048,
+    seed: int = 1,
+    draw: int = 3000,
+    shards: int = 1,
+    overwrite: bool = False,
+) -> dict:
+    """More training prompts of the embedded task (``salsa prompts``), for ``salsa pairs``: the
+    reward model's training data grows without touching the prompts anything is judged on.
+
+    Writes ``output/prompts-{i}.jsonl`` (``shards`` files of consecutive prompts, so that
+    ``salsa pairs`` stages can sample them side by side) and ``output/prompts.json`` (how they
+    were drawn, and how many of each family).
+
+    Args:
+        exclude: Prompt files whose prompts must not be drawn: the task's training, validation
+            and OOD prompts and validation pairs, and earlier ``salsa prompts`` outputs.
+        output: Output directory.
+        count: Prompts to write.
+        seed: Seed of the task's prompt generator (the task files use ``TaskConfig.seed``, 0).
+        draw: Prompts to draw; the new ones among them, in order, make the ``count``.
+        shards: Files to split the prompts into.
+        overwrite: Replace an existing output directory.
+
+    Returns:
+        The summary written to ``prompts.json``.
+    """
+    from salsa_lightning.errors import require
+    from salsa_lightning.evaluate import load_prompts
+    from salsa_lightning.outputs import check_output_dir, written_aside
+
+    require(count >= 1, "count", "at least 1", count)
+    require(1 <= shards <= count, "shards", f"between 1 and count ({count})", shards)
+    check_output_dir(output, overwrite, "prompts output", "--overwrite true", "--output")
+    held_out = {row["prompt"] for path in exclude for row in load_prompts(path)}
+    rows = new_prompts(seed, draw, count, held_out)
+    size = -(-count // shards)
+    families: dict[str, int] = {}
+    for row in rows:
+        families[row["family"]] = families.get(row["family"], 0) + 1
+    summary = {
+        "seed": seed,
+        "draw": draw,
+        "count": count,
+        "exclude": list(exclude),
+        "files": [f"prompts-{i}.jsonl" for i in range(shards)],
+        "families": dict(sorted(families.items())),
+    }
+    with written_aside(output) as tmp:
+        for i, name in enumerate(summary["files"]):
+            lines = (
+                json.dumps(r, ensure_ascii=False) + "\n" for r in rows[i * size : (i + 1) * size]
+            )
+            with open(tmp / name, "w", encoding="utf-8", newline="\n") as f:
+                f.writelines(lines)
+        (tmp / "prompts.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(f"[prompts] {count} new prompts in {shards} file(s) under {output}", flush=True)
+    return summary
+
+
 PRETRAIN_ROWS = 240_000  # the shipped base model's pre-training rows (configs/base.yaml)
 
 

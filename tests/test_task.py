@@ -1,9 +1,11 @@
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
+from salsa_lightning.cli import main
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.task import (
     FAMILIES,
@@ -12,11 +14,13 @@ from salsa_lightning.task import (
     GoldReward,
     TaskConfig,
     _parse,
+    _rows,
     candidate,
     corpus,
     corrupt,
     gold_reward,
     mistake,
+    new_prompts,
     pretraining_rows,
     sample_example,
     systematic_mistakes,
@@ -253,3 +257,39 @@ def test_pretraining_rows_grade_answers_after_the_end_of_turn(tmp_path):
     paths = write_pretraining_files(tmp_path, n_train=300, n_val=20, seed=1)
     assert [len(_read(paths[k])) for k in ("train", "val")] == [300, 20]
     assert _read(paths["train"]) == pretraining_rows(300, seed=1)
+
+
+def test_salsa_prompts_draws_new_prompts_only_in_shards(tmp_path):
+    task = write_task_files(tmp_path / "task", TaskConfig(seed=0, **SMALL))
+    held = [str(task[n]) for n in ("prompts_train", "prompts_val", "prompts_ood", "pairs_val")]
+    held_out = {r["prompt"] for path in held for r in _read(Path(path))}
+    args = ["--count", "90", "--seed", "1", "--draw", "150", "--shards", "2"]
+    code = main(["prompts", "--exclude", *held, "--output", str(tmp_path / "more"), *args])
+    assert code == 0
+    files = [tmp_path / "more" / f"prompts-{i}.jsonl" for i in range(2)]
+    rows = _read(files[0]) + _read(files[1])
+    assert [len(_read(f)) for f in files] == [45, 45]
+    prompts = [r["prompt"] for r in rows]
+    assert len(set(prompts)) == 90 and not set(prompts) & held_out
+    # By hand: the generator's draw in order, minus held-out and repeated prompts.
+    drawn = [r["prompt"] for r in _rows("prompts_train", TaskConfig(seed=1, n_prompts=150))]
+    expected = [p for i, p in enumerate(drawn) if p not in held_out and p not in drawn[:i]]
+    assert prompts == expected[:90]
+    for row in rows:
+        family, _, ood, answer = _parse(row["prompt"])
+        assert not ood and (family, answer) == (row["family"], row["answer"])
+    summary = json.loads((tmp_path / "more" / "prompts.json").read_text("utf-8"))
+    assert summary["count"] == 90 and sum(summary["families"].values()) == 90
+    # A later draw can exclude this one: no prompt of the two runs repeats.
+    more, again = [*held, *map(str, files)], ["--count", "90", "--seed", "2", "--draw", "300"]
+    assert main(["prompts", "--exclude", *more, "--output", str(tmp_path / "more-2"), *again]) == 0
+    later = [r["prompt"] for f in (tmp_path / "more-2").glob("prompts-*.jsonl") for r in _read(f)]
+    assert len(later) == 90 and not set(later) & (held_out | set(prompts))
+    # Existing output is refused unless overwritten.
+    assert main(["prompts", "--exclude", *held, "--output", str(tmp_path / "more"), *args]) == 2
+
+
+def test_new_prompts_refuses_a_draw_too_small_for_the_count():
+    held_out = {r["prompt"] for r in _rows("prompts_train", TaskConfig(seed=1, n_prompts=50))}
+    with pytest.raises(SalsaError, match="raise draw"):
+        new_prompts(seed=1, draw=50, count=10, held_out=held_out)
