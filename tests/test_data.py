@@ -34,6 +34,7 @@ from salsa_lightning.data import (
 from salsa_lightning.embedded import ASSISTANT
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.pretrained import load_tokenizer
+from salsa_lightning.resume import conflicts
 
 TOK = str(BASE)
 
@@ -216,6 +217,15 @@ def test_sft_mask_prompt_false_labels_every_non_pad_token(tmp_path):
     assert not mask.all()  # rows differ in length: some padding to check
     assert torch.equal(batch["labels"][mask], batch["input_ids"][mask])
     assert (batch["labels"][~mask] == IGNORE_INDEX).all()
+
+
+def test_a_resume_refuses_a_changed_mask_prompt():
+    """What the loss trains on is in the data module's hyperparameters, so a resumed run that
+    changes it is refused rather than mixing two objectives."""
+    saved = dict(SFTDataModule().hparams)
+    assert saved["mask_prompt"] is True
+    now = dict(SFTDataModule(mask_prompt=False).hparams)
+    assert conflicts(saved, now, "data") == ["data.mask_prompt: True in the checkpoint, False here"]
 
 
 def test_messages_and_prompt_response_columns_give_same_tokens(tmp_path):

@@ -46,7 +46,7 @@ class SFTDataModule(ChatDataModule):
 
     def __init__(self, *args: Any, mask_prompt: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.mask_prompt = mask_prompt
+        self.hparams.mask_prompt = mask_prompt  # in the checkpoint: a resume keeps the loss
 
     def encode(self, row: dict[str, Any]) -> dict[str, Any]:
         if row.get("messages") is not None:
@@ -57,7 +57,7 @@ class SFTDataModule(ChatDataModule):
         prompt, answer, keep, truncated = fit_length(
             prompt, answer, self.hparams.max_length, self.hparams.overflow
         )
-        masked = [IGNORE_INDEX] * len(prompt) if self.mask_prompt else prompt
+        masked = [IGNORE_INDEX] * len(prompt) if self.hparams.mask_prompt else prompt
         return {
             "input_ids": prompt + answer,
             "labels": masked + answer,
