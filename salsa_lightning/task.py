@@ -64,12 +64,14 @@ import random
 import re
 import shutil
 import tempfile
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from salsa_lightning.errors import SalsaError
+from salsa_lightning.errors import SalsaError, require
 from salsa_lightning.outputs import file_written_aside
 
 FAMILIES: tuple[str, ...] = ("reverse", "sort", "count", "add")
@@ -401,6 +403,12 @@ def _rows(name: str, config: TaskConfig) -> list[dict]:
     return [{"prompt": ex.prompt, "family": ex.family, "answer": ex.answer} for ex in examples]
 
 
+def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """``rows`` as JSON lines at ``path`` (UTF-8, ``\\n`` line ends): the task files' format."""
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
 def _paths(out_dir: Path) -> dict[str, Path]:
     paths = {name: out_dir / f"{name}.jsonl" for name in _SIZES}
     paths["task"] = out_dir / "task.json"
@@ -444,9 +452,7 @@ def write_task_files(out_dir: str | Path, config: TaskConfig | None = None) -> d
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         for name in _SIZES:
-            lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in _rows(name, config))
-            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8", newline="\n") as f:
-                f.writelines(lines)
+            _write_jsonl(tmp / f"{name}.jsonl", _rows(name, config))
         (tmp / "task.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         try:
             os.replace(tmp, out_dir)
@@ -505,7 +511,6 @@ def more_prompts(
     Returns:
         The summary written to ``prompts.json``.
     """
-    from salsa_lightning.errors import require
     from salsa_lightning.evaluate import load_prompts
     from salsa_lightning.outputs import check_output_dir, written_aside
 
@@ -515,24 +520,17 @@ def more_prompts(
     held_out = {row["prompt"] for path in exclude for row in load_prompts(path)}
     rows = new_prompts(seed, draw, count, held_out)
     size = -(-count // shards)
-    families: dict[str, int] = {}
-    for row in rows:
-        families[row["family"]] = families.get(row["family"], 0) + 1
     summary = {
         "seed": seed,
         "draw": draw,
         "count": count,
         "exclude": list(exclude),
         "files": [f"prompts-{i}.jsonl" for i in range(shards)],
-        "families": dict(sorted(families.items())),
+        "families": dict(sorted(Counter(row["family"] for row in rows).items())),
     }
     with written_aside(output) as tmp:
         for i, name in enumerate(summary["files"]):
-            lines = (
-                json.dumps(r, ensure_ascii=False) + "\n" for r in rows[i * size : (i + 1) * size]
-            )
-            with open(tmp / name, "w", encoding="utf-8", newline="\n") as f:
-                f.writelines(lines)
+            _write_jsonl(tmp / name, rows[i * size : (i + 1) * size])
         (tmp / "prompts.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(f"[prompts] {count} new prompts in {shards} file(s) under {output}", flush=True)
     return summary
@@ -591,11 +589,8 @@ def write_pretraining_files(
     paths = {}
     for name, n, s in (("train", n_train, seed), ("val", n_val, f"{seed}-val")):
         paths[name] = Path(out_dir) / f"{name}.jsonl"
-        with (
-            file_written_aside(paths[name]) as tmp,
-            open(tmp, "w", encoding="utf-8", newline="\n") as f,
-        ):
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in pretraining_rows(n, s))
+        with file_written_aside(paths[name]) as tmp:
+            _write_jsonl(tmp, pretraining_rows(n, s))
     return paths
 
 
